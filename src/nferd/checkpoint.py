@@ -1,0 +1,143 @@
+"""Checkpoints: safetensors weights with their JSON description in one atomically written file.
+
+A checkpoint is either a folder holding ``model.safetensors`` (plus a readable copy of its
+metadata as ``config.json``) or a single ``.safetensors`` file. The file's header metadata is
+the authority: format and version, model config, teacher name and weight hash, normalisation,
+calibration and the training config. The teacher's weights are included by default, so a
+checkpoint runs on a machine that has neither the network nor the teacher file. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .model import NFERD, ModelConfig
+
+FORMAT = "nferd-checkpoint"
+VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, of another format or version, or does not fit its config."""
+
+
+def weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"nferd": json.dumps(metadata)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_metadata(model: NFERD, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    t = model.teacher
+    return {
+        "format": FORMAT, "version": VERSION, "nferd_version": __version__,
+        "model": model.config.to_dict(),
+        "teacher": {"name": t.name, "weights_sha256": t.weights_sha256, "stage_channels": list(t.stage_channels)},
+        "normalization": {"mean": t.mean.flatten().tolist(), "std": t.std.flatten().tolist(),
+                          "input_range": [0, 1], "image_size": model.config.image_size},
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(path: str | Path, model: NFERD, extra: dict[str, Any] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, include_teacher: bool = True) -> Path:
+    """Save weights (+ optional optimizer state for resuming) and metadata atomically."""
+    meta = model_metadata(model, extra)
+    meta["includes_teacher"] = include_teacher
+    tensors = {k: v for k, v in model.state_dict().items() if include_teacher or not k.startswith("teacher.")}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        for pid, state in sd["state"].items():
+            for name, value in state.items():
+                tensors[f"optimizer.{pid}.{name}"] = torch.as_tensor(value)
+        meta["optimizer"] = {"param_groups": sd["param_groups"]}
+    out = weights_file(path)
+    atomic_save(tensors, out, meta)
+    if out.name == WEIGHTS_NAME:
+        tmp = out.parent / "config.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(out.parent / "config.json")
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    f = weights_file(path)
+    if not f.is_file():
+        raise CheckpointError(f"no checkpoint at '{path}' (looked for {f}). Pass the folder written by "
+                              "`nferd train --out` or a .safetensors checkpoint file.")
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = json.loads((sf.metadata() or {}).get("nferd", "null"))
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint '{f}': {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{f}' is a safetensors file but not an nferd checkpoint (no nferd metadata).")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"'{f}' has checkpoint format version {meta['version']}, newer than this nferd "
+                              f"({__version__}, reads version {VERSION}): upgrade nferd.")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    teacher_weights: str | None = None) -> tuple[NFERD, dict[str, Any]]:
+    """Rebuild the model from its metadata and load the weights strictly."""
+    meta = read_metadata(path)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' has an invalid model config: {e}") from e
+    has_teacher = meta.get("includes_teacher", True)
+    model = NFERD(config, teacher_weights="random" if has_teacher else teacher_weights)
+    f = weights_file(path)
+    with safe_open(str(f), framework="pt") as sf:
+        tensors = {k: sf.get_tensor(k) for k in sf.keys() if not k.startswith("optimizer.")}
+    own = model.state_dict()
+    if not has_teacher:
+        own = {k: v for k, v in own.items() if not k.startswith("teacher.")}
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint '{f}' does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {sorted(wrong)[:5]}")
+    model.load_state_dict(tensors, strict=has_teacher)
+    if has_teacher:
+        model.teacher.weights_sha256 = meta["teacher"].get("weights_sha256")
+    return model.to(device).eval(), meta
+
+
+def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer state saved by ``save_checkpoint(..., optimizer=...)``."""
+    meta = read_metadata(path)
+    if "optimizer" not in meta:
+        raise CheckpointError(f"'{path}' holds no optimizer state, so training cannot resume from it.")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_file(path)), framework="pt") as sf:
+        for k in sf.keys():
+            if k.startswith("optimizer."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = sf.get_tensor(k)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})

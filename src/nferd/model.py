@@ -1,0 +1,217 @@
+"""The NFERD network: frozen teacher -> OCBE -> reverse student, with normal feature banks fused in.
+
+``ModelConfig`` holds every architectural choice (JSON-serialisable, saved with checkpoints).
+With ``bank=False`` and ``fusion="none"`` the model is exactly RD4AD: same modules, same
+outputs, so NFERD's gain is measured in one code base.
+
+Bank readings (DESIGN-NOTES.md) are presets of two switches, ``key`` (which map queries the
+bank) and ``placement`` (where the recalled map is fused):
+
+=====  ==========  ==========  =====================================================
+name   key         placement   meaning
+=====  ==========  ==========  =====================================================
+A      student     input       paper wording: projected bank fused before decoder stages
+B      student     output      fused with the student's stage outputs, in teacher space
+C      teacher     input       input's teacher features choose the maps; fused as A
+D      teacher     output      input's teacher features choose the maps; fused as B
+=====  ==========  ==========  =====================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, image_score
+from .bank import NormalFeatureBank, Recall
+from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
+from .hafm import FUSIONS, make_fusion
+from .loss import LOSSES
+from .ocbe import OCBE
+from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
+from .teacher import Teacher, build_teacher
+
+READINGS: dict[str, tuple[str, str]] = {
+    "A": ("student", "input"),
+    "B": ("student", "output"),
+    "C": ("teacher", "input"),
+    "D": ("teacher", "output"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and scoring options; defaults are the project's measured choices."""
+
+    teacher: str = "wide_resnet50_2"
+    image_size: int = 256
+    bank: bool = True
+    reading: str = "D"
+    n_bank: int = 16
+    top_k: int = 4
+    temperature: float = 0.05
+    weighting: str = "softmax"
+    fusion: str = "hafm"
+    loss: str = "flat"
+    map_combine: str = "sum"
+    blur_sigma: float = 4.0
+    student_act: str = "auto"  # 'relu' | 'linear' | 'auto' (follow the teacher's stage outputs)
+    student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
+
+    def __post_init__(self) -> None:
+        if self.reading not in READINGS:
+            raise ValueError(f"unknown bank reading '{self.reading}'; choose one of: {', '.join(READINGS)}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion '{self.fusion}'; choose one of: {', '.join(FUSIONS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
+        if self.map_combine not in COMBINES:
+            raise ValueError(f"unknown map combine '{self.map_combine}'; choose one of: {', '.join(COMBINES)}")
+        if self.image_size % 32 or self.image_size < 64:
+            raise ValueError(f"image size must be a multiple of 32 and at least 64, got {self.image_size}")
+        if self.bank and not 1 <= self.top_k <= self.n_bank - 1:
+            raise ValueError(f"top_k must be between 1 and n_bank - 1 (one bank map is masked out for its own "
+                             f"image during training); got top_k={self.top_k}, n_bank={self.n_bank}")
+        if not self.bank and self.fusion != "none":
+            raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or --fusion none for RD4AD")
+        if self.student_act not in ("auto", "relu", "linear"):
+            raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
+
+    @property
+    def key(self) -> str:
+        return READINGS[self.reading][0]
+
+    @property
+    def placement(self) -> str:
+        return READINGS[self.reading][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """Sizes of OCBE and decoder, derived from the teacher family."""
+
+    enc_block: type[BasicBlock] | type[Bottleneck]
+    dec_block: type[DeBasicBlock] | type[DeBottleneck]
+    embed_planes: int
+    ocbe_blocks: int
+    layers: tuple[int, int, int]
+    width: int
+
+
+def student_spec(config: ModelConfig, stage_channels: tuple[int, int, int]) -> StudentSpec:
+    """RD4AD's student for ResNets (WRN50-2-sized for every bottleneck teacher by default);
+    a basic-block student sized from the stage channels for EfficientNet-Lite."""
+    spec = RESNET_SPECS.get(config.teacher)
+    if spec is not None and spec.block is Bottleneck:
+        return StudentSpec(Bottleneck, DeBottleneck, 512, 3, (3, 4, 6), config.student_width or 128)
+    if spec is not None:  # resnet18 / resnet34
+        layers = (2, 2, 2) if spec.layers[0] == 2 else (3, 4, 6)
+        return StudentSpec(BasicBlock, DeBasicBlock, 512, layers[0], layers, 64)
+    return StudentSpec(BasicBlock, DeBasicBlock, 2 * stage_channels[2], 2, (2, 2, 2), 64)
+
+
+class NFERD(nn.Module):
+    """Teacher, OCBE, reverse student, three normal feature banks and their fusion modules."""
+
+    def __init__(self, config: ModelConfig, teacher: Teacher | None = None,
+                 teacher_weights: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.teacher = teacher if teacher is not None else build_teacher(config.teacher, teacher_weights)
+        c = self.teacher.stage_channels
+        spec = student_spec(config, c)
+        self.ocbe = OCBE(c, spec.enc_block, spec.embed_planes, spec.ocbe_blocks, spec.width)
+        final_relu = self.teacher.nonnegative if config.student_act == "auto" else config.student_act == "relu"
+        self.decoder = ReverseDecoder(self.ocbe.out_channels, c, spec.dec_block, spec.layers, spec.width, final_relu)
+        s = config.image_size
+        stage_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        if config.placement == "input":  # bank i meets the map entering the stage that rebuilds stage i
+            targets = [(c[1], stage_sizes[1]), (c[2], stage_sizes[2]), (self.ocbe.out_channels, (s // 32, s // 32))]
+        else:  # bank i meets the student's output for stage i: same space, no projection
+            targets = [(c[i], stage_sizes[i]) for i in range(3)]
+        self.banks = nn.ModuleList()
+        if config.bank:
+            for i in range(3):
+                project = config.placement == "input"
+                self.banks.append(NormalFeatureBank(
+                    config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
+                    out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
+                    weighting=config.weighting, raw_keys=config.key == "teacher"))
+        self.fusions = nn.ModuleList([make_fusion(config.fusion, targets[i][0]) for i in range(3)])
+        self.blur = GaussianBlur(config.blur_sigma)
+        self.last_recalls: list[Recall | None] = [None, None, None]
+
+    # ----------------------------------------------------------------- banks
+    @torch.no_grad()
+    def fill_banks(self, teacher_maps: list[Tensor], ids: Tensor) -> None:
+        """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids."""
+        for bank, maps in zip(self.banks, teacher_maps):
+            bank.fill(maps.to(bank.maps.device), ids.to(bank.ids.device))
+
+    def _fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
+        if not self.config.bank:
+            return self.fusions[i](x)
+        query = teacher_feats[i] if self.config.key == "teacher" else x
+        recall = self.banks[i](query, exclude_ids)
+        self.last_recalls[i] = recall
+        return self.fusions[i](x, recall.value.to(x.dtype))
+
+    # --------------------------------------------------------------- forward
+    def student_features(self, teacher_feats: list[Tensor], exclude_ids: Tensor | None = None) -> list[Tensor]:
+        """The student's three maps, in teacher order, from the teacher's three maps.
+
+        ``exclude_ids`` (training only): dataset indices of the batch, masked out of the banks.
+        """
+        x = self.ocbe(teacher_feats)
+        outs: list[Tensor] = [x, x, x]
+        for j, stage in enumerate(self.decoder.stages):
+            i = 2 - j
+            if self.config.placement == "input":
+                x = self._fuse(i, x, teacher_feats, exclude_ids)
+            x = stage(x)
+            if self.config.placement == "output":
+                x = self._fuse(i, x, teacher_feats, exclude_ids)
+            outs[i] = x
+        return outs
+
+    def forward(self, images: Tensor, exclude_ids: Tensor | None = None,
+                teacher_feats: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Teacher and student maps. Pass cached ``teacher_feats`` to skip the teacher."""
+        t = teacher_feats if teacher_feats is not None else self.teacher(images)
+        return t, self.student_features(t, exclude_ids)
+
+    def anomaly_maps(self, teacher_feats: list[Tensor], student_feats: list[Tensor],
+                     size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Blurred anomaly maps (B x 1 x H x W) and image scores (B) from both feature lists."""
+        size = size or (self.config.image_size, self.config.image_size)
+        maps = self.blur(anomaly_map(teacher_feats, student_feats, size, self.config.map_combine))
+        return maps, image_score(maps)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images in [0, 1] (B x 3 x S x S) -> blurred anomaly maps and image scores."""
+        t, s = self(images)
+        return self.anomaly_maps(t, s, tuple(images.shape[-2:]))
+
+    # ---------------------------------------------------------------- counts
+    def param_counts(self) -> dict[str, int]:
+        def n(m: nn.Module) -> int:
+            return sum(p.numel() for p in m.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"teacher": n(self.teacher), "ocbe": n(self.ocbe), "decoder": n(self.decoder),
+                "bank": n(self.banks), "fusion": n(self.fusions), "trainable": trainable,
+                "bank_buffers": sum(b.maps.numel() for b in self.banks)}

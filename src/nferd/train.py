@@ -1,0 +1,240 @@
+"""Training: the RD4AD recipe with cached teacher features, bf16 autocast and resumable checkpoints.
+
+Defaults follow RD4AD's code (Adam, lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs, no
+augmentation, no schedule). The teacher is frozen and sees no augmentation, so its features
+are computed once (``features.FeatureCache``). Every epoch's sample order comes from a generator
+seeded with (seed, epoch), so a run resumed from ``last.safetensors`` ends with the same
+weights as an uninterrupted one. No model selection on the test split: the last epoch is the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .calibration import fit_normal
+from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
+from .device import autocast, autocast_dtype, default_threads, resolve_device
+from .features import FeatureCache
+from .loss import distillation_loss
+from .model import NFERD, ModelConfig
+
+LAST = "last.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping options (RD4AD's recipe by default)."""
+
+    epochs: int = 200
+    batch_size: int = 16
+    lr: float = 0.005
+    beta1: float = 0.5
+    beta2: float = 0.999
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"
+    checkpoint_every: int = 10
+    holdout: float = 0.1  # fraction of train/good kept out for calibration (when no validation split)
+    false_alarm_rate: float = 0.01
+    threads: int | None = None
+    feature_cache_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of n training indices into (train, held-out normal for calibration)."""
+    if fraction <= 0:
+        return list(range(n)), []
+    k = max(2, int(round(n * fraction)))
+    if n - k < 2:
+        raise ValueError(f"only {n} training images: too few to hold out {fraction:.0%} for calibration; "
+                         "use --holdout 0 and a validation folder")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def bank_indices(n_train: int, n_bank: int, seed: int) -> torch.Tensor:
+    """The N normal images whose teacher maps fill the banks (seeded, as the paper draws them)."""
+    if n_bank > n_train:
+        raise ValueError(f"--n-bank {n_bank} is larger than the {n_train} training images; lower --n-bank")
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 104729))[:n_bank].sort().values
+
+
+class Trainer:
+    """Holds the model, optimizer, feature cache and log of one training run."""
+
+    def __init__(self, model: NFERD, train_set: Dataset, config: TrainConfig, out_dir: str | Path,
+                 calibration_set: Dataset | None = None, extra_meta: dict[str, Any] | None = None,
+                 progress: bool = True) -> None:
+        self.model, self.train_set, self.config = model, train_set, config
+        self.out = Path(out_dir)
+        self.calibration_set = calibration_set
+        self.extra_meta = extra_meta or {}
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.amp = autocast_dtype(self.device, config.precision)
+        torch.set_num_threads(config.threads or default_threads())
+        self.model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2))
+        self.start_epoch = 0
+        self.cache: FeatureCache | None = None
+
+    # ---------------------------------------------------------------- set-up
+    def prepare(self) -> None:
+        t0 = time.perf_counter()
+        self.cache = FeatureCache.build(self.model.teacher, self.train_set, self.device, dtype=None,
+                                        cache_dir=self.config.feature_cache_dir, progress=self.progress)
+        if self.device.type == "cuda":
+            self.cache = self.cache.to(self.device)
+        if self.model.config.bank:
+            idx = bank_indices(len(self.cache), self.model.config.n_bank, self.config.seed)
+            self.model.fill_banks([s[idx].float() for s in self.cache.stages], idx)
+        self.feature_seconds = time.perf_counter() - t0
+
+    def resume(self) -> bool:
+        """Continue from ``out/last.safetensors`` if present; returns True when it did."""
+        last = self.out / LAST
+        if not last.is_file():
+            return False
+        meta = read_metadata(last)
+        if meta["model"] != self.model.config.to_dict():
+            raise ValueError(f"cannot resume from '{last}': it was trained with another model config "
+                             f"({meta['model']}); use another --out or delete it")
+        from safetensors.torch import load_file
+        tensors = {k: v for k, v in load_file(str(last)).items() if not k.startswith("optimizer.")}
+        self.model.load_state_dict(tensors, strict=False)
+        load_optimizer_state(last, self.optimizer)
+        self.start_epoch = int(meta["epoch"])
+        return True
+
+    # -------------------------------------------------------------- training
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+        return torch.randperm(len(self.cache), generator=g)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        order = self.epoch_order(epoch)
+        bs = self.config.batch_size
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        for b in range(0, len(order), bs):
+            idx = order[b:b + bs]
+            feats = self.cache.get(idx, self.device)
+            with autocast(self.device, self.amp):
+                t, s = self.model(None, exclude_ids=idx.to(self.device), teacher_feats=feats)
+            loss = distillation_loss(t, s, self.model.config.loss)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}: lower --lr or use "
+                                         "--precision fp32")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        dt = time.perf_counter() - t0
+        return {"epoch": epoch + 1, "loss": total / n, "seconds": dt, "images_per_s": n / dt}
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``config.epochs`` (or stop early after ``stop_after`` epochs, for tests)."""
+        if self.cache is None:
+            self.prepare()
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = (self.out / "train_log.jsonl").open("a")
+        tb = _tensorboard(self.out)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.config.epochs, initial=self.start_epoch, desc="train", unit="epoch")
+        t_start = time.perf_counter()
+        history = []
+        for epoch in range(self.start_epoch, self.config.epochs):
+            rec = self.train_epoch(epoch)
+            history.append(rec)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if tb is not None:
+                tb.add_scalar("loss", rec["loss"], rec["epoch"])
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
+                bar.update(1)
+            done = epoch + 1
+            if done % self.config.checkpoint_every == 0 or done == self.config.epochs:
+                save_checkpoint(self.out / LAST, self.model, self._meta(done), optimizer=self.optimizer)
+            if stop_after is not None and done - self.start_epoch >= stop_after:
+                break
+        if bar is not None:
+            bar.close()
+        log.close()
+        if tb is not None:
+            tb.close()
+        summary = {"epochs_run": len(history), "train_seconds": time.perf_counter() - t_start,
+                   "feature_seconds": self.feature_seconds,
+                   "final_loss": history[-1]["loss"] if history else None}
+        if history and history[-1]["epoch"] == self.config.epochs:
+            summary["calibration"] = self.calibrate()
+            save_checkpoint(self.out, self.model, self._meta(self.config.epochs, summary["calibration"]))
+        return summary
+
+    def calibrate(self) -> dict[str, Any] | None:
+        if self.calibration_set is None or len(self.calibration_set) < 2:
+            return None
+        from .evaluate import infer
+        res = infer(self.model, self.calibration_set, device=self.device, precision=self.config.precision)
+        cal = fit_normal(res["scores"], res["maps"], self.config.false_alarm_rate)
+        cal["source"] = getattr(self.calibration_set, "calibration_source", "holdout")
+        return cal
+
+    def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration, **self.extra_meta}
+
+
+def _tensorboard(out: Path):  # type: ignore[no-untyped-def]
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path,
+          teacher_weights: str | None = None, calibration_set: Dataset | None = None, resume: bool = False,
+          progress: bool = True, extra_meta: dict[str, Any] | None = None) -> tuple[NFERD, dict[str, Any]]:
+    """Python API: train a model on ``train_set`` (normal images) and write its checkpoint to ``out_dir``.
+
+    When ``calibration_set`` is None, ``train_config.holdout`` of the training images are kept
+    out for calibration.
+    """
+    torch.manual_seed(train_config.seed)
+    np.random.seed(train_config.seed)
+    if calibration_set is None and train_config.holdout > 0:
+        keep, held = split_holdout(len(train_set), train_config.holdout, train_config.seed)
+        train_set, calibration_set = Subset(train_set, keep), Subset(train_set, held)
+    model = NFERD(model_config, teacher_weights=teacher_weights)
+    trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress)
+    if resume:
+        trainer.resume()
+    elif (Path(out_dir) / LAST).is_file():
+        raise FileExistsError(f"'{Path(out_dir) / LAST}' exists: pass --resume to continue that run, "
+                              "or choose another --out")
+    summary = trainer.fit()
+    summary["n_train"] = len(train_set)
+    summary["n_calibration"] = len(calibration_set) if calibration_set is not None else 0
+    summary["checkpoint"] = str(weights_file(out_dir))
+    return model, summary

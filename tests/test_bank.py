@@ -1,0 +1,88 @@
+"""Normal feature bank: top-K cosine retrieval, weights, self-exclusion, projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nferd.bank import NormalFeatureBank
+
+
+def hand_bank(**kw) -> NormalFeatureBank:
+    """4 bank maps of shape 2 x 1 x 2 (flattened: 4-vectors) whose cosines to a query we know."""
+    bank = NormalFeatureBank(4, 2, (1, 2), **kw)
+    maps = torch.tensor([
+        [1.0, 0.0, 0.0, 0.0],   # cos with q = 1/sqrt(2) ~ .707
+        [1.0, 1.0, 0.0, 0.0],   # cos = 1.0 (same direction as q)
+        [0.0, 0.0, 1.0, 0.0],   # cos = 0
+        [-1.0, -1.0, 0.0, 0.0],  # cos = -1
+    ]).view(4, 2, 1, 2)
+    bank.fill(maps, torch.tensor([10, 11, 12, 13]))
+    return bank
+
+
+def test_topk_picks_the_most_similar_maps_and_weighs_them() -> None:
+    bank = hand_bank(top_k=2, temperature=0.5)
+    q = torch.tensor([2.0, 2.0, 0.0, 0.0]).view(1, 2, 1, 2)  # scale must not matter for cosine
+    r = bank(q)
+    assert r.indices.tolist() == [[1, 0]]
+    s = torch.tensor([1.0, 2 ** -0.5])
+    w = torch.softmax(s / 0.5, 0)
+    assert torch.allclose(r.weights[0], w, atol=1e-6)
+    expected = w[0] * bank.maps[1] + w[1] * bank.maps[0]
+    assert torch.allclose(r.value[0], expected, atol=1e-6)
+    assert torch.allclose(r.similarity[0], torch.tensor([2 ** -0.5, 1.0, 0.0, -1.0]), atol=1e-6)
+
+
+def test_linear_weighting_normalises_the_kept_similarities() -> None:
+    bank = hand_bank(top_k=3, weighting="linear")
+    r = bank(torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 2, 1, 2))
+    assert r.indices.tolist() == [[1, 0, 2]]
+    s = torch.tensor([1.0, 2 ** -0.5, 0.0]) + 1e-6
+    assert torch.allclose(r.weights[0], s / s.sum(), atol=1e-5)
+
+
+def test_batch_is_recalled_per_sample() -> None:
+    bank = hand_bank(top_k=1, temperature=0.1)
+    q = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0], [-1.0, -2.0, 0.0, 0.0]]).view(3, 2, 1, 2)
+    r = bank(q)
+    assert r.indices[:, 0].tolist() == [1, 2, 3]
+    assert torch.allclose(r.value, bank.maps[[1, 2, 3]])
+
+
+def test_own_image_is_excluded_during_training() -> None:
+    bank = hand_bank(top_k=1)
+    q = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 2, 1, 2)
+    r = bank(q, exclude_ids=torch.tensor([11]))  # bank map 1 is this very image
+    assert r.indices.tolist() == [[0]]
+    assert r.similarity[0, 1] == float("-inf")
+
+
+def test_teacher_keyed_bank_compares_raw_maps_and_projects_the_recall() -> None:
+    torch.manual_seed(0)
+    bank = NormalFeatureBank(5, 3, (8, 8), out_channels=6, out_size=(4, 4), top_k=2, raw_keys=True)
+    maps = torch.randn(5, 3, 8, 8)
+    bank.fill(maps, torch.arange(5))
+    assert bank.maps.shape == (5, 3, 4, 4)  # resized once, as the paper says
+    r = bank(maps[3:4] * 3.0)  # the teacher map of bank image 3 itself, at full size
+    assert r.indices[0, 0].item() == 3
+    assert r.value.shape == (1, 6, 4, 4)
+    r.value.sum().backward()
+    assert bank.proj.weight.grad is not None and bank.proj.weight.grad.abs().sum() > 0
+
+
+def test_projection_is_cached_in_eval_mode_only() -> None:
+    bank = NormalFeatureBank(3, 2, (2, 2), out_channels=4, top_k=1)
+    bank.fill(torch.randn(3, 2, 2, 2), torch.arange(3))
+    bank.eval()
+    a = bank.projected()
+    assert bank.projected() is a
+    bank.train()
+    assert bank.projected() is not a and bank.projected().requires_grad
+
+
+def test_invalid_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        NormalFeatureBank(4, 2, (1, 2), top_k=5)
+    with pytest.raises(ValueError, match="weighting"):
+        NormalFeatureBank(4, 2, (1, 2), weighting="max")

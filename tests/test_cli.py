@@ -1,0 +1,104 @@
+"""The command line end to end on a tiny generated dataset: synth, train, test, predict, diagnose, info."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nferd.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "data"
+    assert main(["synth", "--out", str(data), "--n-train", "10"]) == 0
+    ckpt = tmp / "ckpt"
+    rc = main(["train", "--data", str(data), "--category", "synthetic_tiles", "--teacher", "efficientnet_lite0",
+               "--image-size", "64", "--epochs", "2", "--n-bank", "4", "--top-k", "2", "--batch-size", "4",
+               "--holdout", "0.2", "--out", str(ckpt)])
+    assert rc == 0
+    return data, ckpt
+
+
+def test_train_writes_an_atomic_checkpoint_and_log(trained) -> None:
+    _, ckpt = trained
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["model"]["teacher"] == "efficientnet_lite0" and meta["epoch"] == 2
+    assert meta["calibration"]["image_threshold"] > 0 and meta["calibration"]["n_images"] == 2
+    assert len((ckpt / "train_log.jsonl").read_text().splitlines()) == 2
+    assert not list(ckpt.glob("*.tmp"))
+
+
+def test_test_writes_results_json(trained, tmp_path) -> None:
+    data, ckpt = trained
+    out = tmp_path / "test"
+    assert main(["test", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap"):
+        assert 0.0 <= res[k] <= 1.0
+    assert "| mean |" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().startswith("category,")
+
+
+def test_predict_reports_a_broken_file_and_goes_on(trained, tmp_path) -> None:
+    data, ckpt = trained
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good = sorted((data / "synthetic_tiles" / "test" / "good").glob("*.png"))[:2]
+    out = tmp_path / "pred"
+    rc = main(["predict", "--checkpoint", str(ckpt), str(good[0]), str(broken), str(good[1]),
+               "--out", str(out), "--map-format", "png16"])
+    assert rc == 3  # some files failed
+    rows = json.loads((out / "summary.json").read_text())
+    assert [("error" in r) for r in rows] == [False, True, False]
+    assert "broken.png" in rows[1]["error"]
+    assert all(r["decision"] in ("OK", "NOK") and 0 <= r["normalized_score"] <= 1 for r in rows if "error" not in r)
+    assert len(list((out / "overlays").glob("*.png"))) == 2 and len(list((out / "maps").glob("*.png"))) == 2
+
+
+def test_diagnose_reports_retrieval_health(trained, capsys) -> None:
+    data, ckpt = trained
+    assert main(["diagnose", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [r["bank"] for r in rep["retrieval"]] == ["layer1", "layer2", "layer3"]
+    assert set(rep["metrics"]) == {"bank", "random", "mean", "zero"}
+
+
+def test_info_json(capsys) -> None:
+    assert main(["info", "--teacher", "resnet18", "--image-size", "128", "--bank", "off", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"]["bank"] == 0 and info["params"]["fusion"] == 0 and info["gflops"] > 0
+
+
+def test_config_file_with_flag_override(trained, tmp_path, capsys) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("teacher: resnet18\nimage-size: 64\nbank: 'off'\n")
+    assert main(["info", "--config", str(cfg), "--image-size", "96", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["teacher"] == "resnet18" and info["image_size"] == 96 and info["params"]["bank"] == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    assert main(["info", "--config", str(bad)]) == 2
+    assert "epochz" in capsys.readouterr().err
+
+
+def test_bad_input_gets_a_clear_error_not_a_traceback(tmp_path, capsys) -> None:
+    assert main(["train", "--data", str(tmp_path), "--category", "nothing", "--epochs", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nferd: error:") and "Traceback" not in err
+    assert main(["test", "--checkpoint", str(tmp_path / "none"), "--data", str(tmp_path), "--category", "x",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs() -> None:
+    r = subprocess.run([sys.executable, "-m", "nferd", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout and "predict" in r.stdout

@@ -1,0 +1,131 @@
+"""The assembled model: shapes, RD equivalence, fusion variants, loss, anomaly map and blur."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from nferd.anomaly_map import GaussianBlur, anomaly_map
+from nferd.hafm import FUSIONS
+from nferd.info import model_info
+from nferd.loss import distillation_loss
+from nferd.model import NFERD, READINGS, ModelConfig
+
+
+def filled(model: NFERD, n: int | None = None, size: int | None = None) -> NFERD:
+    n = n or model.config.n_bank
+    size = size or model.config.image_size
+    if model.config.bank:
+        with torch.no_grad():
+            feats = model.teacher(torch.rand(n, 3, size, size))
+        model.fill_banks(feats, torch.arange(n))
+    return model
+
+
+@pytest.mark.parametrize("teacher", ["wide_resnet50_2", "efficientnet_lite0", "resnet18"])
+@pytest.mark.parametrize("size", [256, 320])
+def test_full_model_shapes(teacher: str, size: int) -> None:
+    torch.manual_seed(0)
+    m = filled(NFERD(ModelConfig(teacher=teacher, image_size=size, n_bank=4, top_k=2), teacher_weights="random"))
+    m.eval()
+    x = torch.rand(2, 3, size, size)
+    t, s = m(x)
+    assert [a.shape for a in t] == [b.shape for b in s]
+    maps, scores = m.anomaly_maps(t, s)
+    assert maps.shape == (2, 1, size, size) and scores.shape == (2,)
+
+
+def test_rd_configuration_is_exactly_rd4ad() -> None:
+    torch.manual_seed(0)
+    m = NFERD(ModelConfig(teacher="resnet18", image_size=64, bank=False, fusion="none"), teacher_weights="random")
+    assert len(m.banks) == 0 and sum(p.numel() for p in m.fusions.parameters()) == 0
+    m.eval()
+    x = torch.rand(2, 3, 64, 64)
+    t, s = m(x)
+    rd = m.decoder(m.ocbe(m.teacher(x)))  # RD4AD: decoder(bottleneck(encoder(x)))
+    for a, b in zip(s, rd):
+        assert torch.equal(a, b)
+
+
+def test_rd_without_bank_refuses_a_fusion() -> None:
+    with pytest.raises(ValueError, match="needs the bank"):
+        ModelConfig(bank=False, fusion="hafm")
+
+
+@pytest.mark.parametrize("reading", list(READINGS))
+@pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "none"])
+def test_fusion_variants_keep_shapes_and_pass_gradients(reading: str, fusion: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, reading=reading, fusion=fusion, n_bank=4, top_k=2)
+    m = filled(NFERD(cfg, teacher_weights="random"))
+    m.train()
+    x = torch.rand(2, 3, 64, 64)
+    t, s = m(x, exclude_ids=torch.tensor([0, 1]))
+    assert [a.shape for a in t] == [b.shape for b in s]
+    if fusion in ("hafm", "cbam"):  # the residual scale starts at 0: give it a value so gradients flow inside
+        for f in m.fusions:
+            f.scale.data.fill_(0.5)
+        t, s = m(x, exclude_ids=torch.tensor([0, 1]))
+    distillation_loss(t, s).backward()
+    assert m.decoder.layer3[0].conv1.weight.grad.abs().sum() > 0
+    assert m.ocbe.conv1.weight.grad.abs().sum() > 0
+    if fusion != "add":
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fusions.parameters())
+    for bank in m.banks:
+        if bank.proj is not None:
+            assert bank.proj.weight.grad is not None and bank.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.teacher.parameters())
+
+
+def test_hafm_scale_gets_gradient_from_zero() -> None:
+    torch.manual_seed(0)
+    m = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2),
+                     teacher_weights="random"))
+    t, s = m(torch.rand(2, 3, 64, 64), exclude_ids=torch.tensor([0, 1]))
+    distillation_loss(t, s).backward()
+    assert any(f.scale.grad.abs().item() > 0 for f in m.fusions)
+
+
+def test_identical_features_give_zero_map() -> None:
+    feats = [torch.randn(2, c, s, s) for c, s in ((8, 16), (16, 8), (32, 4))]
+    amap = anomaly_map(feats, [f.clone() for f in feats], (64, 64))
+    assert amap.shape == (2, 1, 64, 64)
+    assert amap.abs().max() < 1e-5
+    flipped = anomaly_map(feats, [-f for f in feats], (64, 64))
+    assert torch.allclose(flipped, torch.full_like(flipped, 6.0), atol=1e-4)  # 3 stages x (1 - (-1))
+
+
+def test_blur_matches_scipy_away_from_the_border() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((100, 120)).astype(np.float32)
+    ours = GaussianBlur(4.0)(torch.from_numpy(x)[None, None])[0, 0].numpy()
+    ref = gaussian_filter(x.astype(np.float64), sigma=4)
+    r = 17
+    assert np.abs(ours[r:-r, r:-r] - ref[r:-r, r:-r]).max() < 1e-5
+    assert ours.shape == x.shape
+
+
+def test_loss_variants() -> None:
+    t = [torch.randn(2, 4, 8, 8)]
+    assert distillation_loss(t, [t[0].clone()], "flat").item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(t, [t[0].clone()], "pixel").item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(t, [-t[0]], "flat").item() == pytest.approx(2.0, abs=1e-5)
+    # flat compares whole maps: a per-location sign flip of half the map cancels out for it, not for pixel
+    s = t[0].clone()
+    s[:, :, :4] *= -1
+    assert distillation_loss(t, [s], "pixel").item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown loss"):
+        distillation_loss(t, t, "l2")
+
+
+def test_info_counts_and_bank_cost_within_ten_percent() -> None:
+    rd = model_info(ModelConfig(teacher="wide_resnet50_2", bank=False, fusion="none"))
+    nf = model_info(ModelConfig(teacher="wide_resnet50_2"))
+    for key in ("teacher", "ocbe", "decoder", "bank", "fusion", "trainable"):
+        assert key in rd["params"] and key in nf["params"]
+    assert abs(rd["params"]["ocbe"] - 58.9e6) < 0.1e6  # RD4AD's OCBE without conv4/bn4
+    assert abs(rd["params"]["decoder"] - 24.9e6) < 0.1e6
+    assert rd["params"]["fusion"] == 0 and nf["params"]["fusion"] > 0
+    assert rd["gflops"] < nf["gflops"] <= 1.10 * rd["gflops"]
