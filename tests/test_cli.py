@@ -102,3 +102,21 @@ def test_bad_input_gets_a_clear_error_not_a_traceback(tmp_path, capsys) -> None:
 def test_console_entry_point_runs() -> None:
     r = subprocess.run([sys.executable, "-m", "nferd", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "train" in r.stdout and "predict" in r.stdout
+
+
+def test_category_all_trains_and_tests_every_category(tmp_path, capsys) -> None:
+    from nferd.synth import generate_synthetic_dataset
+    for i, cat in enumerate(("tiles_a", "tiles_b")):
+        generate_synthetic_dataset(tmp_path / "data", seed=i, category=cat, n_train=6, n_test_good=2,
+                                   n_test_per_defect=1, image_size=64)
+    common = ["--data", str(tmp_path / "data"), "--category", "all"]
+    assert main(["train", *common, "--image-size", "64", "--epochs", "1", "--n-bank", "3", "--top-k", "1",
+                 "--holdout", "0.34", "--batch-size", "4", "--out", str(tmp_path / "ck")]) == 0
+    assert (tmp_path / "ck" / "tiles_a" / "model.safetensors").is_file()
+    assert (tmp_path / "ck" / "tiles_b" / "model.safetensors").is_file()
+    assert main(["test", "--checkpoint", str(tmp_path / "ck"), *common, "--out", str(tmp_path / "res")]) == 0
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert set(res["categories"]) == {"tiles_a", "tiles_b"}
+    mean = (res["categories"]["tiles_a"]["pixel_auroc"] + res["categories"]["tiles_b"]["pixel_auroc"]) / 2
+    assert res["pixel_auroc"] == pytest.approx(mean)
+    assert "| mean |" in (tmp_path / "res" / "results.md").read_text()

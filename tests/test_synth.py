@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +134,9 @@ def test_overwrite_rules_and_ensure(tmp_path: Path) -> None:
     assert (user / "important.png").read_bytes() == b"user data"
 
 
-def test_defaults_are_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_default_counts_and_size(tmp_path: Path) -> None:
     root = generate_synthetic_dataset(tmp_path)
-    elapsed = time.perf_counter() - start
     assert len(list((root / "train" / "good").glob("*.png"))) == 60
     assert len(list((root / "test" / "good").glob("*.png"))) == 12
     assert all(len(list((root / "test" / d).glob("*.png"))) == 8 for d in DEFECT_TYPES)
     assert _read(root / "train" / "good" / "000.png").shape == (256, 256, 3)
-    assert elapsed < 10.0, elapsed  # target is < 5 s; slack for a loaded machine

@@ -122,6 +122,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_results
     rows: dict[str, dict[str, Any]] = {}
     run: dict[str, Any] = {}
+    t0 = time.perf_counter()
     for cat in _categories(args):
         ckpt = Path(args.checkpoint) / cat if (args.category == "all" and cat) else Path(args.checkpoint)
         model, meta = load_checkpoint(ckpt)
@@ -130,8 +131,9 @@ def cmd_test(args: argparse.Namespace) -> int:
                               precision=args.precision)
         rows[cat or "folder"] = metrics
         _print_metrics(cat or "folder", metrics)
-        run = {"checkpoint": str(args.checkpoint), "teacher": meta["teacher"], "model": meta["model"],
-               "epochs": meta.get("epoch"), "train": meta.get("train")}
+        run = {"checkpoint": str(args.checkpoint), "teacher": meta["teacher"]["name"], "model": meta["model"],
+               "epochs": meta.get("epoch"), "train_seconds": meta.get("train_seconds"), "train": meta.get("train")}
+    run["eval_seconds"] = time.perf_counter() - t0
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
     return 0

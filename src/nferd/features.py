@@ -66,7 +66,7 @@ class FeatureCache:
             key = cache_key(dataset, teacher, dataset[0]["image"].shape[-1])
             files = [Path(cache_dir) / f"features-{key}-stage{i}.npy" for i in range(3)]
             if all(f.is_file() for f in files):
-                return cls([torch.from_numpy(np.load(f, mmap_mode="r")) for f in files])
+                return cls([torch.from_numpy(np.load(f, mmap_mode="c")) for f in files])
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         chunks: list[list[Tensor]] = [[], [], []]
         it = loader
@@ -85,5 +85,5 @@ class FeatureCache:
                 tmp = f.with_suffix(".tmp.npy")
                 np.save(tmp, s.numpy())
                 tmp.replace(f)
-            stages = [torch.from_numpy(np.load(f, mmap_mode="r")) for f in files]
+            stages = [torch.from_numpy(np.load(f, mmap_mode="c")) for f in files]
         return cls(stages)

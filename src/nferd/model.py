@@ -42,6 +42,14 @@ READINGS: dict[str, tuple[str, str]] = {
 }
 
 
+def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """Build a config dataclass from JSON, naming unknown keys instead of a TypeError."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class ModelConfig:
     """Architecture and scoring options; defaults are the project's measured choices."""
@@ -49,10 +57,10 @@ class ModelConfig:
     teacher: str = "wide_resnet50_2"
     image_size: int = 256
     bank: bool = True
-    reading: str = "D"
-    n_bank: int = 16
+    reading: str = "C"
+    n_bank: int = 64
     top_k: int = 4
-    temperature: float = 0.05
+    temperature: float = 0.01
     weighting: str = "softmax"
     fusion: str = "hafm"
     loss: str = "flat"
@@ -93,11 +101,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model")
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,8 @@ class NFERD(nn.Module):
             return self.fusions[i](x)
         query = teacher_feats[i] if self.config.key == "teacher" else x
         recall = self.banks[i](query, exclude_ids)
-        self.last_recalls[i] = recall
+        self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
+                                                              recall.weights)))  # for diagnostics only
         return self.fusions[i](x, recall.value.to(x.dtype))
 
     # --------------------------------------------------------------- forward

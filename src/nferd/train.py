@@ -9,10 +9,12 @@ weights as an uninterrupted one. No model selection on the test split: the last 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, we
 from .device import autocast, autocast_dtype, default_threads, resolve_device
 from .features import FeatureCache
 from .loss import distillation_loss
-from .model import NFERD, ModelConfig
+from .model import NFERD, ModelConfig, config_from_dict
 
 LAST = "last.safetensors"
 
@@ -50,11 +52,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "training")
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -94,6 +92,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2))
         self.start_epoch = 0
+        self.prior_seconds = 0.0  # training time spent before a resume
         self.cache: FeatureCache | None = None
 
     # ---------------------------------------------------------------- set-up
@@ -122,6 +121,7 @@ class Trainer:
         self.model.load_state_dict(tensors, strict=False)
         load_optimizer_state(last, self.optimizer)
         self.start_epoch = int(meta["epoch"])
+        self.prior_seconds = float(meta.get("train_seconds_so_far", 0.0))
         return True
 
     # -------------------------------------------------------------- training
@@ -176,7 +176,9 @@ class Trainer:
                 bar.update(1)
             done = epoch + 1
             if done % self.config.checkpoint_every == 0 or done == self.config.epochs:
-                save_checkpoint(self.out / LAST, self.model, self._meta(done), optimizer=self.optimizer)
+                meta = self._meta(done)
+                meta["train_seconds_so_far"] = self.prior_seconds + time.perf_counter() - t_start
+                save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer)
             if stop_after is not None and done - self.start_epoch >= stop_after:
                 break
         if bar is not None:
@@ -189,7 +191,9 @@ class Trainer:
                    "final_loss": history[-1]["loss"] if history else None}
         if history and history[-1]["epoch"] == self.config.epochs:
             summary["calibration"] = self.calibrate()
-            save_checkpoint(self.out, self.model, self._meta(self.config.epochs, summary["calibration"]))
+            meta = self._meta(self.config.epochs, summary["calibration"])
+            meta["train_seconds"] = summary["train_seconds"] + self.prior_seconds
+            save_checkpoint(self.out, self.model, meta)
         return summary
 
     def calibrate(self) -> dict[str, Any] | None:
@@ -226,6 +230,10 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     if calibration_set is None and train_config.holdout > 0:
         keep, held = split_holdout(len(train_set), train_config.holdout, train_config.seed)
         train_set, calibration_set = Subset(train_set, keep), Subset(train_set, held)
+    if model_config.bank and model_config.n_bank > len(train_set):
+        n = len(train_set)
+        warnings.warn(f"n_bank {model_config.n_bank} > {n} training images: the banks hold all {n}", stacklevel=2)
+        model_config = dataclasses.replace(model_config, n_bank=n, top_k=min(model_config.top_k, n - 1))
     model = NFERD(model_config, teacher_weights=teacher_weights)
     trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress)
     if resume:
