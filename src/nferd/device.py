@@ -49,6 +49,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC layout: oneDNN (CPU) and cuDNN run bf16 convolutions faster on it (measured: ~1.2x
+    lower batch-1 latency for the WRN50 model on a 2-core AVX-512 CPU)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def default_threads() -> int:
     """Physical cores available to this process (torch's default may count hyperthreads)."""
     try:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .calibration import display_range, normalize
-from .device import autocast, autocast_dtype, resolve_device
+from .device import autocast, autocast_dtype, channels_last, resolve_device
 from .images import ImageLoadError, is_image_file, list_images, load_image
 from .model import NFERD
 from .visualize import overlay
@@ -63,7 +63,7 @@ class Predictor:
     def __init__(self, model: NFERD, calibration: dict[str, Any] | None = None, device: str = "auto",
                  precision: str = "auto") -> None:
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.amp = autocast_dtype(self.device, precision)
         self.calibration = calibration
         self.size = model.config.image_size
@@ -77,7 +77,7 @@ class Predictor:
     @torch.no_grad()
     def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy."""
-        x = images.to(self.device)
+        x = channels_last(images.to(self.device))
         with autocast(self.device, self.amp):
             t, s = self.model(x)
         m, sc = self.model.anomaly_maps(t, s, tuple(x.shape[-2:]))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.amp = autocast_dtype(self.device, config.precision)
         torch.set_num_threads(config.threads or default_threads())
-        self.model.to(self.device)
+        self.model.to(self.device, memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2))
         self.start_epoch = 0
@@ -232,7 +232,7 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
         train_set, calibration_set = Subset(train_set, keep), Subset(train_set, held)
     if model_config.bank and model_config.n_bank > len(train_set):
         n = len(train_set)
-        warnings.warn(f"n_bank {model_config.n_bank} > {n} training images: the banks hold all {n}", stacklevel=2)
+        print(f"note: --n-bank {model_config.n_bank} > {n} training images: the banks hold all {n}", file=sys.stderr)
         model_config = dataclasses.replace(model_config, n_bank=n, top_k=min(model_config.top_k, n - 1))
     model = NFERD(model_config, teacher_weights=teacher_weights)
     trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress)
