@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +234,3 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not bad input: keep the traceback
         print(f"nferd: error: {e}", file=sys.stderr)
         return 2
-
-
-def elapsed(t0: float) -> str:
-    return f"{time.perf_counter() - t0:.1f} s"
