@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import autocast, autocast_dtype, channels_last, default_threads, resolve_device
+from .device import autocast, autocast_dtype, channels_last, default_threads, place, resolve_device
 from .info import forward_gflops
 from .loss import distillation_loss
 from .model import NFERD, ModelConfig
@@ -66,7 +66,7 @@ def _rss_mib() -> float:
 
 def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps: int, iters: int) -> dict[str, Any]:
     amp = autocast_dtype(device, "auto")
-    model.to(device, memory_format=torch.channels_last)
+    place(model, device)
     x = channels_last(torch.rand(batch, 3, size, size, device=device))
     with torch.no_grad():  # the "cache": fp16 teacher maps, as FeatureCache stores them
         cache = [channels_last(f.to(torch.float16)) for f in model.teacher(x)]

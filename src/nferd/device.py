@@ -55,6 +55,11 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a model to ``device`` in the layout its inputs get from ``channels_last``."""
+    return model.to(device, memory_format=torch.channels_last)
+
+
 def default_threads() -> int:
     """Physical cores available to this process (torch's default may count hyperthreads)."""
     try:

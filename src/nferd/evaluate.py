@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .device import autocast, autocast_dtype, channels_last, resolve_device
+from .device import autocast, autocast_dtype, channels_last, place, resolve_device
 from .metrics import compute_metrics
 from .model import NFERD
 
@@ -29,7 +29,7 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
     """Scores (N), maps (N x H x W float32), labels, masks (uint8) and paths for ``dataset``."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(device, precision)
-    model.eval().to(device, memory_format=torch.channels_last)
+    place(model.eval(), device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     scores, maps, labels, masks, paths, types = [], [], [], [], [], []
     it = loader

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .device import autocast, channels_last
+from .device import autocast
 from .teacher import Teacher
 
 
@@ -45,7 +45,8 @@ class FeatureCache:
 
     def get(self, idx: Tensor, device: torch.device) -> list[Tensor]:
         """Float32 maps of the samples ``idx`` on ``device``."""
-        return [channels_last(s[idx].to(device, non_blocking=True).float()) for s in self.stages]
+        return [s[idx].to(device, torch.float32, non_blocking=True, memory_format=torch.channels_last)
+                for s in self.stages]
 
     def to(self, device: torch.device) -> "FeatureCache":
         """Keep the whole cache on a GPU when it fits: no host-to-device copy per step."""

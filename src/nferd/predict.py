@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .calibration import display_range, normalize
-from .device import autocast, autocast_dtype, channels_last, resolve_device
+from .device import autocast, autocast_dtype, channels_last, place, resolve_device
 from .images import ImageLoadError, is_image_file, list_images, load_image
 from .model import NFERD
 from .visualize import overlay
@@ -63,7 +63,7 @@ class Predictor:
     def __init__(self, model: NFERD, calibration: dict[str, Any] | None = None, device: str = "auto",
                  precision: str = "auto") -> None:
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = place(model.eval(), self.device)
         self.amp = autocast_dtype(self.device, precision)
         self.calibration = calibration
         self.size = model.config.image_size

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from .calibration import fit_normal
 from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
-from .device import autocast, autocast_dtype, default_threads, resolve_device
+from .device import autocast, autocast_dtype, default_threads, place, resolve_device
 from .features import FeatureCache
 from .loss import distillation_loss
 from .model import NFERD, ModelConfig, config_from_dict
@@ -88,7 +88,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.amp = autocast_dtype(self.device, config.precision)
         torch.set_num_threads(config.threads or default_threads())
-        self.model.to(self.device, memory_format=torch.channels_last)
+        place(self.model, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2))
         self.start_epoch = 0
