@@ -13,6 +13,16 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 if [ "${1:-}" = "--dev" ]; then
   pip install -q -e ".[dev]"
+  # tests/test_browser.py drives Debian's chromium; it skips when /usr/bin/chromium is absent
+  if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      export DEBIAN_FRONTEND=noninteractive
+      { apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } >/dev/null \
+        || echo "note: apt-get install chromium failed; the browser test will skip"
+    else
+      echo "note: no /usr/bin/chromium (install the 'chromium' package as root); the browser test will skip"
+    fi
+  fi
 else
   pip install -q -e .
 fi

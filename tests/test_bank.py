@@ -86,3 +86,53 @@ def test_invalid_options_are_rejected() -> None:
         NormalFeatureBank(4, 2, (1, 2), top_k=5)
     with pytest.raises(ValueError, match="weighting"):
         NormalFeatureBank(4, 2, (1, 2), weighting="max")
+
+
+def patch_bank(**kw) -> NormalFeatureBank:
+    """Patch recall over 3 random 8-channel 4 x 4 maps (all 48 positions searched)."""
+    torch.manual_seed(0)
+    bank = NormalFeatureBank(3, 8, (4, 4), granularity="patch", raw_keys=True, **kw)
+    bank.fill(torch.randn(3, 8, 4, 4), torch.tensor([20, 21, 22]))
+    return bank
+
+
+def test_patch_recall_returns_each_positions_nearest_bank_position() -> None:
+    bank = patch_bank(top_k=1)
+    # a query made of bank positions from different images, in a new arrangement
+    rows = bank.maps.permute(0, 2, 3, 1).reshape(-1, 8)
+    pick = torch.randperm(48, generator=torch.Generator().manual_seed(1))[:16]
+    q = (3.0 * rows[pick]).t().reshape(1, 8, 4, 4)  # scaled: cosine ignores scale
+    r = bank(q)
+    assert torch.allclose(r.value, rows[pick].t().reshape(1, 8, 4, 4), atol=1e-6)
+    assert r.indices[0, :, 0].tolist() == (pick // 16).tolist()  # the bank image of each recalled position
+    assert torch.allclose(r.similarity[0, :, 0], torch.ones(16), atol=1e-5)
+
+
+def test_patch_recall_excludes_own_image_and_weighs_per_position() -> None:
+    bank = patch_bank(top_k=3, temperature=0.1)
+    q = bank.maps[1:2].clone()
+    r = bank(q, exclude_ids=torch.tensor([21]))
+    assert r.indices.shape == (1, 16, 3)
+    assert not (r.indices == 1).any()  # never its own image
+    assert torch.allclose(r.weights.sum(-1), torch.ones(1, 16), atol=1e-6)
+    rows = bank.maps.permute(0, 2, 3, 1).reshape(-1, 8)
+    keys = torch.nn.functional.normalize(rows, dim=1)
+    sims = torch.nn.functional.normalize(q[0].reshape(8, 16).t(), dim=1) @ keys.t()
+    sims[:, 16:32] = float("-inf")
+    top, idx = sims.topk(3, dim=1)
+    assert torch.allclose(r.similarity[0], top, atol=1e-6)
+    expected = (torch.softmax(top / 0.1, 1).unsqueeze(-1) * rows[idx]).sum(1)
+    assert torch.allclose(r.value[0], expected.t().reshape(8, 4, 4), atol=1e-5)
+    again = bank(q, exclude_ids=torch.tensor([21]))  # second epoch: reused recall, same result
+    assert torch.equal(again.value, r.value)
+    bank.fill(torch.randn(3, 8, 4, 4), torch.tensor([20, 21, 22]))  # new bank: recall recomputed
+    assert not torch.allclose(bank(q, exclude_ids=torch.tensor([21])).value, r.value)
+
+
+def test_patch_limit_searches_a_seeded_subset() -> None:
+    a = NormalFeatureBank(3, 8, (4, 4), top_k=1, granularity="patch", raw_keys=True, patch_limit=10)
+    b = NormalFeatureBank(3, 8, (4, 4), top_k=1, granularity="patch", raw_keys=True, patch_limit=10)
+    assert a.patch_index.shape == (10,) and torch.equal(a.patch_index, b.patch_index)
+    a.fill(torch.randn(3, 8, 4, 4), torch.tensor([0, 1, 2]))
+    rows, slot = a.patches(a.maps)
+    assert rows.shape == (10, 8) and torch.equal(slot, a.patch_index // 16)

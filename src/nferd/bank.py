@@ -12,6 +12,13 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   the student map they are fused with (readings A and C); without it the bank lives in the
   teacher space of its stage and is fused with the student's output for that stage (B).
 
+* ``granularity="patch"``: instead of whole maps, every position of the query recalls the K
+  most similar bank *positions* (feature vectors of any bank image, any place), so the recalled
+  map is a normal rendition of this image, aligned with it. Whole-map recall can only return
+  other images, never aligned with the query on objects that move or rotate (tire); patch recall
+  returns, at a defect, the closest normal texture, which is what the student should rebuild.
+  ``patch_limit`` keeps a seeded random subset of the N*H*W bank positions to bound the cost.
+
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
 is masked out of the bank, so the student cannot learn to copy its target.
@@ -28,12 +35,17 @@ from torch import Tensor, nn
 
 @dataclass
 class Recall:
-    """What one retrieval returned (kept for diagnostics)."""
+    """What one retrieval returned (kept for diagnostics).
+
+    Image granularity: ``similarity`` is B x N, ``indices`` and ``weights`` B x K. Patch
+    granularity: all three are B x HW x K (the kept similarities; ``indices`` name the bank
+    IMAGE each recalled position came from).
+    """
 
     value: Tensor        # B x C x H x W recalled map
-    similarity: Tensor   # B x N cosine similarities (masked entries are -inf)
-    indices: Tensor      # B x K bank indices, most similar first
-    weights: Tensor      # B x K weights, summing to 1
+    similarity: Tensor   # B x N cosine similarities (masked entries are -inf), or B x HW x K
+    indices: Tensor      # B x K bank indices, most similar first (or B x HW x K bank images)
+    weights: Tensor      # B x K weights, summing to 1 (or B x HW x K)
 
 
 class NormalFeatureBank(nn.Module):
@@ -44,21 +56,32 @@ class NormalFeatureBank(nn.Module):
 
     def __init__(self, n: int, channels: int, size: tuple[int, int], out_channels: int | None = None,
                  out_size: tuple[int, int] | None = None, top_k: int = 4, temperature: float = 0.1,
-                 weighting: str = "softmax", raw_keys: bool = False) -> None:
+                 weighting: str = "softmax", raw_keys: bool = False, granularity: str = "image",
+                 patch_limit: int = 16384) -> None:
         super().__init__()
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the bank size {n}, got {top_k}")
         if weighting not in ("softmax", "linear"):
             raise ValueError(f"weighting must be 'softmax' or 'linear', got '{weighting}'")
+        if granularity not in ("image", "patch"):
+            raise ValueError(f"granularity must be 'image' or 'patch', got '{granularity}'")
         self.top_k, self.temperature, self.weighting = top_k, temperature, weighting
+        self.granularity = granularity
         self.raw_keys = raw_keys  # key="teacher": compare with the stored teacher maps, not their projection
         self.out_size = tuple(out_size or size)
         self.register_buffer("maps", torch.zeros(n, channels, *self.out_size))
         self.register_buffer("ids", torch.full((n,), -1, dtype=torch.long))
+        if granularity == "patch":  # which of the N*H*W bank positions are searched (seeded subset)
+            total = n * self.out_size[0] * self.out_size[1]
+            keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:patch_limit]
+            self.register_buffer("patch_index", keep.sort().values)
         self.proj = None
         if out_channels is not None:  # readings A and C: learnable 1x1 channel match
             self.proj = nn.Conv2d(channels, out_channels, 1, bias=False)
         self._cached_proj: Tensor | None = None
+        # Teacher-keyed patch recall of a training image depends only on its (cached, never
+        # augmented) teacher map and the bank, so it is computed once per image, not per epoch.
+        self._train_recall: dict[int, tuple[Tensor, Tensor]] = {}
 
     @property
     def size(self) -> int:
@@ -74,6 +97,7 @@ class NormalFeatureBank(nn.Module):
         self.maps.copy_(maps)
         self.ids.copy_(ids)
         self._cached_proj = None
+        self._train_recall.clear()
 
     def train(self, mode: bool = True) -> "NormalFeatureBank":
         self._cached_proj = None  # projection weights may change while training
@@ -103,9 +127,44 @@ class NormalFeatureBank(nn.Module):
     def weigh(self, top: Tensor) -> Tensor:
         """Weights of the K kept similarities (softmax with temperature, or plain normalisation)."""
         if self.weighting == "softmax":
-            return torch.softmax(top / self.temperature, dim=1)
+            return torch.softmax(top / self.temperature, dim=-1)
         pos = top.clamp_min(0) + 1e-6
-        return pos / pos.sum(dim=1, keepdim=True)
+        return pos / pos.sum(dim=-1, keepdim=True)
+
+    def patches(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """The searched bank positions as rows (P x C) and the bank slot (image) of each row."""
+        n, c, h, w = maps.shape
+        rows = maps.permute(0, 2, 3, 1).reshape(n * h * w, c)[self.patch_index]
+        return rows, self.patch_index // (h * w)
+
+    def recall_patches(self, query: Tensor, bank: Tensor, exclude_ids: Tensor | None) -> Recall:
+        """Per position of each query map, the weighted K most similar bank positions."""
+        b, c, h, w = query.shape
+        rows, slot = self.patches(bank)
+        with torch.autocast(query.device.type, enabled=False):
+            keys = F.normalize(rows.float(), dim=1)
+            q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
+            k = min(self.top_k, keys.shape[0])
+            tops, idxs = [], []
+            reuse = self.raw_keys and exclude_ids is not None  # training, teacher-keyed: fixed per image
+            for j in range(b):  # one sample at a time bounds memory to HW x P
+                key = int(exclude_ids[j]) if reuse else None
+                if key in self._train_recall:
+                    top, idx = self._train_recall[key]
+                else:
+                    sim = q[j] @ keys.t()
+                    if exclude_ids is not None:
+                        sim = sim.masked_fill((self.ids[slot] == exclude_ids[j]).view(1, -1), float("-inf"))
+                    top, idx = sim.topk(k, dim=1)
+                    if reuse:
+                        self._train_recall[key] = (top, idx)
+                tops.append(top)
+                idxs.append(idx)
+            top, idx = torch.stack(tops), torch.stack(idxs)  # B x HW x K
+        wts = self.weigh(top)
+        value = (wts.unsqueeze(-1).to(rows.dtype) * rows[idx]).sum(2)  # B x HW x C
+        value = value.transpose(1, 2).reshape(b, rows.shape[1], h, w)
+        return Recall(value, top, slot[idx], wts)
 
     def forward(self, query: Tensor, exclude_ids: Tensor | None = None) -> Recall:
         """Recall for each sample the weighted sum of its K most similar bank maps.
@@ -120,6 +179,11 @@ class NormalFeatureBank(nn.Module):
         bank = self.maps if self.raw_keys else self.projected()
         if query.shape[-2:] != bank.shape[-2:]:
             query = F.interpolate(query, size=bank.shape[-2:], mode="bilinear", align_corners=False)
+        if self.granularity == "patch":
+            recall = self.recall_patches(query, bank, exclude_ids)
+            if project_after:
+                recall.value = self.proj(recall.value)
+            return recall
         sim = self.similarity(query, bank, exclude_ids)
         k = min(self.top_k, self.size - (1 if exclude_ids is not None else 0))
         top, idx = sim.topk(k, dim=1)

@@ -1,4 +1,4 @@
-"""The ``nferd`` command: demo, synth, info, train, test, predict, diagnose, bench.
+"""The ``nferd`` command: demo, synth, info, train, test, predict, export, diagnose, bench.
 
 Every option can also come from a YAML/JSON file (``--config run.yaml``, keys = option names
 with dashes or underscores); flags given on the command line override the file.
@@ -19,10 +19,15 @@ EXAMPLES = {
     "train": ("nferd train --data /data/mvtec_ad --category bottle --teacher wide_resnet50_2 --epochs 200 "
               "--out runs/bottle\n  nferd train --data /data/mvtec_ad --category bottle --bank off --fusion none "
               "--out runs/bottle-rd   # RD4AD baseline\n  nferd train --config run.yaml --epochs 50"),
-    "test": "nferd test --checkpoint runs/bottle --data /data/mvtec_ad --category bottle --out runs/bottle/test",
-    "predict": "nferd predict --checkpoint runs/bottle 'line3/*.png' more.jpg --out runs/bottle/pred",
+    "test": ("nferd test --checkpoint runs/bottle --data /data/mvtec_ad --category bottle --out runs/bottle/test"
+             " --report"),
+    "predict": ("nferd predict --checkpoint runs/bottle 'line3/*.png' more.jpg --out runs/bottle/pred\n"
+                "  nferd predict --backend onnx --model runs/bottle/model.onnx 'line3/*.png' --out runs/bottle/pred"),
+    "export": ("nferd export --checkpoint runs/bottle --format onnx --out runs/bottle/model.onnx\n"
+               "  nferd export --checkpoint runs/bottle --format onnx --preprocess --out runs/bottle/model_u8.onnx"),
     "diagnose": "nferd diagnose --checkpoint runs/bottle --data /data/mvtec_ad --category bottle",
     "bench": "nferd bench --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
+    "serve": "nferd serve --checkpoint runs/bottle --host 0.0.0.0 --port 8000   # page at http://HOST:8000/",
 }
 
 
@@ -131,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-cache-dir", default=None, help="keep teacher features in memory-mapped files here")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g.add_argument("--test", action="store_true", help="evaluate on the test split after training")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch, not each process's part "
+                        "(the closest match to a single-process run; no effect in one process)")
     p.add_argument("--out", required=True, help="checkpoint folder (one per category with --category all)")
 
     p = cmd("test", "evaluate a checkpoint on a labelled test split (image/pixel AUROC, AUPRO, F1, AP)")
@@ -140,21 +148,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT/report.html: metrics, ROC/PRO curves, score histogram and a gallery of "
+                        "misses and false alarms, images embedded (needs matplotlib: nferd[report])")
+    p.add_argument("--report-gallery", type=int, default=4, metavar="K",
+                   help="gallery entries per group: K lowest-scored defective, K highest-scored good, "
+                        "K highest-scored defective images (default 4)")
 
     p = cmd("predict", "score new images: decision, anomaly map, mask and overlay per image")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder or .safetensors (torch backend)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch (default) or onnx: ONNX Runtime on the CPU with the file from `nferd export`")
+    p.add_argument("--model", default=None, metavar="FILE.onnx", help="the exported model for --backend onnx")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--map-format", default="npy", choices=["npy", "png16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the progress of an interrupted run in --out and score every image again "
+                        "(default: an interrupted run is continued, finished images are not redone)")
 
     p = cmd("diagnose", "retrieval health of the normal feature banks (spread, entropy, diversity, ablations)")
     p.add_argument("--checkpoint", required=True)
     add_data_options(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="auto")
+
+    p = cmd("export", "export a checkpoint's whole inference graph (map, blur and score included) for deployment")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"], dest="export_format")
+    p.add_argument("--out", required=True, metavar="FILE.onnx")
+    p.add_argument("--preprocess", action="store_true",
+                   help="take uint8 N x H x W x 3 RGB images of any size and resize in the graph (as nferd's loader "
+                        "does) instead of float N x 3 x S x S images in [0, 1]")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 17 to 20)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running the exported file against the PyTorch model on random images")
 
     p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
     p.add_argument("--teacher", default="wide_resnet50_2")
@@ -166,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--infer-iters", type=int, default=10)
     p.add_argument("--json", action="store_true")
+
+    p = cmd("serve", "HTTP inspection service: POST /predict, GET /health, /metadata, and an operator page at /")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the "
+                   "network: there is no authentication)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file (default 20 MiB)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests allowed to wait while one is processed; more get 503 (default 16)")
+    p.add_argument("--max-batch-files", type=int, default=16, help="files per POST /predict/batch (default 16)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
 

@@ -75,8 +75,17 @@ def _model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
+    from . import distributed as ddp
     mcfg = _model_config(args)
     cats = _categories(args)
+    # torchrun: several categories are trained whole, one process each (round robin, no gradient
+    # traffic); one category is trained by all processes together (DistributedDataParallel).
+    round_robin = ddp.launched() and len(cats) > 1
+    if round_robin:
+        cats = cats[ddp.env_rank()::ddp.env_world_size()]
+        names = ", ".join(map(str, cats)) or "none (more processes than categories)"
+        print(f"[rank {ddp.env_rank()}] categories: {names}")
+    lead = round_robin or not ddp.launched() or ddp.env_rank() == 0  # prints and writes the summary
     for cat in cats:
         out = Path(args.out) / cat if (args.category == "all" and cat) else Path(args.out)
         train_set = _datasets(args, cat, "train", mcfg.image_size)
@@ -85,11 +94,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                            precision=args.precision, device=args.device, checkpoint_every=args.checkpoint_every,
                            holdout=0.0 if cal_set is not None else args.holdout,
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir)
-        print(f"training {'NFERD' if mcfg.bank else 'RD4AD'} ({mcfg.teacher}, reading {mcfg.reading}, "
-              f"fusion {mcfg.fusion}) on {cat or args.data}: {len(train_set)} images, {args.epochs} epochs")
+        if lead:
+            print(f"training {'NFERD' if mcfg.bank else 'RD4AD'} ({mcfg.teacher}, reading {mcfg.reading}, "
+                  f"fusion {mcfg.fusion}) on {cat or args.data}: {len(train_set)} images, {args.epochs} epochs"
+                  + (f", {ddp.env_world_size()} processes" if ddp.launched() and not round_robin else ""))
         data_meta = {"data": {"root": str(args.data), "category": cat, "format": args.data_format}}
         model, summary = train(train_set, mcfg, tcfg, out, teacher_weights=args.teacher_weights,
-                               calibration_set=cal_set, resume=args.resume, extra_meta=data_meta)
+                               calibration_set=cal_set, resume=args.resume, extra_meta=data_meta,
+                               distributed=False if round_robin else None,
+                               sync_bn=getattr(args, "sync_bn", False))
+        if not lead:  # DDP: rank 0 reports, writes and tests
+            continue
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
               f"final loss {summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}")
@@ -102,8 +117,10 @@ def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info:
     from .evaluate import evaluate, write_results
     test_set = _datasets(args, cat, "test", model.config.image_size)
     t0 = time.perf_counter()
+    from .distributed import local_device  # this process's GPU under torchrun
     metrics, _ = evaluate(model, test_set, batch_size=getattr(args, "batch_size", 16),
-                          device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "auto"))
+                          device=str(local_device(getattr(args, "device", "auto"))),
+                          precision=getattr(args, "precision", "auto"))
     run = {"teacher": model.config.teacher, "model": model.config.to_dict(), "eval_seconds": time.perf_counter() - t0,
            **info}
     path = write_results(out, {cat or "folder": metrics}, run)
@@ -120,29 +137,72 @@ def _print_metrics(name: str, m: dict[str, Any]) -> None:
 def cmd_test(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .evaluate import evaluate, write_results
+    report = getattr(args, "report", False)
+    if report:
+        from .report import prepare_category, require_matplotlib
+        require_matplotlib()  # before the evaluation, not after it
+        if args.report_gallery < 0:
+            raise CLIError(f"--report-gallery must be >= 0, got {args.report_gallery}")
     rows: dict[str, dict[str, Any]] = {}
+    sections: dict[str, dict[str, Any]] = {}
     run: dict[str, Any] = {}
-    t0 = time.perf_counter()
+    t0, report_seconds = time.perf_counter(), 0.0
     for cat in _categories(args):
         ckpt = Path(args.checkpoint) / cat if (args.category == "all" and cat) else Path(args.checkpoint)
         model, meta = load_checkpoint(ckpt)
         test_set = _datasets(args, cat, "test", model.config.image_size)
-        metrics, _ = evaluate(model, test_set, batch_size=args.batch_size, device=args.device,
-                              precision=args.precision)
+        metrics, raw = evaluate(model, test_set, batch_size=args.batch_size, device=args.device,
+                                precision=args.precision)
         rows[cat or "folder"] = metrics
+        if report:  # reduced now, so only one category's maps are held at a time
+            t1 = time.perf_counter()
+            sections[cat or "folder"] = prepare_category({**raw, "metrics": metrics}, meta.get("calibration"),
+                                                         gallery_size=args.report_gallery)
+            report_seconds += time.perf_counter() - t1
+        del raw
         _print_metrics(cat or "folder", metrics)
         run = {"checkpoint": str(args.checkpoint), "teacher": meta["teacher"]["name"], "model": meta["model"],
                "epochs": meta.get("epoch"), "train_seconds": meta.get("train_seconds"), "train": meta.get("train")}
-    run["eval_seconds"] = time.perf_counter() - t0
+    run["eval_seconds"] = time.perf_counter() - t0 - report_seconds
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
+    if report:
+        from .report import write_report
+        t1 = time.perf_counter()
+        path = write_report(args.out, sections, run)
+        print(f"report: {path} ({report_seconds + time.perf_counter() - t1:.1f} s)")
     return 0
+
+
+def _onnx_predictor(model: str | None):  # type: ignore[no-untyped-def]
+    if not model:
+        raise CLIError("--backend onnx needs --model FILE.onnx (make one with `nferd export --checkpoint CKPT "
+                       "--format onnx --out FILE.onnx`)")
+    try:
+        from .onnx_backend import OnnxPredictor
+        return OnnxPredictor.from_file(model)
+    except ImportError as e:
+        raise CLIError(str(e)) from e
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, predict_to_folder
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
-    rows = predict_to_folder(predictor, args.inputs, args.out, args.batch_size, args.map_format)
+    if getattr(args, "backend", "torch") == "onnx":
+        predictor = _onnx_predictor(args.model)  # calibration comes from the .onnx file
+    elif args.model:
+        raise CLIError("--model is the exported file for --backend onnx: add --backend onnx, or drop --model and "
+                       "pass --checkpoint")
+    elif not args.checkpoint:
+        raise CLIError("--checkpoint is required (or --backend onnx --model FILE.onnx)")
+    else:
+        from .distributed import local_device  # under torchrun: this process's GPU
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=str(local_device(args.device)),
+                                              precision=args.precision)
+    rows = predict_to_folder(predictor, args.inputs, args.out, args.batch_size, args.map_format,
+                             resume=not getattr(args, "fresh", False))
+    from .distributed import is_main
+    if not is_main():  # torchrun: rank 0 reports for all
+        return 0
     failed = [r for r in rows if "error" in r]
     for r in failed:
         print(f"skipped {r['path']}: {r['error']}")
@@ -150,6 +210,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{len(rows) - len(failed)} images scored ({nok} NOK), {len(failed)} failed; "
           f"summary: {Path(args.out) / 'summary.csv'}")
     return 0 if not failed else 3
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Checkpoint -> one self-contained .onnx file, then (unless --no-check) run it against PyTorch."""
+    from .checkpoint import load_checkpoint
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"exporting to ONNX needs the onnx and onnxruntime packages ({e.name} is missing): "
+                       "pip install nferd[onnx]") from e
+    from .export import DEFAULT_OPSET, check_export, dynamic_batch, export_onnx
+    model, meta = load_checkpoint(args.checkpoint)
+    t0 = time.perf_counter()
+    source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
+    path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, include_preprocess=args.preprocess,
+                       calibration=meta.get("calibration"), extra_meta={"source": source})
+    kind = "uint8 N x H x W x 3, resized in the graph" if args.preprocess else \
+        f"float N x 3 x {model.config.image_size} x {model.config.image_size} in [0, 1]"
+    print(f"exported {'NFERD' if model.config.bank else 'RD4AD'} ({model.config.teacher}) to {path} "
+          f"({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s); input 'images': {kind}; "
+          f"outputs 'anomaly_map', 'score'; calibration {'included' if meta.get('calibration') else 'absent'}")
+    if not dynamic_batch(model):
+        print(f"note: reading {model.config.reading} (patch recall) is exported with a fixed batch of 1; "
+              "`nferd predict --backend onnx` runs larger batches image by image")
+    if args.no_check:
+        return 0
+    rep = check_export(model, path)
+    print(f"check on {rep['batch']} random images: max |onnx - torch| {rep['max_abs_diff_map']:.2e} on the map "
+          f"(range {rep['map_range']:.3g}), {rep['max_abs_diff_score']:.2e} on the score")
+    if not rep["ok"]:
+        print(f"warning: the exported model differs from the PyTorch model by more than 1e-3 of the map range; "
+              f"do not deploy {path} before finding out why")
+        return 3
+    return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -166,7 +261,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     for r in report["retrieval"]:
         print(f"{r['bank']:<8} {r['similarity_spread_per_image']:.4f}  {r['topk_gap']:.4f}     "
               f"{r['weight_entropy']:.3f}    {r['top1_distinct']:>3}/{r['n_bank']:<3}        "
-              f"{r['top1_most_common_share']:.0%}")
+              f"{r['top1_most_common_share']:.0%}"
+              + (f"   ({r['sources_per_image']:.1f} bank images per test image)" if "sources_per_image" in r else ""))
     print("\nbank replaced by   image AUROC  pixel AUROC  AUPRO")
     for name, m in report["metrics"].items():
         print(f"{name:<18} {m['image_auroc']:.4f}       {m.get('pixel_auroc', float('nan')):.4f}       "
@@ -220,4 +316,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         for k, v in res.items():
             print(f"{k}: {v}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .checkpoint import read_metadata
+    from .serve import require_serve_dependencies, run
+    require_serve_dependencies()  # before the checkpoint is loaded
+    if args.max_upload_mb <= 0 or args.max_queue < 0 or args.max_batch_files <= 0:
+        raise CLIError("--max-upload-mb and --max-batch-files must be > 0 and --max-queue >= 0")
+    read_metadata(args.checkpoint)  # a wrong path fails here, before the banner
+    print(f"nferd serve: {args.checkpoint} on http://{args.host}:{args.port}/ (POST /predict, GET /health, "
+          "/metadata)" + ("; no authentication, expose only on a trusted network" if args.host not in
+                          ("127.0.0.1", "localhost", "::1") else ""))
+    run(args.checkpoint, args.host, args.port, device=args.device, precision=args.precision,
+        log_level=args.log_level, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_queue=args.max_queue, max_batch_files=args.max_batch_files)
     return 0

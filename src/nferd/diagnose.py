@@ -43,19 +43,53 @@ def retrieval_stats(model: NFERD, dataset: Dataset, batch_size: int = 16, device
     out = []
     for i in range(3):
         s, ix, w = np.concatenate(sims[i]), np.concatenate(idxs[i]), np.concatenate(ws[i])
-        k = w.shape[1]
-        ent = -(w * np.log(np.clip(w, 1e-12, None))).sum(1) / max(np.log(k), 1e-12) if k > 1 else np.zeros(len(w))
-        top1 = Counter(ix[:, 0].tolist())
-        out.append({
-            "bank": stages[i], "n_bank": int(s.shape[1]), "top_k": int(k),
-            "similarity_mean": float(s.mean()), "similarity_min": float(s.min()), "similarity_max": float(s.max()),
-            "similarity_spread_per_image": float((s.max(1) - s.min(1)).mean()),
-            "topk_gap": float((np.sort(s, 1)[:, -1] - np.sort(s, 1)[:, -k]).mean()),
-            "weight_entropy": float(ent.mean()),
-            "top1_max_weight": float(w[:, 0].mean()),
-            "top1_distinct": len(top1), "top1_most_common_share": top1.most_common(1)[0][1] / len(ix),
-        })
+        bank = model.banks[i]
+        out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
+        out[-1] = {"bank": stages[i], "n_bank": int(bank.size), "granularity": bank.granularity, **out[-1]}
     return out
+
+
+def _entropy(w: np.ndarray) -> np.ndarray:
+    k = w.shape[-1]
+    if k == 1:
+        return np.zeros(w.shape[:-1])
+    return -(w * np.log(np.clip(w, 1e-12, None))).sum(-1) / np.log(k)
+
+
+def _image_stats(s: np.ndarray, ix: np.ndarray, w: np.ndarray) -> dict[str, Any]:
+    """Whole-map recall: S is B x N over the bank images."""
+    k = w.shape[1]
+    top1 = Counter(ix[:, 0].tolist())
+    return {
+        "top_k": int(k),
+        "similarity_mean": float(s.mean()), "similarity_min": float(s.min()), "similarity_max": float(s.max()),
+        "similarity_spread_per_image": float((s.max(1) - s.min(1)).mean()),
+        "topk_gap": float((np.sort(s, 1)[:, -1] - np.sort(s, 1)[:, -k]).mean()),
+        "weight_entropy": float(_entropy(w).mean()),
+        "top1_max_weight": float(w[:, 0].mean()),
+        "top1_distinct": len(top1), "top1_most_common_share": top1.most_common(1)[0][1] / len(ix),
+    }
+
+
+def _patch_stats(s: np.ndarray, ix: np.ndarray, w: np.ndarray) -> dict[str, Any]:
+    """Patch recall: B x HW x K kept similarities and the bank image of each recalled position.
+
+    Spread is over the positions of one image (how much the best match varies across it);
+    ``sources_per_image`` counts the bank images whose positions are top-1 somewhere in it.
+    """
+    k = w.shape[-1]
+    top1 = Counter(ix[..., 0].ravel().tolist())
+    return {
+        "top_k": int(k),
+        "similarity_mean": float(s[..., 0].mean()), "similarity_min": float(s[..., 0].min()),
+        "similarity_max": float(s[..., 0].max()),
+        "similarity_spread_per_image": float((s[..., 0].max(1) - s[..., 0].min(1)).mean()),
+        "topk_gap": float((s[..., 0] - s[..., -1]).mean()),
+        "weight_entropy": float(_entropy(w).mean()),
+        "top1_max_weight": float(w[..., 0].mean()),
+        "top1_distinct": len(top1), "top1_most_common_share": top1.most_common(1)[0][1] / ix[..., 0].size,
+        "sources_per_image": float(np.mean([len(np.unique(row)) for row in ix[..., 0]])),
+    }
 
 
 def with_bank(model: NFERD, mode: str, seed: int = 0) -> NFERD:

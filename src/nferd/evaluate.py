@@ -54,13 +54,15 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
 
 
 def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float], dict[str, Any]]:
-    """Metrics of ``model`` on a labelled test set, and the raw inference results."""
+    """Metrics of ``model`` on a labelled test set, and the raw inference results (see :func:`infer`,
+    plus ``has_masks``)."""
     res = infer(model, dataset, **kw)
     has_masks = getattr(dataset, "has_masks", True)
     metrics = compute_metrics(res["scores"], res["labels"],
                               res["maps"] if has_masks else None, res["masks"] if has_masks else None)
     metrics["n_images"] = int(len(res["scores"]))
     metrics["inference_seconds"] = res["seconds"]
+    res["has_masks"] = has_masks  # False: the masks are placeholders, not ground truth (report, callers)
     return metrics, res
 
 

@@ -4,17 +4,20 @@
 With ``bank=False`` and ``fusion="none"`` the model is exactly RD4AD: same modules, same
 outputs, so NFERD's gain is measured in one code base.
 
-Bank readings (DESIGN-NOTES.md) are presets of two switches, ``key`` (which map queries the
-bank) and ``placement`` (where the recalled map is fused):
+Bank readings (DESIGN-NOTES.md, docs/banks.md) are presets of three switches, ``key`` (which
+map queries the bank), ``placement`` (where the recalled map is fused) and ``granularity``
+(whole maps or positions are recalled):
 
-=====  ==========  ==========  =====================================================
-name   key         placement   meaning
-=====  ==========  ==========  =====================================================
-A      student     input       paper wording: projected bank fused before decoder stages
-B      student     output      fused with the student's stage outputs, in teacher space
-C      teacher     input       input's teacher features choose the maps; fused as A
-D      teacher     output      input's teacher features choose the maps; fused as B
-=====  ==========  ==========  =====================================================
+=====  ==========  ==========  ===========  ============================================
+name   key         placement   granularity  meaning
+=====  ==========  ==========  ===========  ============================================
+A      student     input       image        paper wording: projected bank fused before decoder stages
+B      student     output      image        fused with the student's stage outputs, in teacher space
+C      teacher     input       image        input's teacher features choose the maps; fused as A
+D      teacher     output      image        input's teacher features choose the maps; fused as B
+E      teacher     input       patch        each position recalls its K nearest normal positions; fused as A
+F      teacher     output      patch        as E, fused as B
+=====  ==========  ==========  ===========  ============================================
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from .ocbe import OCBE
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
 from .teacher import Teacher, build_teacher
 
-READINGS: dict[str, tuple[str, str]] = {
-    "A": ("student", "input"),
-    "B": ("student", "output"),
-    "C": ("teacher", "input"),
-    "D": ("teacher", "output"),
+READINGS: dict[str, tuple[str, str, str]] = {
+    "A": ("student", "input", "image"),
+    "B": ("student", "output", "image"),
+    "C": ("teacher", "input", "image"),
+    "D": ("teacher", "output", "image"),
+    "E": ("teacher", "input", "patch"),
+    "F": ("teacher", "output", "patch"),
 }
 
 
@@ -57,11 +62,12 @@ class ModelConfig:
     teacher: str = "wide_resnet50_2"
     image_size: int = 256
     bank: bool = True
-    reading: str = "C"
+    reading: str = "E"
     n_bank: int = 64
     top_k: int = 4
     temperature: float = 0.01
     weighting: str = "softmax"
+    patch_limit: int = 16384  # patch readings: bank positions searched per bank (seeded subset)
     fusion: str = "hafm"
     loss: str = "flat"
     map_combine: str = "sum"
@@ -95,6 +101,10 @@ class ModelConfig:
     @property
     def placement(self) -> str:
         return READINGS[self.reading][1]
+
+    @property
+    def granularity(self) -> str:
+        return READINGS[self.reading][2]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +164,8 @@ class NFERD(nn.Module):
                 self.banks.append(NormalFeatureBank(
                     config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
                     out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
-                    weighting=config.weighting, raw_keys=config.key == "teacher"))
+                    weighting=config.weighting, raw_keys=config.key == "teacher",
+                    granularity=config.granularity, patch_limit=config.patch_limit))
         self.fusions = nn.ModuleList([make_fusion(config.fusion, targets[i][0]) for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]

@@ -3,14 +3,21 @@
 Inputs are files, folders or glob patterns. A file that cannot be read is reported in the
 summary and skipped; the others go on. Maps are computed at the model's resolution and
 resized back to each image's own size for the saved map, mask and overlay.
+
+``predict_to_folder`` records every finished image in ``OUT/progress/rank-R.jsonl`` (appended
+and flushed per image), so a run that stops early is continued by running it again; under
+torchrun each process scores its own share of the batches and rank 0 writes the summary.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import distributed as ddp
 from .calibration import display_range, normalize
 from .device import autocast, autocast_dtype, channels_last, place, resolve_device
 from .images import ImageLoadError, is_image_file, list_images, load_image
@@ -57,7 +65,55 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
     return names
 
 
-class Predictor:
+class BasePredictor:
+    """What ``predict_to_folder`` needs from a backend: ``maps`` plus the calibration; batching,
+    file loading and decisions are shared by the PyTorch ``Predictor`` and ``onnx_backend.OnnxPredictor``."""
+
+    calibration: dict[str, Any] | None = None
+    size: int
+
+    def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy."""
+        raise NotImplementedError
+
+    def load(self, path: Path) -> torch.Tensor:
+        """One image file as the backend's input (float 3 x S x S in [0, 1] by default)."""
+        return load_image(path, self.size)
+
+    def batch_maps(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        return self.maps(torch.stack(images))
+
+    def decide(self, score: float) -> dict[str, Any]:
+        if self.calibration is None:
+            return {"score": score, "normalized_score": None, "decision": None}
+        ns = float(normalize(score, self.calibration))
+        return {"score": score, "normalized_score": ns,
+                "decision": "NOK" if score > self.calibration["image_threshold"] else "OK"}
+
+    def predict_paths(self, paths: list[Path], batch_size: int = 16) -> Iterator[dict[str, Any]]:
+        """Yield one result dict per path (``error`` set for files that could not be read)."""
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            loaded: dict[Path, torch.Tensor] = {}
+            errors: dict[Path, str] = {}
+            for p in chunk:
+                try:
+                    loaded[p] = self.load(p)
+                except (ImageLoadError, OSError, ValueError) as e:
+                    errors[p] = str(e)
+            results: dict[Path, tuple[np.ndarray, float]] = {}
+            if loaded:
+                maps, scores = self.batch_maps(list(loaded.values()))
+                results = {p: (m, float(s)) for p, m, s in zip(loaded, maps, scores)}
+            for p in chunk:  # input order, failures included
+                if p in errors:
+                    yield {"path": str(p), "error": errors[p]}
+                else:
+                    m, s = results[p]
+                    yield {"path": str(p), "map": m, **self.decide(s)}
+
+
+class Predictor(BasePredictor):
     """A loaded model plus its calibration, ready for batches of image files."""
 
     def __init__(self, model: NFERD, calibration: dict[str, Any] | None = None, device: str = "auto",
@@ -82,35 +138,6 @@ class Predictor:
             t, s = self.model(x)
         m, sc = self.model.anomaly_maps(t, s, tuple(x.shape[-2:]))
         return m[:, 0].float().cpu().numpy(), sc.float().cpu().numpy()
-
-    def decide(self, score: float) -> dict[str, Any]:
-        if self.calibration is None:
-            return {"score": score, "normalized_score": None, "decision": None}
-        ns = float(normalize(score, self.calibration))
-        return {"score": score, "normalized_score": ns,
-                "decision": "NOK" if score > self.calibration["image_threshold"] else "OK"}
-
-    def predict_paths(self, paths: list[Path], batch_size: int = 16) -> Iterator[dict[str, Any]]:
-        """Yield one result dict per path (``error`` set for files that could not be read)."""
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            loaded: dict[Path, torch.Tensor] = {}
-            errors: dict[Path, str] = {}
-            for p in chunk:
-                try:
-                    loaded[p] = load_image(p, self.size)
-                except (ImageLoadError, OSError, ValueError) as e:
-                    errors[p] = str(e)
-            results: dict[Path, tuple[np.ndarray, float]] = {}
-            if loaded:
-                maps, scores = self.maps(torch.stack(list(loaded.values())))
-                results = {p: (m, float(s)) for p, m, s in zip(loaded, maps, scores)}
-            for p in chunk:  # input order, failures included
-                if p in errors:
-                    yield {"path": str(p), "error": errors[p]}
-                else:
-                    m, s = results[p]
-                    yield {"path": str(p), "map": m, **self.decide(s)}
 
 
 def _resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -143,35 +170,138 @@ def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, A
     return row
 
 
-def predict_to_folder(predictor: Predictor, inputs: Iterable[str], out_dir: str | Path, batch_size: int = 16,
-                      map_format: str = "npy", progress: bool = True) -> list[dict[str, Any]]:
-    """Run ``predictor`` over inputs and write per-image files plus ``summary.csv`` / ``summary.json``."""
+PROGRESS_DIR = "progress"
+_PROGRESS_FORMAT = "nferd-predict-progress"
+
+
+def _model_key(predictor: BasePredictor) -> str:
+    """Digest of what the results depend on: backend, calibration, input size, and every weight
+    (torch backend) or the model file's identity (a backend with a ``path``, e.g. ONNX)."""
+    h = hashlib.sha256(json.dumps([type(predictor).__name__, predictor.calibration, predictor.size],
+                                  sort_keys=True, default=str).encode())
+    src = getattr(predictor, "path", None)
+    if src is not None and Path(src).is_file():
+        st = Path(src).stat()
+        h.update(f"{Path(src).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    model = getattr(predictor, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for k, v in model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_progress(folder: Path) -> dict[str, dict[str, Any]]:
+    """Finished rows of every rank's JSONL file, by path (a killed writer may leave a partial last line)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for f in sorted(folder.glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "path" in row:
+                rows.setdefault(row["path"], row)
+    return rows
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: str | Path, batch_size: int = 16,
+                      map_format: str = "npy", progress: bool = True, resume: bool = True) -> list[dict[str, Any]]:
+    """Run ``predictor`` over inputs and write per-image files plus ``summary.csv`` / ``summary.json``.
+
+    Progress: each finished image's summary row goes to ``OUT/progress/rank-R.jsonl`` as soon as
+    its files are written. If the run stops early, running it again (same model, inputs and
+    map format; ``resume=True``, the default) scores only the images that are not in those
+    files; ``resume=False`` discards them and starts over. The folder is removed once the
+    summary is written, so a finished run run again scores everything again.
+
+    Under torchrun (WORLD_SIZE > 1) the batches (``batch_size`` consecutive files of the
+    expanded input list, the same batches a single process uses, so the scores are the same)
+    that still have unfinished images are split into contiguous shares, one per rank; rank 0
+    merges the rows into one summary in input order.
+    """
     inputs = list(inputs)
     paths = expand_inputs(inputs)
     if not paths:
         raise ValueError(f"no images found in {inputs}")
     names = output_names(paths)
     out = Path(out_dir)
+    ddp.init(backend="gloo", timeout=timedelta(hours=24))  # torchrun only; barriers wait for the slowest rank
+    rank, world = ddp.rank(), ddp.world()
+    prog = out / PROGRESS_DIR
+    manifest = {"format": _PROGRESS_FORMAT, "model": _model_key(predictor), "map_format": map_format,
+                "inputs": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}
+    old = _read_manifest(prog)
+    if resume and old is not None and old != manifest:
+        raise ValueError(f"'{out}' holds an interrupted prediction run with another model, input list or map "
+                         f"format ({prog}): pass --fresh (resume=False) to discard it, or choose another --out")
+    ddp.barrier()  # every rank has read the old manifest before rank 0 replaces it
+    if ddp.is_main():
+        if not resume or old is None:
+            shutil.rmtree(prog, ignore_errors=True)
+        prog.mkdir(parents=True, exist_ok=True)
+        (prog / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
+        (prog / "manifest.json.tmp").replace(prog / "manifest.json")
+    ddp.barrier()
     for sub in ("maps", "masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    it: Iterable[dict[str, Any]] = predictor.predict_paths(paths, batch_size)
-    if progress:
+    prog.mkdir(parents=True, exist_ok=True)
+    done = _read_progress(prog)
+    ddp.barrier()  # every rank has the same `done` before any rank appends
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    todo = [b for b in batches if any(str(p) not in done for p in b)]
+    mine = ddp.shard(todo, rank, world)
+    if progress and ddp.is_main() and done:
+        print(f"continuing an interrupted run in {out}: {len(done)} of {len(paths)} images already done "
+              "(--fresh starts over)")
+    bar = None
+    if progress and ddp.is_main():
         from tqdm import tqdm
-        it = tqdm(it, total=len(paths), desc="predict", unit="img")
-    for res in it:
-        if "error" in res:
-            rows.append(res)
-            continue
-        res["name"] = names[Path(res["path"])]
-        try:
-            rows.append(save_outputs(res, out, predictor.calibration, map_format))
-        except OSError as e:
-            rows.append({"path": res["path"], "error": f"could not write outputs: {e}"})
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    cols = ["path", "score", "normalized_score", "decision", "defect_area_px", "defect_area_fraction", "error"]
-    with (out / "summary.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+        bar = tqdm(total=sum(str(p) not in done for b in mine for p in b), desc="predict", unit="img")
+    log_path = prog / f"rank-{rank}.jsonl"
+    if log_path.is_file() and log_path.stat().st_size and not log_path.read_bytes().endswith(b"\n"):
+        with log_path.open("a") as f:  # a killed writer left half a line: do not glue the next row to it
+            f.write("\n")
+    with log_path.open("a") as log:
+        for batch in mine:  # whole batches: an image is scored in the same batch as in any other run
+            for res in predictor.predict_paths(batch, batch_size):
+                if res["path"] in done:
+                    continue
+                if "error" in res:
+                    row = res
+                else:
+                    res["name"] = names[Path(res["path"])]
+                    try:
+                        row = save_outputs(res, out, predictor.calibration, map_format)
+                    except OSError as e:
+                        row = {"path": res["path"], "error": f"could not write outputs: {e}"}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    ddp.barrier()  # every rank has finished its share
+    finished = _read_progress(prog)
+    missing = [str(p) for p in paths if str(p) not in finished]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) have no result in {prog} (first: {missing[0]}): with several "
+                         "nodes, --out must be on a file system they all share")
+    rows = [finished[str(p)] for p in paths]
+    ddp.barrier()  # every rank has read the rows before rank 0 removes them
+    if ddp.is_main():
+        (out / "summary.json").write_text(json.dumps(rows, indent=2))
+        cols = ["path", "score", "normalized_score", "decision", "defect_area_px", "defect_area_fraction", "error"]
+        with (out / "summary.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        shutil.rmtree(prog, ignore_errors=True)
     return rows

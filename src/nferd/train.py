@@ -5,6 +5,11 @@ augmentation, no schedule). The teacher is frozen and sees no augmentation, so i
 are computed once (``features.FeatureCache``). Every epoch's sample order comes from a generator
 seeded with (seed, epoch), so a run resumed from ``last.safetensors`` ends with the same
 weights as an uninterrupted one. No model selection on the test split: the last epoch is the model.
+
+Under ``torchrun`` with WORLD_SIZE > 1 the same run is spread over the processes
+(``distributed.py``): each epoch's seeded order is split so that the global batch is the
+single-process batch, DistributedDataParallel all-reduces the gradients, and only rank 0
+writes logs and checkpoints (which do not depend on the number of processes).
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from . import distributed as ddp
 from .calibration import fit_normal
 from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
-from .device import autocast, autocast_dtype, default_threads, place, resolve_device
+from .device import autocast, autocast_dtype, place
 from .features import FeatureCache
 from .loss import distillation_loss
 from .model import NFERD, ModelConfig, config_from_dict
@@ -75,19 +81,34 @@ def bank_indices(n_train: int, n_bank: int, seed: int) -> torch.Tensor:
 
 
 class Trainer:
-    """Holds the model, optimizer, feature cache and log of one training run."""
+    """Holds the model, optimizer, feature cache and log of one training run.
+
+    ``distributed``: None = when launched by torchrun with WORLD_SIZE > 1. ``sync_bn``
+    (distributed only): BatchNorm statistics over the global batch instead of each rank's part.
+    """
 
     def __init__(self, model: NFERD, train_set: Dataset, config: TrainConfig, out_dir: str | Path,
                  calibration_set: Dataset | None = None, extra_meta: dict[str, Any] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, distributed: bool | None = None, sync_bn: bool = False) -> None:
         self.model, self.train_set, self.config = model, train_set, config
         self.out = Path(out_dir)
         self.calibration_set = calibration_set
         self.extra_meta = extra_meta or {}
         self.progress = progress
-        self.device = resolve_device(config.device)
+        self.device = ddp.local_device(config.device)  # resolve_device; cuda:LOCAL_RANK under torchrun
         self.amp = autocast_dtype(self.device, config.precision)
-        torch.set_num_threads(config.threads or default_threads())
+        torch.set_num_threads(config.threads or ddp.local_threads())
+        self.distributed = ddp.launched() if distributed is None else distributed
+        if self.distributed:
+            if not ddp.launched():
+                raise ValueError("distributed training needs WORLD_SIZE > 1: start it with torchrun")
+            ddp.init(self.device)
+            ddp.check_batch_size(config.batch_size, ddp.world())
+        self.sync_bn = sync_bn and self.distributed
+        if self.sync_bn:  # before the optimizer is built (the layers keep their parameter tensors anyway)
+            ddp.convert_sync_batchnorm(self.model, self.device)
+        self.main = ddp.is_main() if self.distributed else True  # the one process that writes files
+        self.ddp_model: torch.nn.Module | None = None
         place(self.model, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2))
@@ -98,8 +119,12 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def prepare(self) -> None:
         t0 = time.perf_counter()
-        self.cache = FeatureCache.build(self.model.teacher, self.train_set, self.device, dtype=None,
-                                        cache_dir=self.config.feature_cache_dir, progress=self.progress)
+        if self.distributed:  # each rank runs the teacher on its block; all ranks get the whole cache
+            self.cache = ddp.build_feature_cache(self.model.teacher, self.train_set, self.device,
+                                                 cache_dir=self.config.feature_cache_dir, progress=self.progress)
+        else:
+            self.cache = FeatureCache.build(self.model.teacher, self.train_set, self.device, dtype=None,
+                                            cache_dir=self.config.feature_cache_dir, progress=self.progress)
         if self.device.type == "cuda":
             self.cache = self.cache.to(self.device)
         if self.model.config.bank:
@@ -110,7 +135,7 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from ``out/last.safetensors`` if present; returns True when it did."""
         last = self.out / LAST
-        if not last.is_file():
+        if not self.last_exists():
             return False
         meta = read_metadata(last)
         if meta["model"] != self.model.config.to_dict():
@@ -124,12 +149,24 @@ class Trainer:
         self.prior_seconds = float(meta.get("train_seconds_so_far", 0.0))
         return True
 
+    def last_exists(self) -> bool:
+        """``out/last.safetensors`` exists (for every rank: a mixed answer is an error)."""
+        exists = (self.out / LAST).is_file()
+        if self.distributed:
+            anyone, everyone = ddp.agree(exists)
+            if anyone != everyone:
+                raise ValueError(f"'{self.out / LAST}' is visible to some processes only: put --out on a "
+                                 "file system every node shares to resume a multi-node run")
+        return exists
+
     # -------------------------------------------------------------- training
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
         return torch.randperm(len(self.cache), generator=g)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        if self.distributed:
+            return self._train_epoch_distributed(epoch)
         self.model.train()
         order = self.epoch_order(epoch)
         bs = self.config.batch_size
@@ -151,15 +188,44 @@ class Trainer:
         dt = time.perf_counter() - t0
         return {"epoch": epoch + 1, "loss": total / n, "seconds": dt, "images_per_s": n / dt}
 
+    def _train_epoch_distributed(self, epoch: int) -> dict[str, float]:
+        """``train_epoch`` with every global batch split over the ranks (``distributed.batch_part``)."""
+        if self.ddp_model is None:
+            self.ddp_model = ddp.wrap_ddp(self.model, self.device)
+        self.ddp_model.train()
+        rank, world = ddp.rank(), ddp.world()
+        order = self.epoch_order(epoch)  # the same permutation on every rank
+        bs = self.config.batch_size
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        for b in range(0, len(order), bs):
+            idx, weight, replicated = ddp.batch_part(order[b:b + bs], rank, world)
+            feats = self.cache.get(idx, self.device)
+            with autocast(self.device, self.amp), ddp.local_batchnorm(self.model, replicated and self.sync_bn):
+                t, s = self.ddp_model(None, exclude_ids=idx.to(self.device), teacher_feats=feats)
+            loss = distillation_loss(t, s, self.model.config.loss)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} (rank {rank}): lower "
+                                         "--lr or use --precision fp32")
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * weight if weight != 1.0 else loss).backward()
+            self.optimizer.step()
+            if not replicated or rank == 0:  # a replicated batch is counted once
+                total += loss.item() * len(idx)
+                n += len(idx)
+        total, n = ddp.all_reduce_sum([total, n])
+        dt = time.perf_counter() - t0
+        return {"epoch": epoch + 1, "loss": total / n, "seconds": dt, "images_per_s": n / dt}
+
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``config.epochs`` (or stop early after ``stop_after`` epochs, for tests)."""
         if self.cache is None:
             self.prepare()
-        self.out.mkdir(parents=True, exist_ok=True)
-        log = (self.out / "train_log.jsonl").open("a")
-        tb = _tensorboard(self.out)
-        bar = None
-        if self.progress:
+        log, tb, bar = None, None, None
+        if self.main:  # rank 0 alone writes files (every process in a single-process run)
+            self.out.mkdir(parents=True, exist_ok=True)
+            log = (self.out / "train_log.jsonl").open("a")
+            tb = _tensorboard(self.out)
+        if self.progress and self.main:
             from tqdm import tqdm
             bar = tqdm(total=self.config.epochs, initial=self.start_epoch, desc="train", unit="epoch")
         t_start = time.perf_counter()
@@ -167,8 +233,9 @@ class Trainer:
         for epoch in range(self.start_epoch, self.config.epochs):
             rec = self.train_epoch(epoch)
             history.append(rec)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
             if tb is not None:
                 tb.add_scalar("loss", rec["loss"], rec["epoch"])
             if bar is not None:
@@ -176,20 +243,24 @@ class Trainer:
                 bar.update(1)
             done = epoch + 1
             if done % self.config.checkpoint_every == 0 or done == self.config.epochs:
-                meta = self._meta(done)
-                meta["train_seconds_so_far"] = self.prior_seconds + time.perf_counter() - t_start
-                save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer)
+                if self.distributed and not self.sync_bn:
+                    ddp.average_bn_stats(self.model)  # collective: every rank, before rank 0 saves
+                if self.main:
+                    meta = self._meta(done)
+                    meta["train_seconds_so_far"] = self.prior_seconds + time.perf_counter() - t_start
+                    save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer)
             if stop_after is not None and done - self.start_epoch >= stop_after:
                 break
         if bar is not None:
             bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         if tb is not None:
             tb.close()
         summary = {"epochs_run": len(history), "train_seconds": time.perf_counter() - t_start,
                    "feature_seconds": self.feature_seconds,
                    "final_loss": history[-1]["loss"] if history else None}
-        if history and history[-1]["epoch"] == self.config.epochs:
+        if history and history[-1]["epoch"] == self.config.epochs and self.main:
             summary["calibration"] = self.calibrate()
             meta = self._meta(self.config.epochs, summary["calibration"])
             meta["train_seconds"] = summary["train_seconds"] + self.prior_seconds
@@ -219,11 +290,13 @@ def _tensorboard(out: Path):  # type: ignore[no-untyped-def]
 
 def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path,
           teacher_weights: str | None = None, calibration_set: Dataset | None = None, resume: bool = False,
-          progress: bool = True, extra_meta: dict[str, Any] | None = None) -> tuple[NFERD, dict[str, Any]]:
+          progress: bool = True, extra_meta: dict[str, Any] | None = None, distributed: bool | None = None,
+          sync_bn: bool = False) -> tuple[NFERD, dict[str, Any]]:
     """Python API: train a model on ``train_set`` (normal images) and write its checkpoint to ``out_dir``.
 
     When ``calibration_set`` is None, ``train_config.holdout`` of the training images are kept
-    out for calibration.
+    out for calibration. ``distributed`` / ``sync_bn``: see ``Trainer`` (None = DDP when
+    launched by torchrun with more than one process; rank 0 then writes the checkpoint).
     """
     torch.manual_seed(train_config.seed)
     np.random.seed(train_config.seed)
@@ -235,10 +308,11 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
         print(f"note: --n-bank {model_config.n_bank} > {n} training images: the banks hold all {n}", file=sys.stderr)
         model_config = dataclasses.replace(model_config, n_bank=n, top_k=min(model_config.top_k, n - 1))
     model = NFERD(model_config, teacher_weights=teacher_weights)
-    trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress)
+    trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress,
+                      distributed=distributed, sync_bn=sync_bn)
     if resume:
         trainer.resume()
-    elif (Path(out_dir) / LAST).is_file():
+    elif trainer.last_exists():
         raise FileExistsError(f"'{Path(out_dir) / LAST}' exists: pass --resume to continue that run, "
                               "or choose another --out")
     summary = trainer.fit()

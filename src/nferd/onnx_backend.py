@@ -1,0 +1,141 @@
+"""Prediction with ONNX Runtime from an exported .onnx file alone (no checkpoint, no PyTorch model).
+
+``OnnxPredictor`` has ``Predictor``'s public API (``maps``, ``decide``, ``predict_paths``,
+``calibration``, ``size``), so ``predict_to_folder`` and the CLI use either. Everything it needs
+(image size, calibration, input kind) is read from the file's metadata written by ``export_onnx``;
+no PyTorch model is built. Needs ``onnxruntime`` (``pip install nferd[onnx]``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .export import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
+from .predict import BasePredictor
+
+INSTALL_HINT = "pip install nferd[onnx]"
+
+
+class OnnxModelError(ValueError):
+    """An .onnx file is missing, unreadable, or not an nferd export this version understands."""
+
+
+def require_onnxruntime():  # type: ignore[no-untyped-def]
+    """Import onnxruntime or say how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"the ONNX backend needs onnxruntime, which is not installed: {INSTALL_HINT}") from e
+    return onnxruntime
+
+
+def session_options(threads: int | None = None):  # type: ignore[no-untyped-def]
+    """CPU session options: all graph optimisations, sequential execution, one thread per core."""
+    from .device import default_threads
+    ort = require_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: nothing to run in parallel
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    return so
+
+
+def read_onnx_metadata(session: Any, path: str | Path) -> dict[str, Any]:
+    """The JSON metadata written by ``export_onnx``, checked for format and version."""
+    raw = session.get_modelmeta().custom_metadata_map
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError as e:
+        raise OnnxModelError(f"'{path}' has unreadable nferd metadata ({e}); re-export it with `nferd export`") from e
+    if meta.get("format") != ONNX_FORMAT:
+        raise OnnxModelError(f"'{path}' is an ONNX model but not an nferd export (no '{ONNX_FORMAT}' metadata); "
+                             "make one with `nferd export --checkpoint CKPT --format onnx --out FILE.onnx`")
+    if int(meta.get("version", 0)) > ONNX_VERSION:
+        raise OnnxModelError(f"'{path}' has nferd ONNX format version {meta['version']}, newer than this nferd "
+                             f"reads ({ONNX_VERSION}): upgrade nferd")
+    return meta
+
+
+class OnnxPredictor(BasePredictor):
+    """An ONNX Runtime session over an nferd export, plus the calibration stored in it."""
+
+    def __init__(self, session: Any, metadata: dict[str, Any], path: str | Path | None = None) -> None:
+        self.session = session
+        self.metadata = metadata
+        self.path = None if path is None else Path(path)
+        self.size = int(metadata["image_size"])
+        self.calibration = metadata.get("calibration")
+        self.preprocess = bool(metadata.get("preprocess", False))
+        self.fixed_batch: int | None = metadata.get("fixed_batch")  # 1 for the patch readings, else None
+        self.config = metadata.get("model", {})
+
+    @classmethod
+    def from_file(cls, path: str | Path, threads: int | None = None) -> OnnxPredictor:
+        """Open ``path`` on the CPU execution provider; ``threads`` defaults to the cores available."""
+        ort = require_onnxruntime()
+        p = Path(path)
+        if not p.is_file():
+            raise OnnxModelError(f"no ONNX model at '{p}'; make one with "
+                                 "`nferd export --checkpoint CKPT --format onnx --out FILE.onnx`")
+        try:
+            session = ort.InferenceSession(str(p), sess_options=session_options(threads),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+            raise OnnxModelError(f"cannot load ONNX model '{p}': {type(e).__name__}: {e}. The file is damaged or "
+                                 "not an ONNX model; re-export it with `nferd export`") from e
+        return cls(session, read_onnx_metadata(session, p), p)
+
+    def maps(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (maps N x S x S, scores N) as NumPy.
+
+        Plain export: float [0, 1] images N x 3 x S x S (as ``Predictor.maps``). Export with
+        preprocessing: uint8 N x H x W x 3 RGB images of one size.
+        """
+        x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if self.preprocess:
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+                raise ValueError(f"this ONNX model resizes in the graph and takes uint8 N x H x W x 3 RGB images; "
+                                 f"got {x.dtype} {tuple(x.shape)}")
+        else:
+            x = x.astype(np.float32, copy=False)
+            if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.size, self.size):
+                raise ValueError(f"this ONNX model takes float images N x 3 x {self.size} x {self.size} in [0, 1]; "
+                                 f"got {tuple(x.shape)}")
+        if len(x) == 0:
+            raise ValueError("no images to score (empty batch)")
+        step = self.fixed_batch or len(x)
+        outs = [self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x[i:i + step])})
+                for i in range(0, len(x), step)]
+        if len(outs) == 1:
+            return outs[0][0], outs[0][1]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    # ---------------------------------------------------- file loading hooks
+    def load(self, path: Path) -> torch.Tensor:
+        """Float images at the model size, or (with in-graph preprocessing) native-size uint8 H x W x 3."""
+        if not self.preprocess:
+            return super().load(path)
+        from .images import load_image
+        x = load_image(path)  # every bit depth and mode handled as for the PyTorch model
+        return (x * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+    def batch_maps(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        if not self.preprocess:
+            return super().batch_maps(images)
+        # The graph takes one H x W per run: batch the images that share a size.
+        maps: list[np.ndarray | None] = [None] * len(images)
+        scores = np.zeros(len(images), dtype=np.float32)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        for idx in groups.values():
+            m, s = self.maps(torch.stack([images[i] for i in idx]))
+            for j, i in enumerate(idx):
+                maps[i], scores[i] = m[j], s[j]
+        return np.stack(maps), scores  # type: ignore[arg-type]

@@ -1,0 +1,340 @@
+"""The inspection service over real HTTP: a uvicorn server on 127.0.0.1 and httpx clients.
+
+Covers scoring (same numbers as the Python API), upload limits (413), non-images and truncated
+images (415/400 with a reason), batches with a broken file, 200 requests from 8 concurrent
+clients (p50/p95 printed; run with -s), the bounded queue (503 + Retry-After), /health,
+/metadata, the page, and `nferd serve` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+import nferd  # noqa: E402
+from nferd.checkpoint import read_metadata  # noqa: E402
+from nferd.predict import Predictor  # noqa: E402
+from nferd.serve import create_app  # noqa: E402
+
+UPLOAD_LIMIT = 256 * 1024
+
+
+def make_tiny_checkpoint(synth_root: Path, out: Path) -> Path:
+    """One epoch at 64 px with the EfficientNet-Lite0 teacher: enough to exercise the service."""
+    from nferd.datasets import MVTecDataset
+    from nferd.model import ModelConfig
+    from nferd.train import TrainConfig, train
+    ds = MVTecDataset(synth_root, "synthetic_tiles", "train", 64)
+    train(ds, ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2),
+          TrainConfig(epochs=1, batch_size=4, holdout=0.25), out, progress=False)
+    return out
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on a socket bound to a free port; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def sample_images(synth_root: Path) -> dict[str, Path]:
+    test = synth_root / "synthetic_tiles" / "test"
+    return {"good": min((test / "good").glob("*.png")), "scratch": min((test / "scratch").glob("*.png"))}
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(synth_root, tmp_path_factory.mktemp("serve") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, predictor: Predictor) -> Iterator[str]:
+    app = create_app(predictor, read_metadata(checkpoint), max_upload_bytes=UPLOAD_LIMIT, max_queue=16)
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def post_image(url: str, path: Path, params: dict[str, str] | None = None) -> httpx.Response:
+    with path.open("rb") as f:
+        return httpx.post(f"{url}/predict", files={"file": (path.name, f, "image/png")}, params=params, timeout=60)
+
+
+def test_good_and_defective_images_are_scored_like_the_python_api(server, predictor, synth_root) -> None:
+    cal = predictor.calibration
+    assert cal is not None
+    for kind, path in sample_images(synth_root).items():
+        r = post_image(server, path, {"overlay": "true", "mask": "true"})
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["filename"] == path.name
+        assert res["image"] == {"width": 64, "height": 64, "format": "PNG", "mode": "RGB"}
+        # the same score as `nferd predict` / Predictor.predict_paths for this file
+        ref = next(predictor.predict_paths([path]))
+        assert res["score"] == pytest.approx(ref["score"], rel=1e-5), kind
+        assert res["decision"] == ("NOK" if res["score"] > cal["image_threshold"] else "OK")
+        assert 0.0 <= res["normalized_score"] <= 1.0
+        assert (res["normalized_score"] > 0.5) == (res["decision"] == "NOK")
+        # defect area at the image's own size, and the mask PNG says the same
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["mask_png_base64"]))))
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+        assert int((mask == 255).sum()) == res["defect_area_px"]
+        assert res["defect_area_fraction"] == pytest.approx(res["defect_area_px"] / (64 * 64))
+        ov = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["overlay_png_base64"]))))
+        assert ov.shape == (64, 64, 3) and ov.std() > 1.0
+        t = res["timings_ms"]
+        assert all(t[k] >= 0 for k in ("decode", "queue", "inference", "postprocess", "total"))
+        assert t["total"] >= t["inference"]
+    plain = post_image(server, sample_images(synth_root)["good"]).json()
+    assert "overlay_png_base64" not in plain and "mask_png_base64" not in plain
+
+
+def test_oversize_upload_is_413_by_header_and_by_bytes_read(server, synth_root) -> None:
+    big = png_bytes(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+    assert len(big) > UPLOAD_LIMIT + 64 * 1024
+    r = httpx.post(f"{server}/predict", files={"file": ("big.png", big, "image/png")}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    # chunked upload: no Content-Length, so the bytes actually received are counted
+    boundary = "nferdtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 32 * 1024):
+            yield body[i:i + 32 * 1024]
+
+    r = httpx.post(f"{server}/predict", content=chunks(), timeout=60,
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    # the service is still fine afterwards
+    assert post_image(server, sample_images(synth_root)["good"]).status_code == 200
+
+
+def test_non_images_and_truncated_images_are_refused_with_a_reason(server, synth_root) -> None:
+    r = httpx.post(f"{server}/predict", files={"file": ("notes.png", b"this is text, not a picture\n" * 20,
+                                                         "image/png")}, timeout=60)
+    assert r.status_code == 415 and "not a PNG/JPEG/BMP/TIFF/WEBP image" in r.json()["detail"]
+    data = sample_images(synth_root)["good"].read_bytes()
+    r = httpx.post(f"{server}/predict", files={"file": ("cut.png", data[:len(data) // 2], "image/png")},
+                   timeout=60)
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert "cut.png" in detail and ("truncated" in detail or "corrupt" in detail), detail
+    r = httpx.post(f"{server}/predict", files={"file": ("empty.png", b"", "image/png")}, timeout=60)
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+    r = httpx.post(f"{server}/predict", files={"other": ("x.png", data, "image/png")}, timeout=60)
+    assert r.status_code == 422  # no `file` field
+
+
+def test_batch_scores_the_good_files_and_reports_the_broken_one(server, synth_root) -> None:
+    imgs = sample_images(synth_root)
+    good, bad = imgs["good"].read_bytes(), imgs["scratch"].read_bytes()
+    files = [("files", ("a.png", good, "image/png")), ("files", ("b.txt", b"hello", "text/plain")),
+             ("files", ("c.png", bad[:200], "image/png")), ("files", ("d.png", bad, "image/png"))]
+    r = httpx.post(f"{server}/predict/batch", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    res = out["results"]
+    assert [x["filename"] for x in res] == ["a.png", "b.txt", "c.png", "d.png"]
+    assert res[1]["status"] == 415 and res[2]["status"] == 400 and "error" in res[1] and "error" in res[2]
+    assert out["n_errors"] == 2 and out["n_ok"] + out["n_nok"] == 2
+    single = {n: post_image(server, imgs[n]).json()["score"] for n in ("good", "scratch")}
+    assert res[0]["score"] == pytest.approx(single["good"], rel=1e-4)
+    assert res[3]["score"] == pytest.approx(single["scratch"], rel=1e-4)
+
+
+def test_200_requests_from_8_concurrent_clients_all_succeed(server, synth_root) -> None:
+    paths = sorted((synth_root / "synthetic_tiles" / "test").glob("*/*.png"))
+    payloads = [(p.name, p.read_bytes()) for p in paths]
+    before = httpx.get(f"{server}/health").json()["images_scored"]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> list[int]:
+        codes = []
+        with httpx.Client(base_url=server, timeout=120) as c:
+            for i in range(worker, 200, 8):
+                name, data = payloads[i % len(payloads)]
+                t0 = time.perf_counter()
+                r = c.post("/predict", files={"file": (name, data, "image/png")})
+                dt = time.perf_counter() - t0
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    assert r.json()["decision"] in ("OK", "NOK")
+                with lock:
+                    latencies.append(dt)
+        return codes
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        codes = [c for chunk in pool.map(client, range(8)) for c in chunk]
+    wall = time.perf_counter() - t0
+    assert len(codes) == 200 and set(codes) == {200}
+    assert httpx.get(f"{server}/health").json()["images_scored"] - before == 200
+    ms = np.array(latencies) * 1000
+    print(f"\n[serve] 200 requests, 8 concurrent clients, 64 px: p50 {np.percentile(ms, 50):.1f} ms, "
+          f"p95 {np.percentile(ms, 95):.1f} ms, max {ms.max():.1f} ms, {200 / wall:.1f} req/s ({wall:.1f} s)")
+
+
+class GatedPredictor:
+    """Wraps a predictor; every forward pass waits for ``gate``, so the queue fills deterministically."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner, self.gate = inner, threading.Event()
+        self.calibration, self.size = inner.calibration, inner.size
+
+    def maps(self, images):  # type: ignore[no-untyped-def]
+        if not self.gate.wait(60):
+            raise TimeoutError("test gate never opened")
+        return self.inner.maps(images)
+
+    def decide(self, score: float) -> dict[str, Any]:
+        return self.inner.decide(score)
+
+
+def test_a_full_queue_answers_503_with_retry_after(predictor, synth_root) -> None:
+    gated = GatedPredictor(predictor)
+    app = create_app(gated, max_queue=1, warmup=False)
+    data = sample_images(synth_root)["good"].read_bytes()
+    with serve_in_thread(app) as url, ThreadPoolExecutor(2) as pool:
+        def post() -> httpx.Response:
+            return httpx.post(f"{url}/predict", files={"file": ("g.png", data, "image/png")}, timeout=90)
+
+        try:
+            first = pool.submit(post)
+            second = pool.submit(post)
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health").json()["in_flight"] < 2:  # one running, one waiting
+                assert time.monotonic() < deadline, "the two requests never got in"
+                time.sleep(0.02)
+            r = post()
+            assert r.status_code == 503
+            assert int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["detail"]
+            health = httpx.get(f"{url}/health").json()
+            assert health["rejected_busy"] == 1 and health["capacity"] == 2
+        finally:
+            gated.gate.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+        assert post().status_code == 200  # room again once the queue drained
+
+
+def test_health_and_metadata(server, checkpoint, predictor) -> None:
+    h = httpx.get(f"{server}/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    r = httpx.get(f"{server}/metadata")
+    assert r.status_code == 200
+    m = r.json()
+    meta = read_metadata(checkpoint)
+    assert m["nferd_version"] == nferd.__version__
+    assert m["teacher"]["name"] == "efficientnet_lite0" and m["model"] == meta["model"]
+    assert m["image_size"] == 64 and m["decision_available"] is True
+    assert m["calibration"] == pytest.approx(predictor.calibration)
+    assert m["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and m["limits"]["max_queue"] == 16
+    assert str(checkpoint.parent) not in r.text  # no server paths leak
+
+
+def test_page_is_self_contained_and_no_path_serves_files(server) -> None:
+    r = httpx.get(f"{server}/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'id="file"' in r.text and 'id="overlay"' in r.text and 'id="decision"' in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # nothing from a CDN
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    for path in ("/../../etc/passwd", "/static/serve.py", "/docs", "/%2e%2e/%2e%2e/etc/hostname", "/etc/passwd"):
+        assert httpx.get(f"{server}{path}").status_code == 404, path
+
+
+def test_missing_web_stack_gives_the_install_command(monkeypatch, capsys, tmp_path) -> None:
+    from nferd.cli import main
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "uvicorn" in err and "pip install 'nferd[serve]'" in err and "Traceback" not in err
+
+
+def test_nferd_serve_command_serves_a_checkpoint(checkpoint, synth_root) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen([sys.executable, "-m", "nferd", "serve", "--checkpoint", str(checkpoint), "--port",
+                             str(port), "--log-level", "warning"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "nferd serve did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/metadata").json()["image_size"] == 64
+        r = post_image(url, sample_images(synth_root)["scratch"])
+        assert r.status_code == 200 and r.json()["decision"] in ("OK", "NOK")
+        assert math.isfinite(r.json()["score"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_metadata_without_checkpoint_metadata_still_describes_the_model(predictor) -> None:
+    from nferd.serve import public_metadata
+    m = public_metadata(predictor, None)
+    assert m["model"]["image_size"] == 64 and m["teacher"]["name"] == "efficientnet_lite0"
+    assert json.dumps(m)  # JSON-serialisable
