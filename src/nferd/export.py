@@ -193,6 +193,9 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
             # padding, blur border mode, bank resize) are constants by design.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*Constant folding.*")
+            # chosen on purpose (module docstring): the dynamo exporter needs onnxscript
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             with torch.no_grad():
                 torch.onnx.export(graph, (dummy,), str(tmp), dynamo=False, opset_version=opset,
                                   input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
