@@ -74,8 +74,8 @@ def _model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
     from . import distributed as ddp
+    from .train import TrainConfig, train
     mcfg = _model_config(args)
     cats = _categories(args)
     # torchrun: several categories are trained whole, one process each (round robin, no gradient

@@ -1,8 +1,8 @@
 """Scale-out with PyTorch's own ``torch.distributed``, launched by ``torchrun``.
 
 ``torchrun`` starts one process per GPU (or per CPU slot) and tells each its place through the
-environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Nothing
-here runs unless WORLD_SIZE > 1, so a plain ``nferd`` process takes exactly the old path.
+environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without
+these variables every helper here is a no-op, so a plain ``nferd`` process takes the old path.
 
 What the training and prediction code use from here:
 
@@ -91,6 +91,8 @@ def init(device: torch.device | None = None, backend: str | None = None,
     """
     if not launched():
         return False
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
     if dist.is_initialized():
         return dist.get_world_size() > 1
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -103,6 +105,10 @@ def init(device: torch.device | None = None, backend: str | None = None,
     if backend == "nccl":
         if device is None or device.type != "cuda":
             raise ValueError("the NCCL backend needs a CUDA device; use --device cuda or run on CPU (gloo)")
+        n_local, n_gpus = _env_int("LOCAL_WORLD_SIZE", 1), torch.cuda.device_count()
+        if n_local > n_gpus:
+            raise ValueError(f"torchrun started {n_local} processes on this machine but {n_gpus} GPU(s) are "
+                             f"visible: use --nproc_per_node {n_gpus} (one process per GPU)")
         torch.cuda.set_device(device)
         kw["device_id"] = device
     if timeout is not None:
