@@ -147,6 +147,7 @@ class NormalFeatureBank(nn.Module):
             k = min(self.top_k, keys.shape[0])
             tops, idxs = [], []
             reuse = self.raw_keys and exclude_ids is not None  # training, teacher-keyed: fixed per image
+            slot_ids = self.ids[slot] if exclude_ids is not None else None  # the image id of each bank row
             for j in range(b):  # one sample at a time bounds memory to HW x P
                 key = int(exclude_ids[j]) if reuse else None
                 if key in self._train_recall:
@@ -154,7 +155,7 @@ class NormalFeatureBank(nn.Module):
                 else:
                     sim = q[j] @ keys.t()
                     if exclude_ids is not None:
-                        sim = sim.masked_fill((self.ids[slot] == exclude_ids[j]).view(1, -1), float("-inf"))
+                        sim = sim.masked_fill((slot_ids == exclude_ids[j]).view(1, -1), float("-inf"))
                     top, idx = sim.topk(k, dim=1)
                     if reuse:
                         self._train_recall[key] = (top, idx)

@@ -165,35 +165,15 @@ class Trainer:
         return torch.randperm(len(self.cache), generator=g)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        if self.distributed:
-            return self._train_epoch_distributed(epoch)
-        self.model.train()
-        order = self.epoch_order(epoch)
-        bs = self.config.batch_size
-        total, n, t0 = 0.0, 0, time.perf_counter()
-        for b in range(0, len(order), bs):
-            idx = order[b:b + bs]
-            feats = self.cache.get(idx, self.device)
-            with autocast(self.device, self.amp):
-                t, s = self.model(None, exclude_ids=idx.to(self.device), teacher_feats=feats)
-            loss = distillation_loss(t, s, self.model.config.loss)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}: lower --lr or use "
-                                         "--precision fp32")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
-        dt = time.perf_counter() - t0
-        return {"epoch": epoch + 1, "loss": total / n, "seconds": dt, "images_per_s": n / dt}
-
-    def _train_epoch_distributed(self, epoch: int) -> dict[str, float]:
-        """``train_epoch`` with every global batch split over the ranks (``distributed.batch_part``)."""
-        if self.ddp_model is None:
+        """One epoch over the seeded order. Under torchrun every global batch is split over the
+        ranks (``distributed.batch_part``); a single process is a world of one, whose part is the
+        whole batch with weight 1."""
+        if self.distributed and self.ddp_model is None:
             self.ddp_model = ddp.wrap_ddp(self.model, self.device)
-        self.ddp_model.train()
+        model = self.ddp_model if self.distributed else self.model
+        model.train()
         rank, world = ddp.rank(), ddp.world()
+        where = f" (rank {rank})" if self.distributed else ""
         order = self.epoch_order(epoch)  # the same permutation on every rank
         bs = self.config.batch_size
         total, n, t0 = 0.0, 0, time.perf_counter()
@@ -201,11 +181,11 @@ class Trainer:
             idx, weight, replicated = ddp.batch_part(order[b:b + bs], rank, world)
             feats = self.cache.get(idx, self.device)
             with autocast(self.device, self.amp), ddp.local_batchnorm(self.model, replicated and self.sync_bn):
-                t, s = self.ddp_model(None, exclude_ids=idx.to(self.device), teacher_feats=feats)
+                t, s = model(None, exclude_ids=idx.to(self.device), teacher_feats=feats)
             loss = distillation_loss(t, s, self.model.config.loss)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} (rank {rank}): lower "
-                                         "--lr or use --precision fp32")
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}{where}: lower --lr or "
+                                         "use --precision fp32")
             self.optimizer.zero_grad(set_to_none=True)
             (loss * weight if weight != 1.0 else loss).backward()
             self.optimizer.step()
