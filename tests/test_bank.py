@@ -125,6 +125,12 @@ def test_patch_recall_excludes_own_image_and_weighs_per_position() -> None:
     assert torch.allclose(r.value[0], expected.t().reshape(8, 4, 4), atol=1e-5)
     again = bank(q, exclude_ids=torch.tensor([21]))  # second epoch: reused recall, same result
     assert torch.equal(again.value, r.value)
+    # the store is keyed by image id (the query of an id never changes in training) and grows for new ids
+    q2 = bank.maps[2:3].clone()
+    both = bank(torch.cat([q2, torch.randn_like(q)]), exclude_ids=torch.tensor([40, 21]))
+    assert torch.equal(both.value[1], r.value[0])  # id 21 came from the store, not from the random query
+    fresh = patch_bank(top_k=3, temperature=0.1)(q2, exclude_ids=torch.tensor([40]))
+    assert torch.allclose(both.value[0], fresh.value[0], atol=1e-6)
     bank.fill(torch.randn(3, 8, 4, 4), torch.tensor([20, 21, 22]))  # new bank: recall recomputed
     assert not torch.allclose(bank(q, exclude_ids=torch.tensor([21])).value, r.value)
 

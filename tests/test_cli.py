@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nferd.cli import main
+from nferd.cli import CLIError, main
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,23 @@ def test_config_file_with_flag_override(trained, tmp_path, capsys) -> None:
     bad.write_text("epochz: 3\n")
     assert main(["info", "--config", str(bad)]) == 2
     assert "epochz" in capsys.readouterr().err
+
+
+def test_config_key_format_means_each_commands_own_format_option(tmp_path) -> None:
+    from nferd.cli import parse_args
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("format: folder\npatch-limit: 512\n")
+    args = parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])
+    assert args.data_format == "folder" and args.patch_limit == 512
+    assert parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o",
+                       "--format", "mvtec"]).data_format == "mvtec"  # the flag wins over the file
+    exp = tmp_path / "export.yaml"
+    exp.write_text("format: onnx\ncheckpoint: ckpt\nout: m.onnx\n")
+    args = parse_args(["export", "--config", str(exp)])
+    assert args.export_format == "onnx" and args.checkpoint == "ckpt"
+    exp.write_text("format: tflite\n")
+    with pytest.raises(CLIError, match="format.*must be one of onnx"):
+        parse_args(["export", "--config", str(exp), "--checkpoint", "c", "--out", "m.onnx"])
 
 
 def test_bad_input_gets_a_clear_error_not_a_traceback(tmp_path, capsys) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -45,3 +47,25 @@ def test_bf16_maps_agree_with_fp32(synth_root) -> None:
     assert np.abs(a["maps"] - b["maps"]).max() < 0.05 * rng
     from scipy.stats import spearmanr
     assert spearmanr(a["scores"], b["scores"]).statistic > 0.9
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
+def test_compiled_model_computes_the_eager_maps_and_keeps_its_weight_names() -> None:
+    from nferd.device import compile_dense
+    torch.manual_seed(0)
+    model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2)).eval()
+    with torch.no_grad():
+        model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
+        for f in model.fusions:
+            f.scale.fill_(1.0)  # let the fused recall reach the output
+        x = torch.rand(2, 3, 64, 64)
+        want, want_scores = model.predict(x)
+        keys = list(model.state_dict())
+        compile_dense(model)
+        got, got_scores = model.predict(x)
+    assert list(model.state_dict()) == keys  # checkpoints of a compiled run load anywhere
+    assert model.ocbe._compiled_call_impl is not None  # really compiled, not silently skipped
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-3, atol=1e-4)

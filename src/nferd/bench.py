@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import autocast, autocast_dtype, channels_last, default_threads, place, resolve_device
+from .device import autocast, autocast_dtype, channels_last, compile_dense, default_threads, place, resolve_device
 from .info import forward_gflops
 from .loss import distillation_loss
 from .model import NFERD, ModelConfig
@@ -64,9 +64,12 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps: int, iters: int) -> dict[str, Any]:
+def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps: int, iters: int,
+               compile: bool = False) -> dict[str, Any]:
     amp = autocast_dtype(device, "auto")
     place(model, device)
+    if compile:
+        compile_dense(model)
     x = channels_last(torch.rand(batch, 3, size, size, device=device))
     with torch.no_grad():  # the "cache": fp16 teacher maps, as FeatureCache stores them
         cache = [channels_last(f.to(torch.float16)) for f in model.teacher(x)]
@@ -158,18 +161,21 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 
 
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
-              train_steps: int = 6, infer_iters: int = 10, bank: bool = True) -> dict[str, Any]:
+              train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
+              reading: str | None = None) -> dict[str, Any]:
     dev = resolve_device(device)
     torch.set_num_threads(default_threads())
     torch.manual_seed(0)
-    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, fusion="hafm" if bank else "none")
+    extra = {"reading": reading} if reading else {}
+    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, fusion="hafm" if bank else "none", **extra)
     model = _bench_model(cfg)
     gflops = forward_gflops(model, image_size)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fast = bench_fast(model, dev, image_size, batch_size, train_steps, infer_iters)
+    fast = bench_fast(model, dev, image_size, batch_size, train_steps, infer_iters, compile=compile)
     res: dict[str, Any] = {"teacher": teacher, "image_size": image_size, "batch_size": batch_size,
                            "device": str(dev), "threads": torch.get_num_threads(), "bank": bank,
+                           "reading": cfg.reading if bank else None, "compile": compile,
                            **fast, "gflops_per_image": gflops,
                            "gflops_achieved": gflops * fast["infer_images_per_s"],
                            "peak_gflops_matmul": peak_matmul_gflops(dev, autocast_dtype(dev, "auto")),

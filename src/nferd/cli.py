@@ -61,6 +61,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-bank", type=int, default=None, help="normal images per bank (N)")
     g.add_argument("--top-k", type=int, default=None, help="recalled maps per image (K)")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the recall weights")
+    g.add_argument("--patch-limit", type=int, default=None,
+                   help="patch readings (E, F): bank positions searched per bank; lower is cheaper")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -70,7 +72,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .model import ModelConfig
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
-    for name in ("reading", "n_bank", "top_k", "temperature", "weighting", "loss", "map_combine"):
+    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--false-alarm-rate", type=float, default=0.01, help="calibration target on normal images")
     g.add_argument("--checkpoint-every", type=int, default=10)
     g.add_argument("--feature-cache-dir", default=None, help="keep teacher features in memory-mapped files here")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the dense modules (needs a C++ compiler on CPU; first epoch pays the compile)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g.add_argument("--test", action="store_true", help="evaluate on the test split after training")
     g.add_argument("--sync-bn", action="store_true",
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--bank", type=on_off, default=True, metavar="on|off")
+    p.add_argument("--reading", default=None, help="bank reading to time (default: the model default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's dense modules")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--infer-iters", type=int, default=10)
@@ -232,25 +238,40 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse flags; a ``--config`` file's values become the defaults (so they may also fill required
+    options), and flags given on the command line override them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
-    if getattr(args, "config", None):
-        cfg = load_config_file(args.config)
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-        known = {a.dest for a in sub._actions}
-        unknown = sorted(set(cfg) - known - {"format"})
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    command = next((a for a in argv if a in commands), None)
+    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or \
+        next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if command is not None and config:
+        sub = commands[command]
+        cfg = load_config_file(config)
+        # a key may name an option by its flag (``format``) or by its dest (``data_format``)
+        flag_dest = {o.lstrip("-").replace("-", "_"): a.dest for a in sub._actions for o in a.option_strings
+                     if o.startswith("--")}
+        cfg = {flag_dest.get(k, k): v for k, v in cfg.items()}
+        explicit |= {flag_dest[k] for k in explicit if k in flag_dest}
+        actions = {a.dest: a for a in sub._actions}
+        unknown = sorted(set(cfg) - set(actions))
         if unknown:
-            raise CLIError(f"config file '{args.config}' has unknown option(s): {', '.join(unknown)}")
-        if "format" in cfg:
-            cfg["data_format"] = cfg.pop("format")
+            raise CLIError(f"config file '{config}' has unknown option(s): {', '.join(unknown)}")
         for k, v in cfg.items():
-            if k not in explicit and not (k == "data_format" and "format" in explicit):
-                action = next(a for a in sub._actions if a.dest == k)
-                if action.type is not None and v is not None and not isinstance(v, bool):
+            action = actions[k]
+            if action.type is not None and v is not None and not isinstance(v, bool):
+                try:
                     v = action.type(v) if not isinstance(v, list) else [action.type(x) for x in v]
-                setattr(args, k, v)
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                    raise CLIError(f"config file '{config}': bad value {v!r} for '{k}': {e}") from e
+            if action.choices is not None and v not in action.choices:
+                raise CLIError(f"config file '{config}': '{k}' must be one of {', '.join(map(str, action.choices))}, "
+                               f"got {v!r}")
+            action.default, action.required = v, False
         explicit |= set(cfg)
+    args = parser.parse_args(argv)
     args._explicit = explicit
     return args
 

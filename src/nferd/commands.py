@@ -93,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            precision=args.precision, device=args.device, checkpoint_every=args.checkpoint_every,
                            holdout=0.0 if cal_set is not None else args.holdout,
-                           false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir)
+                           false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
+                           compile=args.compile)
         if lead:
             print(f"training {'NFERD' if mcfg.bank else 'RD4AD'} ({mcfg.teacher}, reading {mcfg.reading}, "
                   f"fusion {mcfg.fusion}) on {cat or args.data}: {len(train_set)} images, {args.epochs} epochs"
@@ -221,7 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CLIError(f"exporting to ONNX needs the onnx and onnxruntime packages ({e.name} is missing): "
                        "pip install nferd[onnx]") from e
-    from .export import DEFAULT_OPSET, check_export, dynamic_batch, export_onnx
+    from .export import DEFAULT_OPSET, check_export, export_onnx
     model, meta = load_checkpoint(args.checkpoint)
     t0 = time.perf_counter()
     source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
@@ -232,9 +233,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {'NFERD' if model.config.bank else 'RD4AD'} ({model.config.teacher}) to {path} "
           f"({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s); input 'images': {kind}; "
           f"outputs 'anomaly_map', 'score'; calibration {'included' if meta.get('calibration') else 'absent'}")
-    if not dynamic_batch(model):
-        print(f"note: reading {model.config.reading} (patch recall) is exported with a fixed batch of 1; "
-              "`nferd predict --backend onnx` runs larger batches image by image")
     if args.no_check:
         return 0
     rep = check_export(model, path)
@@ -310,7 +308,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
-                    args.train_steps, args.infer_iters, bank=args.bank)
+                    args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
+                    reading=args.reading)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -194,7 +194,8 @@ def shard(indices: Sequence[T], rank: int, world: int) -> list[T]:
 
 # ------------------------------------------------------------------------------ feature cache
 def build_feature_cache(teacher: Teacher, dataset: Dataset, device: torch.device, batch_size: int = 16,
-                        cache_dir: str | Path | None = None, progress: bool = False) -> FeatureCache:
+                        cache_dir: str | Path | None = None, progress: bool = False,
+                        store_dtype: torch.dtype = torch.float16) -> FeatureCache:
     """The full teacher feature cache on every rank, each rank computing only its own block.
 
     Blocks are whole ``batch_size`` batches of the single-process order, so each image goes
@@ -205,7 +206,7 @@ def build_feature_cache(teacher: Teacher, dataset: Dataset, device: torch.device
     n = len(dataset)
     files = None
     if cache_dir is not None:
-        key = cache_key(dataset, teacher, dataset[0]["image"].shape[-1])
+        key = cache_key(dataset, teacher, dataset[0]["image"].shape[-1], store_dtype)
         files = [Path(cache_dir) / f"features-{key}-stage{i}.npy" for i in range(3)]
         if agree(all(f.is_file() for f in files))[1]:
             return FeatureCache([torch.from_numpy(np.load(f, mmap_mode="c")) for f in files])
@@ -218,10 +219,10 @@ def build_feature_cache(teacher: Teacher, dataset: Dataset, device: torch.device
     local = None
     if hi > lo:
         local = FeatureCache.build(teacher, Subset(dataset, list(range(lo, hi))), device, batch_size=batch_size,
-                                   dtype=None, progress=progress and is_main())
+                                   dtype=None, progress=progress and is_main(), store_dtype=store_dtype)
     size = tuple(dataset[0]["image"].shape[-2:])
     comm = _comm_device(torch.device("cpu"))
-    stages = [torch.empty((n, c, size[0] // (4 << i), size[1] // (4 << i)), dtype=torch.float16, device=comm)
+    stages = [torch.empty((n, c, size[0] // (4 << i), size[1] // (4 << i)), dtype=store_dtype, device=comm)
               for i, c in enumerate(teacher.stage_channels)]
     if local is not None:
         for full, part in zip(stages, local.stages):

@@ -4,9 +4,9 @@ Exported: teacher (it normalises its own input), OCBE, the normal feature banks 
 top-K cosine recall (TopK + ScatterElements + MatMul), the fusion modules, the reverse student,
 the anomaly map (1 - cosine per stage, upsampled, summed), the Gaussian blur (a fixed conv) and
 the image score. Input ``images``: float32 B x 3 x S x S in [0, 1]; outputs ``anomaly_map``
-(B x S x S) and ``score`` (B); the batch axis is dynamic, except for the patch readings (E, F),
-whose recall loops over the batch in Python: tracing unrolls that loop, so they are exported with
-a fixed batch of 1 and ``OnnxPredictor`` runs larger batches image by image.
+(B x S x S) and ``score`` (B); the batch axis is dynamic. The patch readings (E, F) search their
+banks one image at a time in eager PyTorch; when traced they switch to one batched search, whose
+similarity matrix holds B x HW x P floats per bank (about 64 MiB per image for Lite0 at 256 px).
 
 With ``include_preprocess`` the input is instead uint8 B x H x W x 3 (RGB, any H and W): the graph
 resizes to S x S as the Python loader does (Pillow's antialiased bilinear, width then height, each
@@ -115,12 +115,6 @@ def preprocess_model(size: int, opset: int = DEFAULT_OPSET):  # type: ignore[no-
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def dynamic_batch(model: NFERD) -> bool:
-    """False for the patch readings: ``NormalFeatureBank.recall_patches`` loops over the batch in
-    Python, which tracing unrolls (measured: a graph traced at batch 2 fails in onnxruntime at 1 and 3)."""
-    return getattr(model.config, "granularity", "image") != "patch"
-
-
 def _prepend_preprocess(proto: Any, size: int, batch: str | int) -> None:
     """Replace the float input by a uint8 B x H x W x 3 one, resized and scaled inside the graph."""
     from onnx import TensorProto, helper
@@ -146,7 +140,7 @@ def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibratio
     from .checkpoint import model_metadata
     meta = model_metadata(model, extra)
     s = model.config.image_size
-    b: str | int = "batch" if dynamic_batch(model) else 1
+    b = "batch"
     meta.update({
         "format": ONNX_FORMAT, "version": ONNX_VERSION, "opset": opset, "image_size": s,
         "calibration": calibration,
@@ -156,7 +150,6 @@ def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibratio
                   if include_preprocess else
                   {"name": INPUT_NAME, "dtype": "float32", "shape": [b, 3, s, s], "range": [0, 1]}),
         "outputs": {"anomaly_map": [b, s, s], "score": [b]},
-        "fixed_batch": None if dynamic_batch(model) else 1,
         "preprocess": include_preprocess,
     })
     return meta
@@ -183,9 +176,8 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     m = m.to(memory_format=torch.contiguous_format)
     graph = InferenceGraph(m).eval()
     s = m.config.image_size
-    dynamic = dynamic_batch(m)
-    dummy = torch.rand(2 if dynamic else 1, 3, s, s, generator=torch.Generator().manual_seed(0))
-    dyn = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic else None
+    dummy = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    dyn = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     tmp = path.with_name(path.name + ".tmp")
     try:
         with warnings.catch_warnings():
@@ -202,7 +194,7 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
                                   dynamic_axes=dyn, do_constant_folding=True)
         proto = onnx.load(str(tmp))
         if include_preprocess:
-            _prepend_preprocess(proto, s, "batch" if dynamic else 1)
+            _prepend_preprocess(proto, s, "batch")
         meta = onnx_metadata(m, include_preprocess, opset, calibration, extra_meta)
         del proto.metadata_props[:]
         for k, v in meta.items():

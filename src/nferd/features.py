@@ -20,10 +20,13 @@ from .device import autocast
 from .teacher import Teacher
 
 
-def cache_key(dataset: Dataset, teacher: Teacher, image_size: int) -> str:
-    """Hash of the image files (path, size, mtime), the teacher and its weights, and the size."""
+def cache_key(dataset: Dataset, teacher: Teacher, image_size: int, dtype: torch.dtype = torch.float16) -> str:
+    """Hash of the image files (path, size, mtime), the teacher and its weights, the size and,
+    when it is not the default fp16, the stored dtype."""
     h = hashlib.sha256()
     h.update(json.dumps([teacher.name, teacher.weights_sha256, image_size]).encode())
+    if dtype != torch.float16:
+        h.update(str(dtype).encode())
     for p in getattr(dataset, "paths", []) or [item_path(dataset, i) for i in range(len(dataset))]:
         st = Path(p).stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -35,7 +38,8 @@ def item_path(dataset: Dataset, i: int) -> str:
 
 
 class FeatureCache:
-    """Three fp16 tensors (N x C x H x W), one per teacher stage, indexed by dataset index."""
+    """Three tensors (N x C x H x W), one per teacher stage, indexed by dataset index; fp16 (half the
+    memory; the maps are normalised by the cosine loss anyway) unless fp32 is asked for."""
 
     def __init__(self, stages: list[Tensor]) -> None:
         self.stages = stages
@@ -60,11 +64,13 @@ class FeatureCache:
     @torch.no_grad()
     def build(cls, teacher: Teacher, dataset: Dataset, device: torch.device, batch_size: int = 16,
               dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
-              num_workers: int = 0, progress: bool = False) -> "FeatureCache":
-        """Run the teacher once over ``dataset``; reuse ``cache_dir`` files when the key matches."""
+              num_workers: int = 0, progress: bool = False,
+              store_dtype: torch.dtype = torch.float16) -> "FeatureCache":
+        """Run the teacher once over ``dataset`` (autocast to ``dtype``; None = fp32) and keep its
+        maps as ``store_dtype``; reuse ``cache_dir`` files when the key matches."""
         files = None
         if cache_dir is not None:
-            key = cache_key(dataset, teacher, dataset[0]["image"].shape[-1])
+            key = cache_key(dataset, teacher, dataset[0]["image"].shape[-1], store_dtype)
             files = [Path(cache_dir) / f"features-{key}-stage{i}.npy" for i in range(3)]
             if all(f.is_file() for f in files):
                 return cls([torch.from_numpy(np.load(f, mmap_mode="c")) for f in files])
@@ -78,7 +84,7 @@ class FeatureCache:
             with autocast(device, dtype):
                 feats = teacher(batch["image"].to(device))
             for i, f in enumerate(feats):
-                chunks[i].append(f.to(torch.float16).cpu())
+                chunks[i].append(f.to(store_dtype).cpu())
         stages = [torch.cat(c) for c in chunks]
         if files is not None:
             files[0].parent.mkdir(parents=True, exist_ok=True)

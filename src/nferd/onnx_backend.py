@@ -72,7 +72,6 @@ class OnnxPredictor(BasePredictor):
         self.size = int(metadata["image_size"])
         self.calibration = metadata.get("calibration")
         self.preprocess = bool(metadata.get("preprocess", False))
-        self.fixed_batch: int | None = metadata.get("fixed_batch")  # 1 for the patch readings, else None
         self.config = metadata.get("model", {})
 
     @classmethod
@@ -109,12 +108,8 @@ class OnnxPredictor(BasePredictor):
                                  f"got {tuple(x.shape)}")
         if len(x) == 0:
             raise ValueError("no images to score (empty batch)")
-        step = self.fixed_batch or len(x)
-        outs = [self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x[i:i + step])})
-                for i in range(0, len(x), step)]
-        if len(outs) == 1:
-            return outs[0][0], outs[0][1]
-        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        maps, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
+        return maps, scores
 
     # ---------------------------------------------------- file loading hooks
     def load(self, path: Path) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, Subset
 from . import distributed as ddp
 from .calibration import fit_normal
 from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
-from .device import autocast, autocast_dtype, place
+from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
 from .loss import distillation_loss
 from .model import NFERD, ModelConfig, config_from_dict
@@ -55,6 +55,7 @@ class TrainConfig:
     false_alarm_rate: float = 0.01
     threads: int | None = None
     feature_cache_dir: str | None = None
+    compile: bool = False  # torch.compile the dense modules (see device.compile_dense)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -97,6 +98,8 @@ class Trainer:
         self.progress = progress
         self.device = ddp.local_device(config.device)  # resolve_device; cuda:LOCAL_RANK under torchrun
         self.amp = autocast_dtype(self.device, config.precision)
+        # --precision fp32 means fp32 throughout, the cached teacher maps too; otherwise fp16 (half the memory)
+        self.cache_dtype = torch.float32 if config.precision == "fp32" else torch.float16
         torch.set_num_threads(config.threads or ddp.local_threads())
         self.distributed = ddp.launched() if distributed is None else distributed
         if self.distributed:
@@ -110,6 +113,8 @@ class Trainer:
         self.main = ddp.is_main() if self.distributed else True  # the one process that writes files
         self.ddp_model: torch.nn.Module | None = None
         place(self.model, self.device)
+        if config.compile:
+            compile_dense(self.model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2))
         self.start_epoch = 0
@@ -121,10 +126,12 @@ class Trainer:
         t0 = time.perf_counter()
         if self.distributed:  # each rank runs the teacher on its block; all ranks get the whole cache
             self.cache = ddp.build_feature_cache(self.model.teacher, self.train_set, self.device,
-                                                 cache_dir=self.config.feature_cache_dir, progress=self.progress)
+                                                 cache_dir=self.config.feature_cache_dir, progress=self.progress,
+                                                 store_dtype=self.cache_dtype)
         else:
             self.cache = FeatureCache.build(self.model.teacher, self.train_set, self.device, dtype=None,
-                                            cache_dir=self.config.feature_cache_dir, progress=self.progress)
+                                            cache_dir=self.config.feature_cache_dir, progress=self.progress,
+                                            store_dtype=self.cache_dtype)
         if self.device.type == "cuda":
             self.cache = self.cache.to(self.device)
         if self.model.config.bank:
@@ -189,6 +196,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             (loss * weight if weight != 1.0 else loss).backward()
             self.optimizer.step()
+            if self.device.type == "cpu":
+                release_free_memory()
             if not replicated or rank == 0:  # a replicated batch is counted once
                 total += loss.item() * len(idx)
                 n += len(idx)
