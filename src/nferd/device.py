@@ -79,9 +79,15 @@ def compile_dense(model: torch.nn.Module) -> torch.nn.Module:
     parts = [getattr(model, name, None) for name in ("teacher", "ocbe")]
     parts += list(getattr(getattr(model, "decoder", None), "stages", []))
     parts += list(getattr(model, "fusions", []))
+    parts = [p for p in parts if isinstance(p, torch.nn.Module)]
+    # Dynamo counts recompilations per code object, and the three decoder stages (and the three
+    # fusions) are instances of one class: with training, batch-1 and batch-B inference each
+    # instance needs its own graphs, so the default limit (8) would silently fall back to eager.
+    import torch._dynamo.config as dynamo_config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 8 * len(parts)))
     for part in parts:
-        if isinstance(part, torch.nn.Module):
-            part.compile()
+        part.compile()
     return model
 
 
