@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nferd.bank import NormalFeatureBank
+from nferd.bank import NormalFeatureBank, greedy_coreset
 
 
 def hand_bank(**kw) -> NormalFeatureBank:
@@ -136,9 +136,50 @@ def test_patch_recall_excludes_own_image_and_weighs_per_position() -> None:
 
 
 def test_patch_limit_searches_a_seeded_subset() -> None:
-    a = NormalFeatureBank(3, 8, (4, 4), top_k=1, granularity="patch", raw_keys=True, patch_limit=10)
-    b = NormalFeatureBank(3, 8, (4, 4), top_k=1, granularity="patch", raw_keys=True, patch_limit=10)
+    a = NormalFeatureBank(3, 8, (4, 4), top_k=1, granularity="patch", raw_keys=True, patch_limit=10,
+                          patch_sampling="random")
+    b = NormalFeatureBank(3, 8, (4, 4), top_k=1, granularity="patch", raw_keys=True, patch_limit=10,
+                          patch_sampling="random")
     assert a.patch_index.shape == (10,) and torch.equal(a.patch_index, b.patch_index)
     a.fill(torch.randn(3, 8, 4, 4), torch.tensor([0, 1, 2]))
     rows, slot = a.patches(a.maps)
     assert rows.shape == (10, 8) and torch.equal(slot, a.patch_index // 16)
+
+
+def clustered_rows(sizes: list[int], dim: int = 16, spread: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows in tight clusters around random directions; returns rows and each row's cluster."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.nn.functional.normalize(torch.randn(len(sizes), dim, generator=g), dim=1)
+    label = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    rows = centres[label] + spread * torch.randn(len(label), dim, generator=g)
+    return torch.nn.functional.normalize(rows, dim=1), label
+
+
+def test_greedy_coreset_keeps_every_cluster_even_a_rare_one() -> None:
+    rows, label = clustered_rows([400, 300, 200, 97, 3])  # the last cluster: 3 rows of 1000
+    idx = greedy_coreset(rows, 5)
+    assert idx.tolist() == sorted(idx.tolist()) and idx.unique().numel() == 5
+    assert sorted(label[idx].tolist()) == [0, 1, 2, 3, 4]  # one centre per cluster
+    # k-centre property: every row is within the cluster spread of a kept row
+    assert (1 - rows @ rows[idx].t()).min(1).values.max() < 0.01
+    wide = greedy_coreset(torch.cat([rows, torch.zeros(1000, 200)], 1), 5)  # projected to 128 dims first
+    assert sorted(label[wide].tolist()) == [0, 1, 2, 3, 4]
+    assert torch.equal(greedy_coreset(rows, 2000), torch.arange(1000))  # no cut: every row
+
+
+def test_coreset_patch_bank_recalls_a_rare_normal_pattern_random_sampling_drops() -> None:
+    rows, label = clustered_rows([1020, 4])  # 4 of the 1024 bank positions hold a rare pattern
+    order = torch.cat([torch.arange(300), torch.arange(1020, 1024), torch.arange(300, 1020)])
+    rows, label = rows[order], label[order]  # rare rows at 300-303, outside the seeded random 16
+    maps = rows.view(4, 16, 16, 16).permute(0, 3, 1, 2)  # 4 bank images, 16 channels, 16 x 16
+    query = rows[label == 1][:1].view(1, 16, 1, 1).expand(1, 16, 16, 16).contiguous()
+    best = {}
+    for sampling in ("coreset", "random"):
+        bank = NormalFeatureBank(4, 16, (16, 16), top_k=1, granularity="patch", raw_keys=True,
+                                 patch_limit=16, patch_sampling=sampling)
+        bank.fill(maps, torch.arange(4))
+        rows_kept, _ = bank.patches(bank.maps)
+        assert rows_kept.shape == (16, 16)
+        best[sampling] = float(bank(query).similarity.max())
+    assert best["coreset"] > 0.99  # the rare pattern is in the searched set
+    assert best["random"] < 0.5  # the seeded random 16 of 1024 miss it

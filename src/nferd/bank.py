@@ -17,7 +17,9 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   map is a normal rendition of this image, aligned with it. Whole-map recall can only return
   other images, never aligned with the query on objects that move or rotate (tire); patch recall
   returns, at a defect, the closest normal texture, which is what the student should rebuild.
-  ``patch_limit`` keeps a seeded random subset of the N*H*W bank positions to bound the cost.
+  ``patch_limit`` bounds the searched N*H*W bank positions; ``patch_sampling`` picks which:
+  ``"coreset"`` (default) keeps a greedy k-centre coreset of the filled bank (PatchCore's
+  subsampling), so rare normal patterns survive the cut; ``"random"`` a seeded random subset.
 
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
@@ -57,7 +59,7 @@ class NormalFeatureBank(nn.Module):
     def __init__(self, n: int, channels: int, size: tuple[int, int], out_channels: int | None = None,
                  out_size: tuple[int, int] | None = None, top_k: int = 4, temperature: float = 0.1,
                  weighting: str = "softmax", raw_keys: bool = False, granularity: str = "image",
-                 patch_limit: int = 16384) -> None:
+                 patch_limit: int = 16384, patch_sampling: str = "random") -> None:
         super().__init__()
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the bank size {n}, got {top_k}")
@@ -65,16 +67,20 @@ class NormalFeatureBank(nn.Module):
             raise ValueError(f"weighting must be 'softmax' or 'linear', got '{weighting}'")
         if granularity not in ("image", "patch"):
             raise ValueError(f"granularity must be 'image' or 'patch', got '{granularity}'")
+        if patch_sampling not in ("random", "coreset"):
+            raise ValueError(f"patch_sampling must be 'random' or 'coreset', got '{patch_sampling}'")
         self.top_k, self.temperature, self.weighting = top_k, temperature, weighting
+        self.patch_sampling = patch_sampling
         self.granularity = granularity
         self.raw_keys = raw_keys  # key="teacher": compare with the stored teacher maps, not their projection
         self.out_size = tuple(out_size or size)
         self.register_buffer("maps", torch.zeros(n, channels, *self.out_size))
         self.register_buffer("ids", torch.full((n,), -1, dtype=torch.long))
-        if granularity == "patch":  # which of the N*H*W bank positions are searched (seeded subset)
+        if granularity == "patch":  # which of the N*H*W bank positions are searched
             total = n * self.out_size[0] * self.out_size[1]
+            self.patch_limit = min(patch_limit, total)
             keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:patch_limit]
-            self.register_buffer("patch_index", keep.sort().values)
+            self.register_buffer("patch_index", keep.sort().values)  # a coreset replaces it in fill()
         self.proj = None
         if out_channels is not None:  # readings A and C: learnable 1x1 channel match
             self.proj = nn.Conv2d(channels, out_channels, 1, bias=False)
@@ -98,6 +104,10 @@ class NormalFeatureBank(nn.Module):
             maps = F.interpolate(maps.float(), size=self.out_size, mode="bilinear", align_corners=False)
         self.maps.copy_(maps)
         self.ids.copy_(ids)
+        if self.granularity == "patch" and self.patch_sampling == "coreset":
+            # cover the bank in the search's own metric (cosine): greedy k-centre on unit rows
+            rows = F.normalize(self.maps.permute(0, 2, 3, 1).reshape(-1, self.maps.shape[1]).float(), dim=1)
+            self.patch_index.copy_(greedy_coreset(rows, self.patch_limit))
         self._cached_proj = None
         self._memo = None
 
@@ -220,3 +230,29 @@ class NormalFeatureBank(nn.Module):
         if project_after:
             value = self.proj(value)
         return Recall(value, sim, idx, w)
+
+
+@torch.no_grad()
+def greedy_coreset(rows: Tensor, m: int, dim: int = 128, seed: int = 0) -> Tensor:
+    """Indices (sorted) of ``m`` rows chosen by greedy k-centre: each pick is the row farthest from
+    those already picked, so every row ends up close to one kept row (PatchCore, Roth et al. 2022).
+
+    Rows wider than ``dim`` are first sent through a seeded Gaussian projection to ``dim``
+    (Johnson-Lindenstrauss: distances kept up to a small factor), as PatchCore does for speed.
+    """
+    n = rows.shape[0]
+    if m >= n:
+        return torch.arange(n, device=rows.device)
+    g = torch.Generator().manual_seed(seed)
+    x = rows.float()
+    if x.shape[1] > dim:
+        x = x @ (torch.randn(x.shape[1], dim, generator=g) / dim ** 0.5).to(x.device)
+    sq = (x * x).sum(1)
+    picked = torch.empty(m, dtype=torch.long, device=x.device)
+    picked[0] = int(torch.randint(n, (1,), generator=g))
+    nearest = (sq + sq[picked[0]] - 2 * (x @ x[picked[0]])).clamp_min_(0)
+    for j in range(1, m):
+        far = nearest.argmax()
+        picked[j] = far
+        torch.minimum(nearest, (sq + sq[far] - 2 * (x @ x[far])).clamp_min_(0), out=nearest)
+    return picked.sort().values

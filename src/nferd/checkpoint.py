@@ -76,11 +76,28 @@ def save_checkpoint(path: str | Path, model: NFERD, extra: dict[str, Any] | None
         meta["optimizer"] = {"param_groups": sd["param_groups"]}
     out = weights_file(path)
     atomic_save(tensors, out, meta)
+    write_config_json(out, meta)
+    return out
+
+
+def write_config_json(out: Path, meta: dict[str, Any]) -> None:
+    """The readable copy of a folder checkpoint's metadata, replaced atomically."""
     if out.name == WEIGHTS_NAME:
         tmp = out.parent / "config.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(out.parent / "config.json")
-    return out
+
+
+def update_metadata(path: str | Path, **changes: Any) -> dict[str, Any]:
+    """Replace top-level metadata entries (e.g. ``calibration``) of a checkpoint, weights untouched."""
+    meta = read_metadata(path)
+    meta.update(changes)
+    out = weights_file(path)
+    with safe_open(str(out), framework="pt") as sf:
+        tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+    atomic_save(tensors, out, meta)
+    write_config_json(out, meta)
+    return meta
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

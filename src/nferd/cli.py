@@ -1,4 +1,4 @@
-"""The ``nferd`` command: demo, synth, info, train, test, predict, export, diagnose, bench.
+"""The ``nferd`` command: demo, synth, info, train, test, predict, calibrate, export, diagnose, bench, serve.
 
 Every option can also come from a YAML/JSON file (``--config run.yaml``, keys = option names
 with dashes or underscores); flags given on the command line override the file.
@@ -25,6 +25,9 @@ EXAMPLES = {
                 "  nferd predict --backend onnx --model runs/bottle/model.onnx 'line3/*.png' --out runs/bottle/pred"),
     "export": ("nferd export --checkpoint runs/bottle --format onnx --out runs/bottle/model.onnx\n"
                "  nferd export --checkpoint runs/bottle --format onnx --preprocess --out runs/bottle/model_u8.onnx"),
+    "calibrate": ("nferd calibrate --checkpoint runs/bottle --normal-dir val/good --abnormal-dir val/defect "
+                  "--mask-dir val/masks\n  nferd calibrate --checkpoint runs/tire --data /data/mvtec_3d --category tire"
+                  "   # ROOT/C/validation"),
     "diagnose": "nferd diagnose --checkpoint runs/bottle --data /data/mvtec_ad --category bottle",
     "bench": "nferd bench --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
     "serve": "nferd serve --checkpoint runs/bottle --host 0.0.0.0 --port 8000   # page at http://HOST:8000/",
@@ -63,6 +66,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the recall weights")
     g.add_argument("--patch-limit", type=int, default=None,
                    help="patch readings (E, F): bank positions searched per bank; lower is cheaper")
+    g.add_argument("--patch-sampling", default=None, choices=["coreset", "random"],
+                   help="patch readings: which bank positions are kept under --patch-limit (greedy "
+                        "k-centre coreset, or a seeded random subset)")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -72,7 +78,8 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .model import ModelConfig
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
-    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "weighting", "loss", "map_combine"):
+    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "weighting", "loss",
+                 "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -173,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="discard the progress of an interrupted run in --out and score every image again "
                         "(default: an interrupted run is continued, finished images are not redone)")
+
+    p = cmd("calibrate", "fit a checkpoint's OK/NOK thresholds again on a validation set (never the test split)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--normal-dir", default=None, help="folder of good validation images")
+    p.add_argument("--abnormal-dir", default=None,
+                   help="folder of defective validation images: the thresholds become F1-optimal")
+    p.add_argument("--mask-dir", default=None, help="masks of the defective images, matched by file stem "
+                   "(without them the pixel threshold comes from the good images)")
+    p.add_argument("--data", default=None, metavar="ROOT", help="instead of the folders: ROOT/CATEGORY/validation "
+                   "of an MVTec-style dataset (MVTec 3D-AD and LOCO ship one)")
+    p.add_argument("--category", default=None)
+    p.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="target on good images when the set holds no defects (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
 
     p = cmd("diagnose", "retrieval health of the normal feature banks (spread, entropy, diversity, ablations)")
     p.add_argument("--checkpoint", required=True)

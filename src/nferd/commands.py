@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -331,4 +332,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run(args.checkpoint, args.host, args.port, device=args.device, precision=args.precision,
         log_level=args.log_level, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_queue=args.max_queue, max_batch_files=args.max_batch_files)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate
+    from .checkpoint import load_checkpoint, update_metadata
+    from .datasets import FolderDataset, MVTecDataset
+    folders = [d for d in (args.normal_dir, args.abnormal_dir) if d]
+    if bool(folders) == bool(args.data):
+        raise CLIError("give the validation images either as --normal-dir [--abnormal-dir --mask-dir] or as "
+                       "--data ROOT --category C (ROOT/C/validation)")
+    if args.data and not args.category:
+        raise CLIError("--data needs --category: the validation images are read from ROOT/CATEGORY/validation")
+    model, meta = load_checkpoint(args.checkpoint)
+    size = model.config.image_size
+    if args.data:
+        ds = MVTecDataset(args.data, args.category, "validation", size)
+        ds.calibration_source = f"{args.category}/validation"
+    else:
+        if any("test" in Path(d).resolve().parts for d in folders):
+            print("nferd: warning: a validation folder lies under a 'test' folder; thresholds fitted on the test "
+                  "split make its metrics optimistic", file=sys.stderr)
+        ds = FolderDataset(None, "test", size, test_normal_dir=args.normal_dir, test_abnormal_dir=args.abnormal_dir,
+                           mask_dir=args.mask_dir)
+        ds.calibration_source = "validation folders: " + ", ".join(str(d) for d in folders)
+    cal = calibrate(model, ds, args.false_alarm_rate, args.device, args.precision, args.batch_size)
+    counts = cal["fitted_set"]
+    previous = meta.get("calibration")
+    update_metadata(args.checkpoint, calibration=cal)
+    print(f"calibration ({cal['method']}, {cal['n_images']} images from {cal['source']}): image threshold "
+          f"{cal['image_threshold']:.5f}, pixel threshold {cal['pixel_threshold']:.5f}"
+          + (f" (was {previous['image_threshold']:.5f} / {previous['pixel_threshold']:.5f})" if previous else ""))
+    if cal["method"] == "validation_f1":
+        print(f"on this set: {counts['false_alarms']} of {counts['good']} good images flagged, {counts['misses']} of "
+              f"{counts['defective']} defective images missed (image F1 {cal['image_f1']:.4f})")
+    print(f"written to {args.checkpoint}")
     return 0

@@ -67,7 +67,8 @@ class ModelConfig:
     top_k: int = 4
     temperature: float = 0.01
     weighting: str = "softmax"
-    patch_limit: int = 16384  # patch readings: bank positions searched per bank (seeded subset)
+    patch_limit: int = 16384  # patch readings: bank positions searched per bank
+    patch_sampling: str = "random"  # which positions: 'coreset' (greedy k-centre) or 'random'
     fusion: str = "hafm"
     loss: str = "flat"
     map_combine: str = "sum"
@@ -165,7 +166,8 @@ class NFERD(nn.Module):
                     config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
                     out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
                     weighting=config.weighting, raw_keys=config.key == "teacher",
-                    granularity=config.granularity, patch_limit=config.patch_limit))
+                    granularity=config.granularity, patch_limit=config.patch_limit,
+                    patch_sampling=config.patch_sampling))
         self.fusions = nn.ModuleList([make_fusion(config.fusion, targets[i][0]) for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]

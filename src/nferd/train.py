@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from . import distributed as ddp
-from .calibration import fit_normal
+from .calibration import calibrate
 from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
 from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
@@ -259,11 +259,8 @@ class Trainer:
     def calibrate(self) -> dict[str, Any] | None:
         if self.calibration_set is None or len(self.calibration_set) < 2:
             return None
-        from .evaluate import infer
-        res = infer(self.model, self.calibration_set, device=self.device, precision=self.config.precision)
-        cal = fit_normal(res["scores"], res["maps"], self.config.false_alarm_rate)
-        cal["source"] = getattr(self.calibration_set, "calibration_source", "holdout")
-        return cal
+        return calibrate(self.model, self.calibration_set, self.config.false_alarm_rate, self.device,
+                         self.config.precision)
 
     def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration, **self.extra_meta}
