@@ -69,3 +69,20 @@ def test_compiled_model_computes_the_eager_maps_and_keeps_its_weight_names() -> 
     assert model.ocbe._compiled_call_impl is not None  # really compiled, not silently skipped
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-3, atol=1e-4)
+
+
+def test_heap_trim_waits_for_resident_memory_to_creep(monkeypatch) -> None:
+    import nferd.device as dev
+    calls: list[int] = []
+    rss = iter([100, 105, 109, 111, 100, 104, 200])  # resident bytes at the end of successive steps
+    monkeypatch.setattr(dev, "_libc_malloc_trim", lambda: calls.append)
+    monkeypatch.setattr(dev, "_resident_bytes", lambda: next(rss))
+    monkeypatch.setattr(dev, "_reference", 0)
+    trimmed = [dev.release_free_memory(growth=1.1) for _ in range(7)]
+    # step 1 sets the reference (100); 105 and 109 are under 110; 111 trims; the next step sets a new
+    # reference (100), 104 is under it; 200 trims
+    assert trimmed == [False, False, False, True, False, False, True] and calls == [0, 0]
+    monkeypatch.setattr(dev, "_resident_bytes", lambda: 0)  # memory unreadable: trim every step, as before
+    assert dev.release_free_memory() and dev.release_free_memory()
+    monkeypatch.setattr(dev, "_libc_malloc_trim", lambda: None)  # not glibc: never
+    assert not dev.release_free_memory()

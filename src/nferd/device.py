@@ -100,13 +100,39 @@ def _libc_malloc_trim():  # type: ignore[no-untyped-def]
         return None
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+
+
+_reference = 0  # resident bytes at the end of the first step after the last trim
+
+
+def release_free_memory(growth: float = 1.1) -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``) once resident memory
+    at the end of a step has crept ``growth`` above where it stood one step after the last trim;
+    returns whether it trimmed (never, off glibc).
 
     A CPU training step allocates and frees many activation-sized blocks below glibc's mmap
-    threshold; the freed pages stay in the process, so resident memory creeps up step after step.
-    Trimming once per step costs no measurable time and keeps the peak near one step's need.
+    threshold; the freed pages stay in the process, so resident memory creeps up step after step
+    (a 400-image WRN50 epoch peaked at 12.5 GiB without trimming, 6.4 GiB trimming every step).
+    Trimming every step makes the next step fault all those pages in again (about 20 % of a
+    Lite0 step here), so the trim waits until the creep is worth it.
     """
+    global _reference
     trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
+    if trim is None:
+        return False
+    rss = _resident_bytes()
+    if rss and not _reference:
+        _reference = rss
+        return False
+    if rss and rss < growth * _reference:
+        return False
+    trim(0)
+    _reference = 0
+    return True
