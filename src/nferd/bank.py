@@ -18,8 +18,8 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   other images, never aligned with the query on objects that move or rotate (tire); patch recall
   returns, at a defect, the closest normal texture, which is what the student should rebuild.
   ``patch_limit`` bounds the searched N*H*W bank positions; ``patch_sampling`` picks which:
-  ``"coreset"`` (default) keeps a greedy k-centre coreset of the filled bank (PatchCore's
-  subsampling), so rare normal patterns survive the cut; ``"random"`` a seeded random subset.
+  ``"random"`` (default) a seeded random subset; ``"coreset"`` a greedy k-centre coreset of the
+  filled bank (PatchCore's subsampling), so rare normal patterns survive the cut.
 
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
@@ -78,7 +78,6 @@ class NormalFeatureBank(nn.Module):
         self.register_buffer("ids", torch.full((n,), -1, dtype=torch.long))
         if granularity == "patch":  # which of the N*H*W bank positions are searched
             total = n * self.out_size[0] * self.out_size[1]
-            self.patch_limit = min(patch_limit, total)
             keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:patch_limit]
             self.register_buffer("patch_index", keep.sort().values)  # a coreset replaces it in fill()
         self.proj = None
@@ -107,7 +106,7 @@ class NormalFeatureBank(nn.Module):
         if self.granularity == "patch" and self.patch_sampling == "coreset":
             # cover the bank in the search's own metric (cosine): greedy k-centre on unit rows
             rows = F.normalize(self.maps.permute(0, 2, 3, 1).reshape(-1, self.maps.shape[1]).float(), dim=1)
-            self.patch_index.copy_(greedy_coreset(rows, self.patch_limit))
+            self.patch_index.copy_(greedy_coreset(rows, self.patch_index.numel()))
         self._cached_proj = None
         self._memo = None
 
