@@ -7,6 +7,7 @@ Skips only when /usr/bin/chromium is absent (scripts/setup.sh --dev installs it 
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -69,12 +70,16 @@ def test_upload_shows_decision_and_heatmap(page_server: str, synth_root: Path, t
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(page_server + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('teacher')")
+            # Selector waits, not wait_for_function: Playwright evaluates a function string with eval,
+            # which the page's CSP (no 'unsafe-eval', on purpose) refuses on some chromium builds.
+            page.locator("#model", has_text="teacher").wait_for(timeout=30_000)
             page.set_input_files("#file", str(image))
             page.wait_for_selector("body[data-state=done]", timeout=60_000)
             overlay = page.locator("#overlay")
             assert overlay.is_visible()
-            assert page.evaluate("document.getElementById('overlay').naturalWidth") == 64
+            src = overlay.get_attribute("src") or ""
+            assert src.startswith("data:image/png;base64,")
+            assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size == (64, 64)
             decision = page.inner_text("#decision").strip()
             assert decision == {"OK": "OK", "NOK": "NOT OK"}[api["decision"]]  # the API's answer, shown
             assert page.inner_text("#fname") == image.name
