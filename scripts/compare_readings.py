@@ -34,7 +34,10 @@ def parse_variant(spec: str, teacher: str, size: int) -> ModelConfig:
     for item in filter(None, opts.split(",")):
         k, v = item.split("=")
         field = ModelConfig.__dataclass_fields__[k]
-        kw[k] = v if field.type in ("str", str) else (float(v) if "float" in str(field.type) else int(v))
+        if "tuple" in str(field.type):  # bank_stages=2+3
+            kw[k] = tuple(int(x) for x in v.split("+"))
+        else:
+            kw[k] = v if field.type in ("str", str) else (float(v) if "float" in str(field.type) else int(v))
     return ModelConfig(**kw)
 
 

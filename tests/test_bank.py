@@ -183,3 +183,49 @@ def test_coreset_patch_bank_recalls_a_rare_normal_pattern_random_sampling_drops(
         best[sampling] = float(bank(query).similarity.max())
     assert best["coreset"] > 0.99  # the rare pattern is in the searched set
     assert best["random"] < 0.5  # the seeded random 16 of 1024 miss it
+
+
+def near_tie_bank() -> tuple[NormalFeatureBank, torch.Tensor]:
+    """A uniform-looking bank: every position is one base vector plus small noise, so cosines sit
+    near 0.99 with gaps below bf16's rounding step there (as on a bottle), and a query like it."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 1, 1, generator=g)
+    bank = NormalFeatureBank(16, 64, (8, 8), top_k=4, temperature=0.01, granularity="patch", raw_keys=True,
+                             patch_limit=512)
+    bank.fill(base + 0.15 * torch.randn(16, 64, 8, 8, generator=g), torch.arange(16))
+    return bank.eval(), base + 0.15 * torch.randn(2, 64, 8, 8, generator=g)
+
+
+def test_autocast_search_reranks_to_the_exact_fp32_top_k() -> None:
+    bank, q = near_tie_bank()
+    exact = bank(q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = bank(q)
+    found = bank.searched(bank.maps)
+    assert torch.equal(fast.indices, exact.indices)  # the same bank images ...
+    assert torch.allclose(fast.similarity, exact.similarity, atol=1e-5)  # ... and the same positions' cosines
+    assert torch.allclose(fast.value, exact.value, atol=1e-4)
+    # without the fp32 rerank, bf16 would pick among near-ties: that is what the rerank is for
+    qn = torch.nn.functional.normalize(q.permute(0, 2, 3, 1).reshape(2, 64, 64), dim=2)
+    plain = (qn.bfloat16() @ found["keys"].bfloat16().t()).topk(4, dim=2).indices
+    exact_rows = (qn @ found["keys"].t()).topk(4, dim=2).indices
+    assert not torch.equal(plain, exact_rows)
+
+
+def test_searched_rows_follow_a_refill_and_an_in_place_edit() -> None:
+    bank, q = near_tie_bank()
+    first = bank(q).value
+    assert torch.equal(bank(q).value, first)  # cached rows: the same answer
+    bank.maps.mul_(-1.0)  # in place: the version counter moves, the cache is rebuilt
+    flipped = bank(q)
+    assert torch.allclose(flipped.value, copy_of(bank)(q).value, atol=1e-6)
+    assert not torch.allclose(flipped.value, first)
+    bank.fill(torch.randn(16, 64, 8, 8), torch.arange(16))
+    assert not torch.allclose(bank(q).value, flipped.value)
+
+
+def copy_of(bank: NormalFeatureBank) -> NormalFeatureBank:
+    fresh = NormalFeatureBank(16, 64, (8, 8), top_k=4, temperature=0.01, granularity="patch", raw_keys=True,
+                              patch_limit=512)
+    fresh.load_state_dict(bank.state_dict())
+    return fresh.eval()

@@ -137,3 +137,16 @@ def test_category_all_trains_and_tests_every_category(tmp_path, capsys) -> None:
     mean = (res["categories"]["tiles_a"]["pixel_auroc"] + res["categories"]["tiles_b"]["pixel_auroc"]) / 2
     assert res["pixel_auroc"] == pytest.approx(mean)
     assert "| mean |" in (tmp_path / "res" / "results.md").read_text()
+
+
+def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
+    from nferd.cli import model_config_from, parse_args
+    args = parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "2,3"])
+    assert model_config_from(args).bank_stages == (2, 3)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("bank-stages: [3]\n")
+    assert model_config_from(parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])).bank_stages == (3,)
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "4"])
+    err = capsys.readouterr().err
+    assert "--bank-stages" in err and "expected teacher stages" in err

@@ -73,7 +73,7 @@ def test_fusion_variants_keep_shapes_and_pass_gradients(reading: str, fusion: st
     assert m.ocbe.conv1.weight.grad.abs().sum() > 0
     if fusion != "add":
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fusions.parameters())
-    for bank in m.banks:
+    for bank in m.banks.values():
         if bank.proj is not None:
             assert bank.proj.weight.grad is not None and bank.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.teacher.parameters())
@@ -134,3 +134,35 @@ def test_info_counts_and_bank_cost_within_ten_percent() -> None:
     small = model_info(ModelConfig(teacher="wide_resnet50_2", reading="E", patch_limit=2048))
     assert rd["gflops"] < c["gflops"] <= 1.10 * rd["gflops"]
     assert rd["gflops"] < small["gflops"] <= 1.10 * rd["gflops"] < nf["gflops"] <= 1.30 * rd["gflops"]
+
+
+def test_bank_stages_leave_the_other_stages_as_rd4ad(tmp_path) -> None:
+    """--bank-stages 2,3: no bank and no fusion parameters at stage 1, the same state-dict keys as the
+    full model for the stages that keep theirs, and a checkpoint that comes back with the same maps."""
+    from nferd.checkpoint import load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    full = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2), teacher_weights="random")
+    part = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2,
+                                    bank_stages=[3, 2]), teacher_weights="random"))
+    assert part.config.bank_stages == (2, 3) and part.config.to_dict()["bank_stages"] == [2, 3]
+    assert sorted(part.banks) == ["1", "2"]
+    assert sum(p.numel() for p in part.fusions[0].parameters()) == 0
+    keys = {k for k in part.state_dict() if k.startswith(("banks.", "fusions."))}
+    assert keys and keys < set(full.state_dict())  # same names as the full model, stage 1's missing
+    assert not any(k.startswith(("banks.0.", "fusions.0.")) for k in keys)
+    for f in part.fusions[1:]:
+        f.scale.data.fill_(0.5)
+    part.eval()
+    x = torch.rand(2, 3, 64, 64)
+    maps, _ = part.predict(x)
+    assert part.last_recalls[0] is None and part.last_recalls[1] is not None
+    save_checkpoint(tmp_path / "ckpt", part)
+    back, _ = load_checkpoint(tmp_path / "ckpt")
+    assert back.config.bank_stages == (2, 3)
+    assert torch.allclose(back.predict(x)[0], maps, atol=1e-6)
+
+
+@pytest.mark.parametrize("stages", [(), (0, 1), (4,)])
+def test_bank_stages_outside_1_to_3_are_refused(stages) -> None:
+    with pytest.raises(ValueError, match="bank stages"):
+        ModelConfig(bank_stages=stages)

@@ -34,7 +34,7 @@ def test_loss_goes_down_and_teacher_stays_frozen(synth_root, tmp_path) -> None:
     for k, v in model.teacher.state_dict().items():  # BN running stats included
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.teacher.parameters())
-    assert model.banks[0].ids.min() >= 0  # banks were filled from the training images
+    assert model.banks["0"].ids.min() >= 0  # banks were filled from the training images
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_path) -> None:

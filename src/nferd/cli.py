@@ -46,6 +46,17 @@ def on_off(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got '{v}'")
 
 
+def stage_list(v: str | int) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(x) for x in str(v).replace(" ", "").split(",") if x)
+    except ValueError:
+        stages = ()
+    if not stages or not set(stages) <= {1, 2, 3}:
+        raise argparse.ArgumentTypeError(f"expected teacher stages from 1, 2, 3 separated by commas "
+                                         f"(e.g. 2,3), got '{v}'")
+    return stages
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     from .hafm import FUSIONS
     from .model import READINGS
@@ -69,6 +80,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-sampling", default=None, choices=["coreset", "random"],
                    help="patch readings: which bank positions are kept under --patch-limit (greedy "
                         "k-centre coreset, or a seeded random subset)")
+    g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
+                   help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
+                        "the student through as RD4AD does (default: 1,2,3)")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -78,8 +92,8 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .model import ModelConfig
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
-    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "weighting", "loss",
-                 "map_combine"):
+    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
+                 "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -286,7 +300,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             action = actions[k]
             if action.type is not None and v is not None and not isinstance(v, bool):
                 try:
-                    v = action.type(v) if not isinstance(v, list) else [action.type(x) for x in v]
+                    if isinstance(v, list) and action.type is stage_list:  # bank_stages: [2, 3]
+                        v = stage_list(",".join(map(str, v)))
+                    else:
+                        v = action.type(v) if not isinstance(v, list) else [action.type(x) for x in v]
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                     raise CLIError(f"config file '{config}': bad value {v!r} for '{k}': {e}") from e
             if action.choices is not None and v not in action.choices:

@@ -36,14 +36,16 @@ def retrieval_stats(model: NFERD, dataset: Dataset, batch_size: int = 16, device
         with autocast(dev, amp):
             model(batch["image"].to(dev))
         for i, r in enumerate(model.last_recalls):
+            if r is None:  # a stage without a bank (--bank-stages)
+                continue
             sims[i].append(r.similarity.float().cpu().numpy())
             idxs[i].append(r.indices.cpu().numpy())
             ws[i].append(r.weights.float().cpu().numpy())
     stages = ["layer1", "layer2", "layer3"]
     out = []
-    for i in range(3):
+    for key, bank in model.banks.items():
+        i = int(key)
         s, ix, w = np.concatenate(sims[i]), np.concatenate(idxs[i]), np.concatenate(ws[i])
-        bank = model.banks[i]
         out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
         out[-1] = {"bank": stages[i], "n_bank": int(bank.size), "granularity": bank.granularity, **out[-1]}
     return out
@@ -97,7 +99,7 @@ def with_bank(model: NFERD, mode: str, seed: int = 0) -> NFERD:
     mean and std), 'zero', or 'mean' (every slot holds the bank's mean map)."""
     m = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
-    for bank in m.banks:
+    for bank in m.banks.values():
         maps = bank.maps
         if mode == "zero":
             new = torch.zeros_like(maps)

@@ -75,6 +75,7 @@ class ModelConfig:
     blur_sigma: float = 4.0
     student_act: str = "auto"  # 'relu' | 'linear' | 'auto' (follow the teacher's stage outputs)
     student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
+    bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -92,6 +93,10 @@ class ModelConfig:
                              f"image during training); got top_k={self.top_k}, n_bank={self.n_bank}")
         if not self.bank and self.fusion != "none":
             raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or --fusion none for RD4AD")
+        self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
+        if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
+            raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
+                             f"got {self.bank_stages}")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -108,7 +113,9 @@ class ModelConfig:
         return READINGS[self.reading][2]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["bank_stages"] = list(self.bank_stages)  # the JSON form, so saved and live configs compare equal
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -158,17 +165,20 @@ class NFERD(nn.Module):
             targets = [(c[1], stage_sizes[1]), (c[2], stage_sizes[2]), (self.ocbe.out_channels, (s // 32, s // 32))]
         else:  # bank i meets the student's output for stage i: same space, no projection
             targets = [(c[i], stage_sizes[i]) for i in range(3)]
-        self.banks = nn.ModuleList()
-        if config.bank:
-            for i in range(3):
-                project = config.placement == "input"
-                self.banks.append(NormalFeatureBank(
+        # Keyed "0".."2" by teacher stage (state-dict keys banks.<i>.*); a stage left out of
+        # bank_stages has no bank and no fusion: the student passes through as in RD4AD.
+        self.banks = nn.ModuleDict()
+        banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
+        for i in banked:
+            project = config.placement == "input"
+            self.banks[str(i)] = NormalFeatureBank(
                     config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
                     out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
                     weighting=config.weighting, raw_keys=config.key == "teacher",
-                    granularity=config.granularity, patch_limit=config.patch_limit,
-                    patch_sampling=config.patch_sampling))
-        self.fusions = nn.ModuleList([make_fusion(config.fusion, targets[i][0]) for i in range(3)])
+                granularity=config.granularity, patch_limit=config.patch_limit,
+                patch_sampling=config.patch_sampling)
+        self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked or not config.bank else "none",
+                                                  targets[i][0]) for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]
 
@@ -176,14 +186,16 @@ class NFERD(nn.Module):
     @torch.no_grad()
     def fill_banks(self, teacher_maps: list[Tensor], ids: Tensor) -> None:
         """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids."""
-        for bank, maps in zip(self.banks, teacher_maps):
+        for i, bank in self.banks.items():
+            maps = teacher_maps[int(i)]
             bank.fill(maps.to(bank.maps.device), ids.to(bank.ids.device))
 
     def _fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
-        if not self.config.bank:
+        bank = self.banks[str(i)] if str(i) in self.banks else None
+        if bank is None:
             return self.fusions[i](x)
         query = teacher_feats[i] if self.config.key == "teacher" else x
-        recall = self.banks[i](query, exclude_ids)
+        recall = bank(query, exclude_ids)
         self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
                                                               recall.weights)))  # for diagnostics only
         return self.fusions[i](x, recall.value.to(x.dtype))
@@ -232,4 +244,4 @@ class NFERD(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"teacher": n(self.teacher), "ocbe": n(self.ocbe), "decoder": n(self.decoder),
                 "bank": n(self.banks), "fusion": n(self.fusions), "trainable": trainable,
-                "bank_buffers": sum(b.maps.numel() for b in self.banks)}
+                "bank_buffers": sum(b.maps.numel() for b in self.banks.values())}

@@ -145,7 +145,7 @@ class Trainer:
         if not self.last_exists():
             return False
         meta = read_metadata(last)
-        if meta["model"] != self.model.config.to_dict():
+        if ModelConfig.from_dict(meta["model"]) != self.model.config:  # from_dict fills options added since
             raise ValueError(f"cannot resume from '{last}': it was trained with another model config "
                              f"({meta['model']}); use another --out or delete it")
         from safetensors.torch import load_file
