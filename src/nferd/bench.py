@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import autocast, autocast_dtype, channels_last, compile_dense, default_threads, place, resolve_device
+from .device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, inference_copy, place,
+                     resolve_device)
 from .info import forward_gflops
 from .loss import distillation_loss
 from .model import NFERD, ModelConfig
@@ -87,13 +88,13 @@ def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps:
         opt.step()
 
     train_t = _timed(step, device, steps)
-    model.eval()
+    runner = inference_copy(model.eval(), amp)  # what Predictor runs: weights pre-cast to bf16
 
     def infer(inp: torch.Tensor):  # type: ignore[no-untyped-def]
         def run() -> None:
             with torch.no_grad(), autocast(device, amp):
-                t, s = model(inp)
-                maps, scores = model.anomaly_maps(t, s)
+                t, s = runner(inp)
+                maps, scores = runner.anomaly_maps(t, s)
             scores.float().cpu()
         return run
 

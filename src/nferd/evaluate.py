@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .device import autocast, autocast_dtype, channels_last, place, resolve_device
+from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
 from .metrics import compute_metrics
 from .model import NFERD
 
@@ -29,7 +29,7 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
     """Scores (N), maps (N x H x W float32), labels, masks (uint8) and paths for ``dataset``."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(device, precision)
-    place(model.eval(), device)
+    runner = inference_copy(place(model.eval(), device), amp)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     scores, maps, labels, masks, paths, types = [], [], [], [], [], []
     it = loader
@@ -40,8 +40,8 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
     for batch in it:
         images = channels_last(batch["image"].to(device))
         with autocast(device, amp):
-            t, s = model(images)
-        m, sc = model.anomaly_maps(t, s, tuple(images.shape[-2:]))
+            t, s = runner(images)
+        m, sc = runner.anomaly_maps(t, s, tuple(images.shape[-2:]))
         maps.append(m[:, 0].float().cpu().numpy())
         scores.append(sc.float().cpu().numpy())
         labels.append(np.asarray(batch["label"]))

@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import distributed as ddp
 from .calibration import display_range, normalize
-from .device import autocast, autocast_dtype, channels_last, place, resolve_device
+from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
 from .images import ImageLoadError, is_image_file, list_images, load_image
 from .model import NFERD
 from .visualize import overlay
@@ -121,6 +121,7 @@ class Predictor(BasePredictor):
         self.device = resolve_device(device)
         self.model = place(model.eval(), self.device)
         self.amp = autocast_dtype(self.device, precision)
+        self.runner = inference_copy(self.model, self.amp)  # weights pre-cast for autocast
         self.calibration = calibration
         self.size = model.config.image_size
 
@@ -135,8 +136,8 @@ class Predictor(BasePredictor):
         """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy."""
         x = channels_last(images.to(self.device))
         with autocast(self.device, self.amp):
-            t, s = self.model(x)
-        m, sc = self.model.anomaly_maps(t, s, tuple(x.shape[-2:]))
+            t, s = self.runner(x)
+        m, sc = self.runner.anomaly_maps(t, s, tuple(x.shape[-2:]))
         return m[:, 0].float().cpu().numpy(), sc.float().cpu().numpy()
 
 
