@@ -86,3 +86,25 @@ def test_heap_trim_waits_for_resident_memory_to_creep(monkeypatch) -> None:
     assert dev.release_free_memory() and dev.release_free_memory()
     monkeypatch.setattr(dev, "_libc_malloc_trim", lambda: None)  # not glibc: never
     assert not dev.release_free_memory()
+
+
+def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once() -> None:
+    from nferd.device import inference_copy
+    torch.manual_seed(0)
+    model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2))
+    with torch.no_grad():
+        model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
+    for f in model.fusions:
+        f.scale.data.fill_(0.5)
+    model.eval()
+    runner = inference_copy(model, torch.bfloat16)
+    assert inference_copy(model, None) is model  # fp32: nothing to cast
+    assert all(m.weight.dtype == torch.bfloat16 for m in runner.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(m.weight.dtype == torch.float32 for m in runner.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not any(p.requires_grad for p in runner.parameters())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.anomaly_maps(*model(x))[0]
+        got = runner.anomaly_maps(*runner(x))[0]
+    assert torch.equal(got, want)  # autocast rounds the fp32 weights the same way on every call
