@@ -91,7 +91,7 @@ class NormalFeatureBank(nn.Module):
         self._memo: tuple[Tensor, Tensor, Tensor] | None = None  # top (ids x HW x K), idx, done (ids)
         # The searched rows of the raw bank and their unit keys, stamped with the maps' storage and
         # version counter: a refill or an in-place edit of ``maps`` is seen, nothing is gathered twice.
-        self._rows: tuple[tuple, dict[str, Tensor]] | None = None
+        self._rows: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def size(self) -> int:
@@ -152,21 +152,20 @@ class NormalFeatureBank(nn.Module):
         rows = maps.permute(0, 2, 3, 1).reshape(n * h * w, c)[self.patch_index]
         return rows, self.patch_index // (h * w)
 
-    def searched(self, bank: Tensor) -> dict[str, Tensor]:
+    def searched(self, bank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The searched bank rows (P x C), their bank slots and unit fp32 keys. Kept while the raw
         teacher-space bank is unchanged (teacher-keyed readings): for a WRN50 layer1 bank the
         gather and normalisation copy 64 MiB every forward otherwise."""
-        tracing = torch.jit.is_tracing()
+        cacheable = bank is self.maps and not torch.jit.is_tracing()
         stamp = (self.maps.data_ptr(), self.maps._version, self.maps.device)
-        hit = bank is self.maps and not tracing and self._rows is not None and self._rows[0] == stamp
-        out = self._rows[1] if hit else {}
-        if not out:
-            rows, slot = self.patches(bank)
-            with torch.autocast(bank.device.type, enabled=False):
-                out = {"rows": rows, "slot": slot, "keys": F.normalize(rows.float(), dim=1)}
-        if bank is self.maps and not tracing:
-            self._rows = (stamp, out)
-        return out
+        if cacheable and self._rows is not None and self._rows[0] == stamp:
+            return self._rows[1]
+        rows, slot = self.patches(bank)
+        with torch.autocast(bank.device.type, enabled=False):
+            found = (rows, slot, F.normalize(rows.float(), dim=1))
+        if cacheable:
+            self._rows = (stamp, found)
+        return found
 
     def recall_patches(self, query: Tensor, bank: Tensor, exclude_ids: Tensor | None) -> Recall:
         """Per position of each query map, the weighted K most similar bank positions.
@@ -177,8 +176,7 @@ class NormalFeatureBank(nn.Module):
         positions at 20 % of bottle's query positions (measured in session 6).
         """
         b, c, h, w = query.shape
-        found = self.searched(bank)
-        rows, slot, keys = found["rows"], found["slot"], found["keys"]
+        rows, slot, keys = self.searched(bank)
         with torch.autocast(query.device.type, enabled=False):
             q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
             k = min(self.top_k, keys.shape[0])

@@ -46,9 +46,11 @@ def on_off(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got '{v}'")
 
 
-def stage_list(v: str | int) -> tuple[int, ...]:
+def stage_list(v: str | int | list[int]) -> tuple[int, ...]:
+    """``2,3`` on the command line, or ``[2, 3]`` / ``3`` in a config file."""
+    text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     try:
-        stages = tuple(int(x) for x in str(v).replace(" ", "").split(",") if x)
+        stages = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
         stages = ()
     if not stages or not set(stages) <= {1, 2, 3}:
@@ -300,10 +302,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             action = actions[k]
             if action.type is not None and v is not None and not isinstance(v, bool):
                 try:
-                    if isinstance(v, list) and action.type is stage_list:  # bank_stages: [2, 3]
-                        v = stage_list(",".join(map(str, v)))
-                    else:
-                        v = action.type(v) if not isinstance(v, list) else [action.type(x) for x in v]
+                    # a list is one value per element only for an option that takes several
+                    # (nargs); otherwise it is the option's one value (bank-stages: [2, 3])
+                    several = isinstance(v, list) and action.nargs not in (None, "?")
+                    v = [action.type(x) for x in v] if several else action.type(v)
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                     raise CLIError(f"config file '{config}': bad value {v!r} for '{k}': {e}") from e
             if action.choices is not None and v not in action.choices:

@@ -169,16 +169,16 @@ class NFERD(nn.Module):
         # bank_stages has no bank and no fusion: the student passes through as in RD4AD.
         self.banks = nn.ModuleDict()
         banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
+        project = config.placement == "input"
         for i in banked:
-            project = config.placement == "input"
             self.banks[str(i)] = NormalFeatureBank(
-                    config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
-                    out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
-                    weighting=config.weighting, raw_keys=config.key == "teacher",
+                config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
+                out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
+                weighting=config.weighting, raw_keys=config.key == "teacher",
                 granularity=config.granularity, patch_limit=config.patch_limit,
                 patch_sampling=config.patch_sampling)
-        self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked or not config.bank else "none",
-                                                  targets[i][0]) for i in range(3)])
+        self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
+                                      for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]
 
@@ -191,11 +191,10 @@ class NFERD(nn.Module):
             bank.fill(maps.to(bank.maps.device), ids.to(bank.ids.device))
 
     def _fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
-        bank = self.banks[str(i)] if str(i) in self.banks else None
-        if bank is None:
+        if str(i) not in self.banks:
             return self.fusions[i](x)
         query = teacher_feats[i] if self.config.key == "teacher" else x
-        recall = bank(query, exclude_ids)
+        recall = self.banks[str(i)](query, exclude_ids)
         self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
                                                               recall.weights)))  # for diagnostics only
         return self.fusions[i](x, recall.value.to(x.dtype))
