@@ -242,33 +242,3 @@ def test_top_columns_finds_the_same_entries_as_a_plain_top_k(p: int) -> None:
     values, idx = topk_rows(sim, 5)
     plain = sim.topk(5, dim=1)
     assert torch.equal(values, plain.values) and torch.equal(sim.gather(1, idx), plain.values)
-
-
-def test_recall_window_keeps_the_search_near_each_position() -> None:
-    g = torch.Generator().manual_seed(5)
-    maps = torch.randn(3, 8, 8, 8, generator=g)
-    corner = maps[0, :, 0, 0].clone()
-    query = corner.view(1, 8, 1, 1).expand(1, 8, 8, 8).contiguous()  # every position: bank 0's corner
-    recalls = {}
-    for window in (0.0, 0.25, 1.0):
-        bank = NormalFeatureBank(3, 8, (8, 8), top_k=1, granularity="patch", raw_keys=True, patch_limit=192,
-                                 window=window)
-        bank.fill(maps, torch.arange(3))
-        recalls[window] = bank.eval()(query)
-    best = recalls[0.0].similarity[0, :, 0].view(8, 8)
-    assert torch.allclose(best, torch.ones(8, 8))  # unrestricted: every position finds the corner
-    near = recalls[0.25].similarity[0, :, 0].view(8, 8)  # radius round(0.25 * 8) = 2 positions
-    assert torch.allclose(near[:3, :3], torch.ones(3, 3))
-    assert (near[3:, :] < 0.999).all() and (near[:, 3:] < 0.999).all()
-    # the windowed recall is the brute-force search over the rows inside each window
-    rows = maps.permute(0, 2, 3, 1).reshape(-1, 8)
-    place = torch.arange(192) % 64
-    q = torch.nn.functional.normalize(query.permute(0, 2, 3, 1).reshape(64, 8), dim=1)
-    sim = q @ torch.nn.functional.normalize(rows, dim=1).t()
-    pos = torch.arange(64)
-    far = ((pos.view(-1, 1) // 8 - place.view(1, -1) // 8).abs() > 2) | ((pos.view(-1, 1) % 8 - place.view(1, -1) % 8).abs() > 2)
-    want = rows[sim.masked_fill(far, float("-inf")).argmax(1)]
-    assert torch.allclose(recalls[0.25].value[0].permute(1, 2, 0).reshape(64, 8), want, atol=1e-6)
-    assert torch.allclose(recalls[1.0].value, recalls[0.0].value)  # a window of the whole side: no limit
-    with pytest.raises(ValueError, match="window"):
-        NormalFeatureBank(3, 8, (8, 8), top_k=1, granularity="patch", window=1.5)

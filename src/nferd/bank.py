@@ -20,10 +20,6 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   ``patch_limit`` bounds the searched N*H*W bank positions; ``patch_sampling`` picks which:
   ``"random"`` (default) a seeded random subset; ``"coreset"`` a greedy k-centre coreset of the
   filled bank (PatchCore's subsampling), so rare normal patterns survive the cut.
-  ``window`` (a fraction of the map side, 0 = the whole map) restricts each position's search to
-  bank positions within that Chebyshev distance of its own place: for objects that are
-  photographed aligned (bottle), the recall then says what belongs *here*, not what looks
-  alike anywhere.
 
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
@@ -63,7 +59,7 @@ class NormalFeatureBank(nn.Module):
     def __init__(self, n: int, channels: int, size: tuple[int, int], out_channels: int | None = None,
                  out_size: tuple[int, int] | None = None, top_k: int = 4, temperature: float = 0.1,
                  weighting: str = "softmax", raw_keys: bool = False, granularity: str = "image",
-                 patch_limit: int = 16384, patch_sampling: str = "random", window: float = 0.0) -> None:
+                 patch_limit: int = 16384, patch_sampling: str = "random") -> None:
         super().__init__()
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the bank size {n}, got {top_k}")
@@ -74,9 +70,7 @@ class NormalFeatureBank(nn.Module):
         if patch_sampling not in ("random", "coreset"):
             raise ValueError(f"patch_sampling must be 'random' or 'coreset', got '{patch_sampling}'")
         self.top_k, self.temperature, self.weighting = top_k, temperature, weighting
-        if not 0.0 <= window <= 1.0:
-            raise ValueError(f"window must be between 0 (whole map) and 1, got {window}")
-        self.patch_sampling, self.window = patch_sampling, window
+        self.patch_sampling = patch_sampling
         self.granularity = granularity
         self.raw_keys = raw_keys  # key="teacher": compare with the stored teacher maps, not their projection
         self.out_size = tuple(out_size or size)
@@ -98,7 +92,6 @@ class NormalFeatureBank(nn.Module):
         # The searched rows of the raw bank and their unit keys, stamped with the maps' storage and
         # version counter: a refill or an in-place edit of ``maps`` is seen, nothing is gathered twice.
         self._rows: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
-        self._far: tuple[tuple, Tensor] | None = None  # window mask, stamped with patch_index's storage
 
     @property
     def size(self) -> int:
@@ -120,7 +113,6 @@ class NormalFeatureBank(nn.Module):
         self._cached_proj = None
         self._memo = None
         self._rows = None
-        self._far = None
 
     def train(self, mode: bool = True) -> "NormalFeatureBank":
         self._cached_proj = None  # projection weights may change while training
@@ -189,42 +181,18 @@ class NormalFeatureBank(nn.Module):
             q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
             k = min(self.top_k, keys.shape[0])
             slot_ids = self.ids[slot] if exclude_ids is not None else None  # the image id of each bank row
-            far = self.out_of_window(h, w)
             if torch.jit.is_tracing() and exclude_ids is None:
                 # export: one batched search (B x HW x P), so the traced graph keeps a free batch axis
-                sim = q @ keys.t()
-                if far is not None:
-                    sim = sim.masked_fill(far, float("-inf"))
-                top, idx = sim.topk(k, dim=2)
+                top, idx = (q @ keys.t()).topk(k, dim=2)
             else:
-                top, idx = self._search_per_sample(q, keys, k, slot_ids, exclude_ids, far)
+                top, idx = self._search_per_sample(q, keys, k, slot_ids, exclude_ids)
         wts = self.weigh(top)
         value = (wts.unsqueeze(-1).to(rows.dtype) * rows[idx]).sum(2)  # B x HW x C
         value = value.transpose(1, 2).reshape(b, rows.shape[1], h, w)
         return Recall(value, top, slot[idx], wts)
 
-    def out_of_window(self, h: int, w: int) -> Tensor | None:
-        """HW x P mask of the bank rows outside each query position's window (None: no window).
-
-        The radius is ``round(window * side)`` positions, at least 1, per axis; a bank row's place
-        is its position in its own map, which has the query's grid (both at the fusion size)."""
-        if self.window <= 0:
-            return None
-        stamp = (self.patch_index.data_ptr(), self.patch_index._version, self.patch_index.device, h, w)
-        if self._far is not None and self._far[0] == stamp and not torch.jit.is_tracing():
-            return self._far[1]
-        dev = self.patch_index.device
-        place = self.patch_index % (h * w)
-        ry, rx = max(1, round(self.window * h)), max(1, round(self.window * w))
-        qy, qx = torch.arange(h, device=dev).repeat_interleave(w), torch.arange(w, device=dev).repeat(h)
-        far = (((qy.view(-1, 1) - (place // w).view(1, -1)).abs() > ry)
-               | ((qx.view(-1, 1) - (place % w).view(1, -1)).abs() > rx))
-        if not torch.jit.is_tracing():
-            self._far = (stamp, far)
-        return far
-
     def _search_per_sample(self, q: Tensor, keys: Tensor, k: int, slot_ids: Tensor | None,
-                           exclude_ids: Tensor | None, far: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           exclude_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         """Top-K bank rows per query position, one sample at a time (memory HW x P, not B x HW x P)."""
         memo = self._memo_for(exclude_ids, q.shape[1], k) if self.raw_keys and exclude_ids is not None else None
         tops, idxs = [], []
@@ -234,8 +202,6 @@ class NormalFeatureBank(nn.Module):
                 top, idx = memo[0][key], memo[1][key]
             else:
                 sim = q[j] @ keys.t()
-                if far is not None:
-                    sim.masked_fill_(far, float("-inf"))
                 if slot_ids is not None:
                     sim.masked_fill_((slot_ids == exclude_ids[j]).view(1, -1), float("-inf"))
                 top, idx = topk_rows(sim, k)

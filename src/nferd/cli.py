@@ -82,9 +82,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-sampling", default=None, choices=["coreset", "random"],
                    help="patch readings: which bank positions are kept under --patch-limit (greedy "
                         "k-centre coreset, or a seeded random subset)")
-    g.add_argument("--recall-window", default=None, type=float, metavar="FRACTION",
-                   help="patch readings: each position searches only bank positions within this fraction "
-                        "of the map side of its own place (for aligned objects); 0 = the whole map (default)")
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
                         "the student through as RD4AD does (default: 1,2,3)")
@@ -97,7 +94,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .model import ModelConfig
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
-    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "recall_window", "bank_stages",
+    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
                  "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:

@@ -69,7 +69,6 @@ class ModelConfig:
     weighting: str = "softmax"
     patch_limit: int = 16384  # patch readings: bank positions searched per bank
     patch_sampling: str = "random"  # which positions: 'coreset' (greedy k-centre) or 'random'
-    recall_window: float = 0.0  # patch readings: search radius as a fraction of the map side; 0 = whole map
     fusion: str = "hafm"
     loss: str = "flat"
     map_combine: str = "sum"
@@ -98,9 +97,6 @@ class ModelConfig:
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
                              f"got {self.bank_stages}")
-        if not 0.0 <= self.recall_window <= 1.0:
-            raise ValueError(f"recall window must be between 0 (whole map) and 1 (a fraction of the map side), "
-                             f"got {self.recall_window}")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -180,7 +176,7 @@ class NFERD(nn.Module):
                 out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
                 weighting=config.weighting, raw_keys=config.key == "teacher",
                 granularity=config.granularity, patch_limit=config.patch_limit,
-                patch_sampling=config.patch_sampling, window=config.recall_window)
+                patch_sampling=config.patch_sampling)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
