@@ -120,6 +120,28 @@ def test_loss_variants() -> None:
         distillation_loss(t, t, "l2")
 
 
+@pytest.mark.parametrize("layouts", [("std", "std"), ("cl", "cl"), ("cl", "std"), ("std", "cl")])
+def test_flat_loss_is_the_whole_map_cosine_with_its_gradient(layouts: tuple[str, str]) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4, 8, 8), (3, 8, 4, 4), (3, 16, 2, 2)]
+    fmt = {"std": torch.contiguous_format, "cl": torch.channels_last}
+    t = [torch.randn(*sh, generator=g, dtype=torch.float64).contiguous(memory_format=fmt[layouts[0]]) for sh in shapes]
+    s = [(x + 0.7 * torch.randn(x.shape, generator=g, dtype=torch.float64)).contiguous(memory_format=fmt[layouts[1]])
+         .requires_grad_() for x in t]
+    ours = distillation_loss(t, s, "flat")
+    ours.backward()
+    ref_s = [x.detach().clone().requires_grad_() for x in s]
+    ref = sum((1 - torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)).mean()
+              for a, b in zip(t, ref_s))
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-6)  # computed in fp32 by design
+    for a, b in zip(s, ref_s):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+    half = t[0].detach().to(torch.bfloat16).requires_grad_()  # a bf16 student map gets a bf16 gradient
+    distillation_loss(t[:1], [half], "flat").backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad.float()).all()
+
+
 def test_info_counts_and_bank_cost_within_ten_percent() -> None:
     rd = model_info(ModelConfig(teacher="wide_resnet50_2", bank=False, fusion="none"))
     nf = model_info(ModelConfig(teacher="wide_resnet50_2"))
@@ -166,3 +188,21 @@ def test_bank_stages_leave_the_other_stages_as_rd4ad(tmp_path) -> None:
 def test_bank_stages_outside_1_to_3_are_refused(stages) -> None:
     with pytest.raises(ValueError, match="bank stages"):
         ModelConfig(bank_stages=stages)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_strided_pointwise_conv_is_a_strided_conv(size: int) -> None:
+    from nferd.resnet import StridedPointwise, conv1x1
+    plain = torch.nn.Conv2d(6, 4, 1, stride=2, bias=False)
+    ours = conv1x1(6, 4, stride=2)
+    assert isinstance(ours, StridedPointwise)
+    ours.load_state_dict(plain.state_dict())  # same keys and shapes as torchvision's
+    x = torch.randn(2, 6, size, size, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    plain.double(), ours.double()
+    a, b = plain(x), ours(y)
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
+    (a * a).sum().backward()
+    (b * b).sum().backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-12)
+    assert torch.allclose(plain.weight.grad, ours.weight.grad, atol=1e-12)

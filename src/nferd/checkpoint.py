@@ -158,3 +158,11 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> 
                 _, pid, name = k.split(".", 2)
                 state.setdefault(int(pid), {})[name] = sf.get_tensor(k)
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    # The file holds contiguous tensors; give each moment buffer its parameter's layout again
+    # (channels-last convolution weights): the fused Adam kernel walks parameter, gradient and
+    # moments as one flat memory order, so a layout mismatch would pair the wrong elements.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -34,4 +34,6 @@ class OCBE(nn.Module):
     def forward(self, feats: list[Tensor]) -> Tensor:
         l1 = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(feats[0]))))))
         l2 = self.relu(self.bn3(self.conv3(feats[1])))
-        return self.bn_layer(torch.cat([l1, l2, feats[2]], 1))
+        # feats[2] in the dtype of the others: under autocast the cat is bf16 (the convolutions after it
+        # cast to bf16 anyway: same numbers), not an fp32 copy of all 3 x c3 channels and its gradient
+        return self.bn_layer(torch.cat([l1, l2, feats[2].to(l1.dtype)], 1))
