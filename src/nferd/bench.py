@@ -2,11 +2,11 @@
 
 The fast path is what ``nferd train`` / ``predict`` run: cached fp16 teacher features during
 training, bf16 autocast where the hardware has it, the map, blur and score on the model's
-device, batched inference. ``--reference`` times the same model the way RD4AD's code runs it,
-in the same process so the ratio is honest on a noisy machine: fp32, eager, the teacher
-recomputed every step through layer4 (which RD4AD computes and throws away), its loss code
-(``F.cosine_similarity`` of the flattened maps), torch's default Adam, batch 1 at test with the
-map blurred by SciPy on the CPU.
+device, batched inference. ``--reference`` times the same model the way RD4AD's code runs it:
+fp32, eager, the teacher recomputed every step through layer4 (which RD4AD computes and throws
+away), its loss code (``F.cosine_similarity`` of the flattened maps), torch's default Adam,
+batch 1 at test with the map blurred by SciPy on the CPU. It runs in the same process, its steps
+interleaved with the fast path's, so the ratio is honest on a noisy machine.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,8 +76,19 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps: int, iters: int,
-               compile: bool = False) -> dict[str, Any]:
+@dataclass
+class BenchPath:
+    """One way of running the model: a training step and inference calls, ready to time."""
+
+    train_step: Callable[[], None]
+    infer_b1: Callable[[], None]
+    infer_batch: Callable[[], None] | None
+    precision: str
+
+
+def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile: bool = False) -> BenchPath:
+    """What ``nferd train`` / ``predict`` run: cached fp16 teacher maps, bf16 autocast, channels_last,
+    fused Adam, weights pre-cast for inference, map, blur and score on the device."""
     amp = autocast_dtype(device, "auto")
     place(model, device)
     if compile:
@@ -85,6 +98,7 @@ def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps:
         cache = [channels_last(f.to(torch.float16)) for f in model.teacher(x)]
     opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.999))  # as nferd train
     ids = torch.arange(batch, device=device) + 10_000  # never in the bank: no masking cost difference
+    runner: list[torch.nn.Module] = []
 
     def step() -> None:
         model.train()
@@ -95,29 +109,27 @@ def bench_fast(model: NFERD, device: torch.device, size: int, batch: int, steps:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        runner.clear()  # the weights changed: the next inference takes a fresh pre-cast copy
 
-    train_t = _timed(step, device, steps, warmup=2)  # the first steps fill the recall memo and the heap
-    runner = inference_copy(model.eval(), amp)  # what Predictor runs: weights pre-cast to bf16
-
-    def infer(inp: torch.Tensor):  # type: ignore[no-untyped-def]
+    def infer(inp: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
+            if not runner:
+                runner.append(inference_copy(model.eval(), amp))  # what Predictor runs
             with torch.no_grad(), autocast(device, amp):
-                t, s = runner(inp)
-                maps, scores = runner.anomaly_maps(t, s)
+                t, s = runner[0](inp)
+                maps, scores = runner[0].anomaly_maps(t, s)
             scores.float().cpu()
         return run
 
-    b1 = _timed(infer(x[:1]), device, iters, warmup=2)
-    bb = _timed(infer(x), device, max(2, iters // 4), warmup=1)
-    return {"train_images_per_s": batch / statistics.median(train_t),
-            "infer_latency_ms_b1": 1000 * statistics.median(b1),
-            "infer_latency_ms_b1_p95": 1000 * float(np.percentile(b1, 95)),
-            "infer_images_per_s": batch / statistics.median(bb), "precision": str(amp or torch.float32)}
+    return BenchPath(step, infer(x[:1]), infer(x), str(amp or torch.float32))
 
 
-def bench_reference(model: NFERD, device: torch.device, size: int, batch: int, steps: int,
-                    iters: int) -> dict[str, Any]:
+def reference_path(model: NFERD, device: torch.device, size: int, batch: int) -> BenchPath:
+    """The same model the way RD4AD's code runs it: fp32, eager, the teacher recomputed every step
+    through layer4, RD4AD's loss, torch's default Adam, batch 1 at test, SciPy's blur on the CPU."""
     from scipy.ndimage import gaussian_filter
+
+    from .anomaly_map import anomaly_map
     model.to(device)
     layer4 = _layer4(model.config.teacher)
     if layer4 is not None:
@@ -141,23 +153,31 @@ def bench_reference(model: NFERD, device: torch.device, size: int, batch: int, s
         loss.backward()
         opt.step()
 
-    train_t = _timed(step, device, steps, warmup=2)
-    model.eval()
-
     def infer_one() -> None:
+        model.eval()
         with torch.no_grad():
             t = teacher(x[:1])
             s = model.student_features(t)
-            from .anomaly_map import anomaly_map
             amap = anomaly_map(t, s, (size, size))[0, 0].cpu().numpy()
         gaussian_filter(amap, sigma=4).max()
 
-    b1 = _timed(infer_one, device, max(3, iters // 2), warmup=1)
-    return {"train_images_per_s": batch / statistics.median(train_t),
-            "infer_latency_ms_b1": 1000 * statistics.median(b1),
-            "infer_latency_ms_b1_p95": 1000 * float(np.percentile(b1, 95)),
-            "infer_images_per_s": 1 / statistics.median(b1),
-            "precision": "torch.float32"}
+    return BenchPath(step, infer_one, None, "torch.float32")
+
+
+def _paired(a: Callable[[], None], b: Callable[[], None], device: torch.device, iters: int,
+            warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Times of ``a`` and ``b`` run alternately, so both see the same machine: this CPU's speed
+    drifts by up to 1.5x within minutes, and timing one path after the other put ratios of one
+    code state anywhere between 3.3x and 4.6x."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(iters):
+        ta += _timed(a, device, 1, warmup=0)
+        tb += _timed(b, device, 1, warmup=0)
+    return ta, tb
 
 
 def _bench_model(cfg: ModelConfig) -> NFERD:
@@ -182,20 +202,34 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
     gflops = forward_gflops(model, image_size)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fast = bench_fast(model, dev, image_size, batch_size, train_steps, infer_iters, compile=compile)
+    fast = fast_path(model, dev, image_size, batch_size, compile=compile)
+    train_t = _timed(fast.train_step, dev, train_steps, warmup=2)  # the first steps fill the recall memo, the heap
+    b1 = _timed(fast.infer_b1, dev, infer_iters, warmup=2)
+    bb = _timed(fast.infer_batch, dev, max(2, infer_iters // 4), warmup=1)
+    infer_ips = batch_size / statistics.median(bb)
     res: dict[str, Any] = {"teacher": teacher, "image_size": image_size, "batch_size": batch_size,
                            "device": str(dev), "threads": torch.get_num_threads(), "bank": bank,
                            "reading": cfg.reading if bank else None, "compile": compile,
-                           **fast, "gflops_per_image": gflops,
-                           "gflops_achieved": gflops * fast["infer_images_per_s"],
+                           "train_images_per_s": batch_size / statistics.median(train_t),
+                           **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
+                           "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,
                            "peak_gflops_matmul": peak_matmul_gflops(dev, autocast_dtype(dev, "auto")),
-                           "peak_rss_mib": _rss_mib()}
+                           "peak_rss_mib": _rss_mib()}  # before the reference model exists
     if dev.type == "cuda":
         res["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if reference:
-        ref_model = _bench_model(cfg)  # the same model: only the way it is run differs
-        ref = bench_reference(ref_model, dev, image_size, batch_size, train_steps, infer_iters)
-        res["reference"] = ref
-        res["speedup_train"] = fast["train_images_per_s"] / ref["train_images_per_s"]
-        res["speedup_latency_b1"] = ref["infer_latency_ms_b1"] / fast["infer_latency_ms_b1"]
+        ref = reference_path(_bench_model(cfg), dev, image_size, batch_size)  # the same model, run RD4AD's way
+        ft, rt = _paired(fast.train_step, ref.train_step, dev, train_steps)
+        fl, rl = _paired(fast.infer_b1, ref.infer_b1, dev, max(3, infer_iters // 2))
+        res["reference"] = {"train_images_per_s": batch_size / statistics.median(rt), **_latency(rl),
+                            "infer_images_per_s": 1 / statistics.median(rl), "precision": ref.precision}
+        # ratios of neighbouring (interleaved) runs, then their median: the figures issue 4 sets
+        res["speedup_train"] = statistics.median(r / f for f, r in zip(ft, rt))
+        res["speedup_latency_b1"] = statistics.median(r / f for f, r in zip(fl, rl))
+        res["paired_fast"] = {"train_images_per_s": batch_size / statistics.median(ft), **_latency(fl)}
     return res
+
+
+def _latency(times: list[float]) -> dict[str, float]:
+    return {"infer_latency_ms_b1": 1000 * statistics.median(times),
+            "infer_latency_ms_b1_p95": 1000 * float(np.percentile(times, 95))}
