@@ -20,14 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, inference_copy, place,
                      resolve_device)
 from .info import forward_gflops
 from .loss import distillation_loss
-from .train import make_adam
 from .model import NFERD, ModelConfig
 from .resnet import RESNET_SPECS, make_layer
+from .train import make_adam
 
 
 def _sync(device: torch.device) -> None:
@@ -67,7 +68,6 @@ def _layer4(teacher_name: str) -> torch.nn.Module | None:
 
 def rd4ad_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
     """RD4AD's ``loss_fucntion``: per stage 1 - cosine of the flattened maps, batch mean, summed."""
-    import torch.nn.functional as F
     return sum((1 - F.cosine_similarity(t.view(t.shape[0], -1), s.view(s.shape[0], -1))).mean()
                for t, s in zip(teacher, student))
 
