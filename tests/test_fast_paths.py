@@ -99,8 +99,10 @@ def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once() -> None
     model.eval()
     runner = inference_copy(model, torch.bfloat16)
     assert inference_copy(model, None) is model  # fp32: nothing to cast
-    assert all(m.weight.dtype == torch.bfloat16 for m in runner.modules() if isinstance(m, torch.nn.Conv2d))
-    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in runner.modules())  # the decoder's upsampling
+    assert all(m.weight.dtype == torch.bfloat16 for m in runner.modules() if isinstance(m, convs))
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, convs))
     assert all(m.weight.dtype == torch.float32 for m in runner.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert not any(p.requires_grad for p in runner.parameters())
     x = torch.rand(2, 3, 64, 64)

@@ -206,3 +206,26 @@ def test_strided_pointwise_conv_is_a_strided_conv(size: int) -> None:
     (b * b).sum().backward()
     assert torch.allclose(x.grad, y.grad, atol=1e-12)
     assert torch.allclose(plain.weight.grad, ours.weight.grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_deconv_as_a_matrix_product_is_the_transposed_conv(layout: str, bias: bool) -> None:
+    from nferd.decoder import Deconv2x2
+    torch.manual_seed(0)
+    plain = torch.nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2, bias=bias).double()
+    ours = Deconv2x2(6, 5, bias=bias).double()
+    ours.load_state_dict(plain.state_dict())  # same keys and shapes as torch's
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    ours.to(memory_format=fmt)
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    a, b = plain(x), ours(y)
+    assert a.shape == b.shape == (2, 5, 6, 8) and torch.allclose(a, b, atol=1e-12)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert torch.allclose(x.grad, y.grad, atol=1e-12)
+    assert torch.allclose(plain.weight.grad, ours.weight.grad, atol=1e-12)
+    if bias:
+        assert torch.allclose(plain.bias.grad, ours.bias.grad, atol=1e-12)
