@@ -222,6 +222,7 @@ def test_deconv_as_a_matrix_product_is_the_transposed_conv(layout: str, bias: bo
     y = x.detach().clone().requires_grad_()
     a, b = plain(x), ours(y)
     assert a.shape == b.shape == (2, 5, 6, 8) and torch.allclose(a, b, atol=1e-12)
+    assert b.is_contiguous(memory_format=fmt)  # the layout a convolution would give
     g = torch.randn_like(a)
     a.backward(g)
     b.backward(g)

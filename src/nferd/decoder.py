@@ -8,6 +8,7 @@ block of each stage ends in a ReLU only for non-negative teachers.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .resnet import conv1x1, conv3x3
@@ -20,15 +21,16 @@ class Deconv2x2(nn.ConvTranspose2d):
     transposed convolution is ``x (NHW x Cin) @ w (Cin x 4 Cout)`` laid out into the 2x2 blocks:
     the same sums, but oneDNN's transposed-convolution kernels ran them at a third to a half of
     the matmul's speed here (WRN50 decoder, bf16, 2 cores: 153 -> 77 ms forward and backward for
-    the 2048 -> 1024 upsample at batch 16). Same parameters and keys as ``nn.ConvTranspose2d``.
+    the 2048 -> 1024 upsample at batch 16). Same parameters and keys as ``nn.ConvTranspose2d``;
+    channels_last input only (what nferd runs), NCHW input takes torch's kernel and keeps its layout.
     """
 
     def __init__(self, in_planes: int, out_planes: int, bias: bool = False) -> None:
         super().__init__(in_planes, out_planes, kernel_size=2, stride=2, bias=bias)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if output_size is not None or x.dim() != 4:
-            return super().forward(x, output_size)
+        if output_size is not None or not x.is_contiguous(memory_format=torch.channels_last) or x.dim() != 4:
+            return super().forward(x, output_size)  # NCHW input: a copy would eat the gain; keep its layout
         n, c, h, w = x.shape
         cout = self.out_channels
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view for channels_last input
