@@ -242,3 +242,21 @@ def test_top_columns_finds_the_same_entries_as_a_plain_top_k(p: int) -> None:
     values, idx = topk_rows(sim, 5)
     plain = sim.topk(5, dim=1)
     assert torch.equal(values, plain.values) and torch.equal(sim.gather(1, idx), plain.values)
+
+
+@pytest.mark.parametrize("block_bytes", [4 * 100 * 7, 4 * 100 * 64, 1 << 30])  # blocks of 7 rows, 64 rows, one block
+def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> None:
+    import nferd.bank as bank_module
+    from nferd.bank import search_blocked
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    keys = torch.nn.functional.normalize(torch.randn(100, 8, generator=g), dim=1)
+    mask = torch.zeros(1, 100, dtype=torch.bool)
+    mask[0, 10:30] = True  # one bank image's rows excluded, as for a training image's own
+    sim = (q @ keys.t()).masked_fill(mask, float("-inf"))
+    want = sim.topk(4, dim=1)
+    monkeypatch.setattr(bank_module, "SEARCH_BLOCK_BYTES", block_bytes)
+    top, idx = search_blocked(q, keys, 4, mask)
+    assert top.shape == idx.shape == (50, 4)
+    assert torch.allclose(top, want.values, atol=1e-6) and torch.allclose(sim.gather(1, idx), top, atol=1e-6)
+    assert not ((idx >= 10) & (idx < 30)).any()
