@@ -29,7 +29,7 @@ class Deconv2x2(nn.ConvTranspose2d):
         super().__init__(in_planes, out_planes, kernel_size=2, stride=2, bias=bias)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if output_size is not None or not x.is_contiguous(memory_format=torch.channels_last) or x.dim() != 4:
+        if output_size is not None or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x, output_size)  # NCHW input: a copy would eat the gain; keep its layout
         n, c, h, w = x.shape
         cout = self.out_channels
