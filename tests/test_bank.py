@@ -260,3 +260,54 @@ def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> No
     assert top.shape == idx.shape == (50, 4)
     assert torch.allclose(top, want.values, atol=1e-6) and torch.allclose(sim.gather(1, idx), top, atol=1e-6)
     assert not ((idx >= 10) & (idx < 30)).any()
+
+
+def context_bank(weight: float, top_k: int = 2) -> NormalFeatureBank:
+    bank = NormalFeatureBank(3, 8, (4, 4), top_k=top_k, temperature=0.1, granularity="patch", raw_keys=True,
+                             context_channels=5, context_weight=weight)
+    g = torch.Generator().manual_seed(3)
+    bank.fill(torch.randn(3, 8, 4, 4, generator=g), torch.tensor([20, 21, 22]),
+              context=torch.randn(3, 5, 2, 2, generator=g))  # a coarser stage: resized to the bank's grid
+    return bank
+
+
+def test_context_key_ranks_by_the_weighted_mean_of_both_cosines() -> None:
+    bank = context_bank(0.3)
+    g = torch.Generator().manual_seed(4)
+    q, ctx = torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 5, 4, 4, generator=g)
+    r = bank(q, context=ctx)
+    rows = bank.maps.permute(0, 2, 3, 1).reshape(-1, 8)
+    cos = lambda a, b: torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).t()
+    for j in range(2):
+        sims = 0.7 * cos(q[j].reshape(8, 16).t(), rows) + 0.3 * cos(ctx[j].reshape(5, 16).t(), bank.context)
+        top, idx = sims.topk(2, dim=1)
+        assert torch.allclose(r.similarity[j], top, atol=1e-5)
+        expected = (torch.softmax(top / 0.1, 1).unsqueeze(-1) * rows[idx]).sum(1)  # values: own stage only
+        assert torch.allclose(r.value[j], expected.t().reshape(8, 4, 4), atol=1e-5)
+    # the stored context is the coarser map resized to the bank's grid, at the searched positions
+    assert bank.context.shape == (48, 5)
+
+
+def test_context_key_recalls_the_position_whose_surroundings_match() -> None:
+    # the query's own features equal bank position 0's, its coarser context equals position 5's
+    # (whose own features are far off): the own-stage key returns 0, a full context key 5
+    own = context_bank(1e-6, top_k=1)
+    q = own.maps.permute(0, 2, 3, 1).reshape(-1, 8)[0].view(1, 8, 1, 1).expand(1, 8, 4, 4).contiguous()
+    ctx = own.context[5].view(1, 5, 1, 1).expand(1, 5, 4, 4).contiguous()
+    assert (own(q, context=ctx).indices[0, :, 0] == 0).all()
+    full = context_bank(1.0, top_k=1)
+    hit = full(q, context=ctx)
+    assert torch.allclose(hit.value[0, :, 0, 0], full.maps.permute(0, 2, 3, 1).reshape(-1, 8)[5], atol=1e-5)
+
+
+def test_context_keyed_bank_asks_for_its_context() -> None:
+    bank = context_bank(0.5)
+    with pytest.raises(ValueError, match="context"):
+        bank(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="context"):
+        bank.fill(torch.randn(3, 8, 4, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="patch bank"):
+        NormalFeatureBank(3, 8, (4, 4), top_k=2, raw_keys=True, context_channels=5, context_weight=0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        NormalFeatureBank(3, 8, (4, 4), top_k=2, granularity="patch", raw_keys=True, context_channels=5,
+                          context_weight=2)
