@@ -141,9 +141,8 @@ def test_category_all_trains_and_tests_every_category(tmp_path, capsys) -> None:
 
 def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
     from nferd.cli import model_config_from, parse_args
-    args = parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "2,3", "--key-context", "0.5"])
+    args = parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "2,3"])
     assert model_config_from(args).bank_stages == (2, 3)
-    assert model_config_from(args).key_context == 0.5
     cfg = tmp_path / "run.yaml"
     cfg.write_text("bank-stages: [3]\n")
     assert model_config_from(parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])).bank_stages == (3,)

@@ -184,37 +184,6 @@ def test_bank_stages_leave_the_other_stages_as_rd4ad(tmp_path) -> None:
     assert torch.allclose(back.predict(x)[0], maps, atol=1e-6)
 
 
-def test_context_keyed_layer1_bank_is_saved_and_changes_the_recall(tmp_path) -> None:
-    """key_context: only the layer1 bank carries stage-2 context rows; the recall differs from the
-    own-stage search, and a checkpoint brings back the context and the same maps."""
-    from nferd.checkpoint import load_checkpoint, save_checkpoint
-    torch.manual_seed(0)
-    base = dict(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2)
-    plain = filled(NFERD(ModelConfig(**base), teacher_weights="random"))
-    torch.manual_seed(0)
-    ctx = filled(NFERD(ModelConfig(**base, key_context=1.0), teacher_weights="random"))
-    assert [hasattr(ctx.banks[str(i)], "context") for i in range(3)] == [True, False, False]
-    assert ctx.banks["0"].context.shape == (ctx.banks["0"].patch_index.numel(), ctx.teacher.stage_channels[1])
-    x = torch.rand(2, 3, 64, 64)
-    ctx.eval(), plain.eval()
-    maps, _ = ctx.predict(x)
-    plain.predict(x)
-    assert not torch.equal(ctx.last_recalls[0].indices, plain.last_recalls[0].indices)
-    assert torch.equal(ctx.last_recalls[1].indices, plain.last_recalls[1].indices)  # layer2: own key
-    save_checkpoint(tmp_path / "ckpt", ctx)
-    back, _ = load_checkpoint(tmp_path / "ckpt")
-    assert back.config.key_context == 1.0
-    assert torch.equal(back.banks["0"].context, ctx.banks["0"].context)
-    assert torch.allclose(back.predict(x)[0], maps, atol=1e-6)
-
-
-def test_key_context_needs_a_patch_reading() -> None:
-    with pytest.raises(ValueError, match="key_context needs a patch reading"):
-        ModelConfig(reading="C", key_context=0.5)
-    with pytest.raises(ValueError, match="key_context must be between 0 and 1"):
-        ModelConfig(key_context=-0.1)
-
-
 @pytest.mark.parametrize("stages", [(), (0, 1), (4,)])
 def test_bank_stages_outside_1_to_3_are_refused(stages) -> None:
     with pytest.raises(ValueError, match="bank stages"):

@@ -20,11 +20,6 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   ``patch_limit`` bounds the searched N*H*W bank positions; ``patch_sampling`` picks which:
   ``"random"`` (default) a seeded random subset; ``"coreset"`` a greedy k-centre coreset of the
   filled bank (PatchCore's subsampling), so rare normal patterns survive the cut.
-  ``context_weight`` > 0 keys the search with the next coarser teacher stage as well: the
-  similarity of two positions is ``(1 - w) * cos(own stage) + w * cos(coarser stage)``, and the
-  recalled value is still this stage's feature. A fine-stage feature of a defect (a dark hole,
-  an edge) often has a near-identical normal twin somewhere else, so an own-stage key hands the
-  student the defect's own features back; the coarser stage says what surrounds the position.
 
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
@@ -64,8 +59,7 @@ class NormalFeatureBank(nn.Module):
     def __init__(self, n: int, channels: int, size: tuple[int, int], out_channels: int | None = None,
                  out_size: tuple[int, int] | None = None, top_k: int = 4, temperature: float = 0.1,
                  weighting: str = "softmax", raw_keys: bool = False, granularity: str = "image",
-                 patch_limit: int = 16384, patch_sampling: str = "random",
-                 context_channels: int | None = None, context_weight: float = 0.0) -> None:
+                 patch_limit: int = 16384, patch_sampling: str = "random") -> None:
         super().__init__()
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the bank size {n}, got {top_k}")
@@ -75,13 +69,7 @@ class NormalFeatureBank(nn.Module):
             raise ValueError(f"granularity must be 'image' or 'patch', got '{granularity}'")
         if patch_sampling not in ("random", "coreset"):
             raise ValueError(f"patch_sampling must be 'random' or 'coreset', got '{patch_sampling}'")
-        if not 0.0 <= context_weight <= 1.0:
-            raise ValueError(f"context_weight must be between 0 and 1, got {context_weight}")
-        if context_weight > 0 and (granularity != "patch" or not raw_keys or context_channels is None):
-            raise ValueError("a context key needs a teacher-keyed patch bank (readings E, F) and the "
-                             "coarser stage's channel count")
         self.top_k, self.temperature, self.weighting = top_k, temperature, weighting
-        self.context_weight = context_weight
         self.patch_sampling = patch_sampling
         self.granularity = granularity
         self.raw_keys = raw_keys  # key="teacher": compare with the stored teacher maps, not their projection
@@ -92,8 +80,6 @@ class NormalFeatureBank(nn.Module):
             total = n * self.out_size[0] * self.out_size[1]
             keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:patch_limit]
             self.register_buffer("patch_index", keep.sort().values)  # a coreset replaces it in fill()
-            if context_weight > 0:  # the coarser stage's features at the searched positions only
-                self.register_buffer("context", torch.zeros(keep.numel(), context_channels))
         self.proj = None
         if out_channels is not None:  # readings A and C: learnable 1x1 channel match
             self.proj = nn.Conv2d(channels, out_channels, 1, bias=False)
@@ -112,47 +98,21 @@ class NormalFeatureBank(nn.Module):
         return self.maps.shape[0]
 
     @torch.no_grad()
-    def fill(self, maps: Tensor, ids: Tensor, context: Tensor | None = None) -> None:
-        """Store teacher maps (resized once to the fusion size, as the paper says); ``context``:
-        the same images' maps of the next coarser stage, for a context-keyed bank."""
+    def fill(self, maps: Tensor, ids: Tensor) -> None:
+        """Store teacher maps (resized once to the fusion size, as the paper says)."""
         if maps.shape[0] != self.size:
             raise ValueError(f"bank expects {self.size} maps, got {maps.shape[0]}")
-        if self.context_weight > 0 and (context is None or context.shape[0] != self.size):
-            raise ValueError(f"this bank's key includes the next coarser stage: pass its {self.size} maps "
-                             f"as context")
-        maps = self._at_bank_size(maps)
+        if tuple(maps.shape[-2:]) != self.out_size:
+            maps = F.interpolate(maps.float(), size=self.out_size, mode="bilinear", align_corners=False)
         self.maps.copy_(maps)
         self.ids.copy_(ids)
-        ctx = None
-        if self.context_weight > 0:
-            c = self._at_bank_size(context)
-            ctx = c.permute(0, 2, 3, 1).reshape(-1, c.shape[1]).float()
         if self.granularity == "patch" and self.patch_sampling == "coreset":
             # cover the bank in the search's own metric (cosine): greedy k-centre on unit rows
-            rows = self.maps.permute(0, 2, 3, 1).reshape(-1, self.maps.shape[1]).float()
-            self.patch_index.copy_(greedy_coreset(self.key_rows(rows, ctx), self.patch_index.numel()))
-        if ctx is not None:
-            self.context.copy_(ctx[self.patch_index])
+            rows = F.normalize(self.maps.permute(0, 2, 3, 1).reshape(-1, self.maps.shape[1]).float(), dim=1)
+            self.patch_index.copy_(greedy_coreset(rows, self.patch_index.numel()))
         self._cached_proj = None
         self._memo = None
         self._rows = None
-
-    def _at_bank_size(self, maps: Tensor) -> Tensor:
-        if tuple(maps.shape[-2:]) == self.out_size:
-            return maps
-        return F.interpolate(maps.float(), size=self.out_size, mode="bilinear", align_corners=False)
-
-    def key_rows(self, rows: Tensor, context: Tensor | None) -> Tensor:
-        """Unit search keys (fp32): the rows' own direction, or, with a context key, both stages'
-        unit rows side by side scaled so that a dot product is the weighted mean of the cosines."""
-        own = F.normalize(rows.float(), dim=-1)
-        if self.context_weight == 0 or context is None:
-            return own
-        w = self.context_weight
-        ctx = F.normalize(context.float(), dim=-1)
-        if w == 1:  # the coarser stage alone: no zero-weighted columns in the search
-            return ctx
-        return torch.cat([own * (1 - w) ** 0.5, ctx * w ** 0.5], dim=-1)
 
     def train(self, mode: bool = True) -> "NormalFeatureBank":
         self._cached_proj = None  # projection weights may change while training
@@ -198,20 +158,16 @@ class NormalFeatureBank(nn.Module):
         gather and normalisation copy 64 MiB every forward otherwise."""
         cacheable = bank is self.maps and not torch.jit.is_tracing()
         stamp = (self.maps.data_ptr(), self.maps._version, self.maps.device)
-        ctx = getattr(self, "context", None)
-        if ctx is not None:
-            stamp += (ctx.data_ptr(), ctx._version)
         if cacheable and self._rows is not None and self._rows[0] == stamp:
             return self._rows[1]
         rows, slot = self.patches(bank)
         with torch.autocast(bank.device.type, enabled=False):
-            found = (rows, slot, self.key_rows(rows, ctx))
+            found = (rows, slot, F.normalize(rows.float(), dim=1))
         if cacheable:
             self._rows = (stamp, found)
         return found
 
-    def recall_patches(self, query: Tensor, bank: Tensor, exclude_ids: Tensor | None,
-                       context: Tensor | None = None) -> Recall:
+    def recall_patches(self, query: Tensor, bank: Tensor, exclude_ids: Tensor | None) -> Recall:
         """Per position of each query map, the weighted K most similar bank positions.
 
         The search is fp32 under autocast too: bf16 rounds a cosine near 0.99 to steps of 0.004,
@@ -222,8 +178,7 @@ class NormalFeatureBank(nn.Module):
         b, c, h, w = query.shape
         rows, slot, keys = self.searched(bank)
         with torch.autocast(query.device.type, enabled=False):
-            q_ctx = None if context is None else context.float().permute(0, 2, 3, 1).reshape(b, h * w, -1)
-            q = self.key_rows(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), q_ctx)
+            q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
             k = min(self.top_k, keys.shape[0])
             slot_ids = self.ids[slot] if exclude_ids is not None else None  # the image id of each bank row
             if torch.jit.is_tracing() and exclude_ids is None:
@@ -269,13 +224,12 @@ class NormalFeatureBank(nn.Module):
             self._memo = memo = grown
         return memo
 
-    def forward(self, query: Tensor, exclude_ids: Tensor | None = None, context: Tensor | None = None) -> Recall:
+    def forward(self, query: Tensor, exclude_ids: Tensor | None = None) -> Recall:
         """Recall for each sample the weighted sum of its K most similar bank maps.
 
         ``query`` must live in the space of the compared maps: the student map (same shape as the
         fusion target) for ``key="student"``, or the input's teacher map of this stage for
-        ``key="teacher"`` (compared with the raw stored maps). ``context``: the input's teacher
-        map of the next coarser stage, needed (only) by a context-keyed bank.
+        ``key="teacher"`` (compared with the raw stored maps).
         """
         # Keys in teacher space need no projection, and the 1x1 projection is linear, so it is
         # applied once to the weighted sum instead of to all N bank maps (same result, N/B x cheaper).
@@ -284,12 +238,7 @@ class NormalFeatureBank(nn.Module):
         if query.shape[-2:] != bank.shape[-2:]:
             query = F.interpolate(query, size=bank.shape[-2:], mode="bilinear", align_corners=False)
         if self.granularity == "patch":
-            if self.context_weight > 0:
-                if context is None:
-                    raise ValueError("this bank's key includes the next coarser stage: pass its teacher map "
-                                     "as context")
-                context = self._at_bank_size(context) if context.shape[-2:] != bank.shape[-2:] else context
-            recall = self.recall_patches(query, bank, exclude_ids, context if self.context_weight > 0 else None)
+            recall = self.recall_patches(query, bank, exclude_ids)
             if project_after:
                 recall.value = self.proj(recall.value)
             return recall

@@ -85,9 +85,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
                         "the student through as RD4AD does (default: 1,2,3)")
-    g.add_argument("--key-context", default=None, type=float, metavar="W",
-                   help="patch readings: weight of teacher stage 2 in the layer1 bank's search key; the "
-                        "similarity is (1 - W) cos(layer1) + W cos(layer2) (default: 0)")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -98,7 +95,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
     for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
-                 "key_context", "weighting", "loss", "map_combine"):
+                 "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

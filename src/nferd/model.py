@@ -76,8 +76,6 @@ class ModelConfig:
     student_act: str = "auto"  # 'relu' | 'linear' | 'auto' (follow the teacher's stage outputs)
     student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
     bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
-    # Patch readings: weight of teacher stage 2 in the layer1 bank's search key (0 = layer1 alone).
-    key_context: float = 0.0
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -99,10 +97,6 @@ class ModelConfig:
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
                              f"got {self.bank_stages}")
-        if not 0.0 <= self.key_context <= 1.0:
-            raise ValueError(f"key_context must be between 0 and 1, got {self.key_context}")
-        if self.key_context > 0 and self.bank and READINGS[self.reading][2] != "patch":
-            raise ValueError(f"key_context needs a patch reading (E or F); reading {self.reading} recalls whole maps")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -182,9 +176,7 @@ class NFERD(nn.Module):
                 out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
                 weighting=config.weighting, raw_keys=config.key == "teacher",
                 granularity=config.granularity, patch_limit=config.patch_limit,
-                patch_sampling=config.patch_sampling,
-                context_channels=c[i + 1] if i == 0 and config.key_context > 0 else None,
-                context_weight=config.key_context if i == 0 else 0.0)
+                patch_sampling=config.patch_sampling)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
@@ -196,16 +188,13 @@ class NFERD(nn.Module):
         """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids."""
         for i, bank in self.banks.items():
             maps = teacher_maps[int(i)]
-            context = teacher_maps[int(i) + 1].to(bank.maps.device) if bank.context_weight > 0 else None
-            bank.fill(maps.to(bank.maps.device), ids.to(bank.ids.device), context)
+            bank.fill(maps.to(bank.maps.device), ids.to(bank.ids.device))
 
     def _fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
         if str(i) not in self.banks:
             return self.fusions[i](x)
         query = teacher_feats[i] if self.config.key == "teacher" else x
-        bank = self.banks[str(i)]
-        context = teacher_feats[i + 1] if bank.context_weight > 0 else None
-        recall = bank(query, exclude_ids, context)
+        recall = self.banks[str(i)](query, exclude_ids)
         self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
                                                               recall.weights)))  # for diagnostics only
         return self.fusions[i](x, recall.value.to(x.dtype))
