@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,3 +261,16 @@ def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> No
     assert top.shape == idx.shape == (50, 4)
     assert torch.allclose(top, want.values, atol=1e-6) and torch.allclose(sim.gather(1, idx), top, atol=1e-6)
     assert not ((idx >= 10) & (idx < 30)).any()
+
+
+def test_defect_matched_share_counts_defect_positions_as_close_as_normal_ones() -> None:
+    from nferd.diagnose import defect_matched_share
+    rng = np.random.default_rng(0)
+    normal_rows = rng.uniform(0.90, 1.0, size=(4, 100))  # 4 normal images' top-1 cosines
+    defect_rows = np.concatenate([np.full((2, 50), 0.99), np.full((2, 50), 0.5)], axis=1)  # half close, half far
+    top1 = np.concatenate([normal_rows, defect_rows])
+    in_defect = np.zeros_like(top1, dtype=bool)
+    in_defect[4:] = True
+    normal = np.array([True] * 4 + [False] * 2)
+    assert defect_matched_share(top1, in_defect, normal) == pytest.approx(0.5)
+    assert np.isnan(defect_matched_share(top1, np.zeros_like(in_defect), normal))

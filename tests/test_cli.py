@@ -69,6 +69,10 @@ def test_diagnose_reports_retrieval_health(trained, capsys) -> None:
     rep = json.loads(capsys.readouterr().out)
     assert [r["bank"] for r in rep["retrieval"]] == ["layer1", "layer2", "layer3"]
     assert set(rep["metrics"]) == {"bank", "random", "mean", "zero"}
+    assert list(rep["stages"]) == ["layer1", "layer2", "layer3", "model"]
+    # the model row is the model's own map, scored as `nferd test` scores it (its fast path rounds apart)
+    assert rep["stages"]["model"]["pixel_auroc"] == pytest.approx(rep["metrics"]["bank"]["pixel_auroc"], abs=1e-4)
+    assert all(0 <= r["defect_matched_share"] <= 1 for r in rep["retrieval"])
 
 
 def test_info_json(capsys) -> None:

@@ -262,6 +262,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
               f"{r['weight_entropy']:.3f}    {r['top1_distinct']:>3}/{r['n_bank']:<3}        "
               f"{r['top1_most_common_share']:.0%}"
               + (f"   ({r['sources_per_image']:.1f} bank images per test image)" if "sources_per_image" in r else ""))
+    if any("defect_matched_share" in r for r in report["retrieval"]):
+        print("\nshare of defect positions whose best bank match is as close as a normal position's: "
+              + ", ".join(f"{r['bank']} {r['defect_matched_share']:.0%}" for r in report["retrieval"]
+                          if "defect_matched_share" in r))
+    if "stages" in report:
+        print("\nmap of         pixel AUROC  AUPRO")
+        for name, m in report["stages"].items():
+            print(f"{name:<14} {m['pixel_auroc']:.4f}       {m['aupro']:.4f}")
     print("\nbank replaced by   image AUROC  pixel AUROC  AUPRO")
     for name, m in report["metrics"].items():
         print(f"{name:<18} {m['image_auroc']:.4f}       {m.get('pixel_auroc', float('nan')):.4f}       "

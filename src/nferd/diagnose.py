@@ -2,7 +2,10 @@
 
 A bank is doing its job only if (1) the similarities it ranks are spread out, (2) its weights
 are not uniform, (3) different images recall different maps, and (4) replacing the bank by
-random maps, or zeroing it, costs accuracy. This module measures all four.
+random maps, or zeroing it, costs accuracy. This module measures all four, and two things that
+say where a bank helps or hurts localisation: each stage's map scored alone, and how many
+positions inside ground-truth defects find a bank match as close as a normal position's (those
+get nearly their own features back, so the student can rebuild the defect).
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .anomaly_map import stage_distance
 from .device import autocast, autocast_dtype, resolve_device
 from .evaluate import evaluate
+from .metrics import aupro, auroc
 from .model import NFERD
+
+STAGES = ("layer1", "layer2", "layer3")
 
 
 @torch.no_grad()
@@ -32,22 +40,73 @@ def retrieval_stats(model: NFERD, dataset: Dataset, batch_size: int = 16, device
     sims: list[list[np.ndarray]] = [[], [], []]
     idxs: list[list[np.ndarray]] = [[], [], []]
     ws: list[list[np.ndarray]] = [[], [], []]
+    defect: list[list[np.ndarray]] = [[], [], []]  # patch banks: positions touching a GT defect
+    normal_img: list[np.ndarray] = []
+    has_masks = getattr(dataset, "has_masks", True)
     for batch in DataLoader(dataset, batch_size=batch_size):
         with autocast(dev, amp):
             model(batch["image"].to(dev))
+        normal_img.append(np.asarray(batch["label"]) == 0)
         for i, r in enumerate(model.last_recalls):
             if r is None:  # a stage without a bank (--bank-stages)
                 continue
             sims[i].append(r.similarity.float().cpu().numpy())
             idxs[i].append(r.indices.cpu().numpy())
             ws[i].append(r.weights.float().cpu().numpy())
-    stages = ["layer1", "layer2", "layer3"]
+            if r.similarity.ndim == 3 and has_masks:
+                grid = model.banks[str(i)].out_size
+                defect[i].append((F.adaptive_max_pool2d(batch["mask"].float(), grid) > 0.5).flatten(1).numpy())
+    normal = np.concatenate(normal_img)
     out = []
     for key, bank in model.banks.items():
         i = int(key)
         s, ix, w = np.concatenate(sims[i]), np.concatenate(idxs[i]), np.concatenate(ws[i])
         out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
-        out[-1] = {"bank": stages[i], "n_bank": int(bank.size), "granularity": bank.granularity, **out[-1]}
+        if defect[i]:
+            out[-1]["defect_matched_share"] = defect_matched_share(s[..., 0], np.concatenate(defect[i]), normal)
+        out[-1] = {"bank": STAGES[i], "n_bank": int(bank.size), "granularity": bank.granularity, **out[-1]}
+    return out
+
+
+def defect_matched_share(top1: np.ndarray, in_defect: np.ndarray, normal_image: np.ndarray,
+                         quantile: float = 0.01) -> float:
+    """Share of defect positions whose best bank match is at least as close as 99 % of the
+    positions of normal test images are (top-1 cosine >= their 1st percentile): there the
+    recall hands the student nearly the defect's own features. NaN without defects or normals."""
+    d, n = top1[in_defect], top1[normal_image]
+    if d.size == 0 or n.size == 0:
+        return float("nan")
+    return float((d >= np.quantile(n, quantile)).mean())
+
+
+@torch.no_grad()
+def stage_localisation(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str = "auto",
+                       precision: str = "auto") -> dict[str, dict[str, float]]:
+    """Pixel AUROC and AUPRO of each stage's map alone (upsampled and blurred like the model's
+    map), and of the model's own map: which stage localises, and which one a bank changes. Works for any
+    model, RD4AD too, so the two can be compared stage by stage."""
+    if not getattr(dataset, "has_masks", True):
+        raise ValueError("stage localisation needs ground-truth masks; this test set has none")
+    dev = resolve_device(device)
+    amp = autocast_dtype(dev, precision)
+    model.eval().to(dev)
+    maps: list[list[np.ndarray]] = [[], [], [], []]
+    masks = []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        images = batch["image"].to(dev)
+        with autocast(dev, amp):
+            t, s = model(images)
+        for i in range(3):
+            d = F.interpolate(stage_distance(t[i], s[i]), size=tuple(images.shape[-2:]), mode="bilinear",
+                              align_corners=True)
+            maps[i].append(model.blur(d)[:, 0].cpu().numpy())
+        maps[3].append(model.anomaly_maps(t, s, tuple(images.shape[-2:]))[0][:, 0].cpu().numpy())
+        masks.append((batch["mask"][:, 0] > 0.5).numpy())
+    gt = np.concatenate(masks)
+    per = [np.concatenate(m) for m in maps]
+    out = {}
+    for name, m in zip((*STAGES, "model"), per):
+        out[name] = {"pixel_auroc": float(auroc(m.ravel(), gt.ravel())), "aupro": float(aupro(m, gt))}
     return out
 
 
@@ -119,6 +178,8 @@ def with_bank(model: NFERD, mode: str, seed: int = 0) -> NFERD:
 def diagnose(model: NFERD, test_set: Dataset, **kw: Any) -> dict[str, Any]:
     """Retrieval statistics plus metrics with the real, random, mean and zeroed bank."""
     report: dict[str, Any] = {"retrieval": retrieval_stats(model, test_set, **kw)}
+    if getattr(test_set, "has_masks", True):
+        report["stages"] = stage_localisation(model, test_set, **kw)
     metrics = {}
     for name in ("bank", "random", "mean", "zero"):
         m = model if name == "bank" else with_bank(model, name)
