@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .anomaly_map import stage_distance
+from .anomaly_map import anomaly_map
 from .device import autocast, autocast_dtype, resolve_device
 from .evaluate import evaluate
 from .metrics import aupro, auroc
@@ -83,8 +83,8 @@ def defect_matched_share(top1: np.ndarray, in_defect: np.ndarray, normal_image: 
 def stage_localisation(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str = "auto",
                        precision: str = "auto") -> dict[str, dict[str, float]]:
     """Pixel AUROC and AUPRO of each stage's map alone (upsampled and blurred like the model's
-    map), and of the model's own map: which stage localises, and which one a bank changes. Works for any
-    model, RD4AD too, so the two can be compared stage by stage."""
+    map), and of the model's own map: which stage localises, and which one a bank changes. Works
+    for any model, RD4AD too, so the two can be compared stage by stage."""
     if not getattr(dataset, "has_masks", True):
         raise ValueError("stage localisation needs ground-truth masks; this test set has none")
     dev = resolve_device(device)
@@ -96,11 +96,10 @@ def stage_localisation(model: NFERD, dataset: Dataset, batch_size: int = 16, dev
         images = batch["image"].to(dev)
         with autocast(dev, amp):
             t, s = model(images)
-        for i in range(3):
-            d = F.interpolate(stage_distance(t[i], s[i]), size=tuple(images.shape[-2:]), mode="bilinear",
-                              align_corners=True)
-            maps[i].append(model.blur(d)[:, 0].cpu().numpy())
-        maps[3].append(model.anomaly_maps(t, s, tuple(images.shape[-2:]))[0][:, 0].cpu().numpy())
+        size = tuple(images.shape[-2:])
+        for i in range(3):  # one stage through the model's own map code
+            maps[i].append(model.blur(anomaly_map([t[i]], [s[i]], size))[:, 0].cpu().numpy())
+        maps[3].append(model.anomaly_maps(t, s, size)[0][:, 0].cpu().numpy())
         masks.append((batch["mask"][:, 0] > 0.5).numpy())
     gt = np.concatenate(masks)
     per = [np.concatenate(m) for m in maps]
