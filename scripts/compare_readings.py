@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from nferd.datasets import make_dataset
 from nferd.diagnose import diagnose
 from nferd.evaluate import evaluate
@@ -52,9 +54,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout", type=float, default=0.0)
     ap.add_argument("--variants", nargs="+", default=["rd", "A", "B", "C", "D"])
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (two runs side by side: 1 each)")
     ap.add_argument("--no-diagnose", action="store_true")
     ap.add_argument("--out", default="runs/compare")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # evaluation and diagnose too, not only training
 
     train_set = make_dataset("auto", args.data, args.category, "train", args.image_size)
     test_set = make_dataset("auto", args.data, args.category, "test", args.image_size)
@@ -64,7 +69,8 @@ def main() -> None:
         if spec in results:
             continue
         cfg = parse_variant(spec, args.teacher, args.image_size)
-        tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, holdout=args.holdout, checkpoint_every=10**6)
+        tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, holdout=args.holdout, checkpoint_every=10**6,
+                           threads=args.threads)
         t0 = time.perf_counter()
         model, summary = train(train_set, cfg, tcfg, out / spec.replace(":", "_").replace(",", "_"),
                                teacher_weights=args.teacher_weights, progress=False)
