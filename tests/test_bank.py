@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nferd.bank import NormalFeatureBank, greedy_coreset, swap_positions, top_columns, topk_rows
+from nferd.bank import NormalFeatureBank, greedy_coreset, top_columns, topk_rows
 
 
 def hand_bank(**kw) -> NormalFeatureBank:
@@ -274,20 +274,3 @@ def test_defect_matched_share_counts_defect_positions_as_close_as_normal_ones() 
     normal = np.array([True] * 4 + [False] * 2)
     assert defect_matched_share(top1, in_defect, normal) == pytest.approx(0.5)
     assert np.isnan(defect_matched_share(top1, np.zeros_like(in_defect), normal))
-
-
-def test_swap_positions_moves_a_share_of_each_maps_own_vectors_reproducibly() -> None:
-    value = torch.randn(3, 8, 32, 32, requires_grad=True)
-    assert torch.equal(swap_positions(value, 0.0, [1, 2, 3]), value)
-    out = swap_positions(value, 0.3, [1, 2, 3])
-    assert torch.equal(out, swap_positions(value, 0.3, [1, 2, 3]))  # seeded: a resumed run draws the same
-    assert not torch.equal(out, swap_positions(value, 0.3, [4, 2, 3]))
-    rows, src = value.detach().flatten(2).transpose(1, 2), out.detach().flatten(2).transpose(1, 2)
-    for j in range(3):
-        moved = (src[j] != rows[j]).any(1)
-        assert 0.2 < moved.float().mean() < 0.35  # ~share, less the draws that land on themselves
-        # every output vector is one of the same map's recalled vectors
-        assert (src[j].unsqueeze(1) == rows[j].unsqueeze(0)).all(2).any(1).all()
-        assert torch.equal(src[j][~moved], rows[j][~moved])
-    out.sum().backward()  # the projection before it still learns: the gradient reaches the recall
-    assert value.grad.sum() == pytest.approx(3 * 8 * 32 * 32)

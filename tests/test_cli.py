@@ -147,7 +147,6 @@ def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
     from nferd.cli import model_config_from, parse_args
     args = parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "2,3"])
     assert model_config_from(args).bank_stages == (2, 3)
-    assert model_config_from(parse_args(["train", "--data", "d", "--out", "o", "--recall-swap", "0.5"])).recall_swap == 0.5
     cfg = tmp_path / "run.yaml"
     cfg.write_text("bank-stages: [3]\n")
     assert model_config_from(parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])).bank_stages == (3,)

@@ -184,30 +184,6 @@ def test_bank_stages_leave_the_other_stages_as_rd4ad(tmp_path) -> None:
     assert torch.allclose(back.predict(x)[0], maps, atol=1e-6)
 
 
-def test_recall_swap_acts_in_training_only() -> None:
-    """--recall-swap changes what a training step fuses and nothing at test time."""
-    torch.manual_seed(0)
-    kw = dict(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2)
-    plain = filled(NFERD(ModelConfig(**kw), teacher_weights="random"))
-    swap = NFERD(ModelConfig(**kw, recall_swap=0.5), teacher=plain.teacher)
-    swap.load_state_dict(plain.state_dict())
-    for m in (plain, swap):
-        for f in m.fusions:
-            f.scale.data.fill_(0.5)
-    x = torch.rand(2, 3, 64, 64)
-    plain.eval(), swap.eval()
-    assert torch.equal(plain.predict(x)[0], swap.predict(x)[0])
-    plain.train(), swap.train()
-    feats = [f.detach() for f in plain.teacher(x)]
-    ids = torch.tensor([0, 1])
-    a, b = plain(None, ids, feats)[1], swap(None, ids, feats)[1]
-    assert not torch.equal(a[0], b[0])
-    swap.swap_seed = 1
-    assert not torch.equal(b[0], swap(None, ids, feats)[1][0])  # a new epoch draws new swaps
-    with pytest.raises(ValueError, match="recall_swap"):
-        ModelConfig(recall_swap=1.0)
-
-
 @pytest.mark.parametrize("stages", [(), (0, 1), (4,)])
 def test_bank_stages_outside_1_to_3_are_refused(stages) -> None:
     with pytest.raises(ValueError, match="bank stages"):

@@ -253,27 +253,6 @@ class NormalFeatureBank(nn.Module):
         return Recall(value, sim, idx, w)
 
 
-def swap_positions(value: Tensor, share: float, seeds: list[int]) -> Tensor:
-    """Training-time recall noise: in each recalled map (B x C x H x W) a ``share`` of the positions
-    take the recalled vector of another, random position of the same map.
-
-    Why: a normal training image's recall is nearly its own features (other normal images hold
-    near twins), so the student can learn to copy the recall, and at a defect whose low-level
-    features have a normal twin (bottle, layer1: 48 % of defect positions) it copies the defect
-    back. Where the recall is swapped the target is still the image's own teacher map, which only
-    the bottleneck path carries: the student learns to check the recall against it instead of
-    copying. ``seeds`` (one per sample) make the draw reproducible, so a resumed run is identical.
-    """
-    b, c, h, w = value.shape
-    src = torch.arange(h * w).repeat(b, 1)
-    for j, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(seed)
-        hit = torch.rand(h * w, generator=g) < share
-        src[j, hit] = torch.randint(h * w, (int(hit.sum()),), generator=g)
-    src = src.to(value.device).unsqueeze(1).expand(b, c, h * w)
-    return value.flatten(2).gather(2, src).view_as(value)
-
-
 SEARCH_BLOCK_BYTES = 8 << 20
 
 

@@ -85,9 +85,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
                         "the student through as RD4AD does (default: 1,2,3)")
-    g.add_argument("--recall-swap", type=float, default=None, metavar="SHARE",
-                   help="training only: share of recalled positions given another position's recall, so "
-                        "the student checks the recall instead of copying it (default: 0)")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -98,7 +95,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
     for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
-                 "recall_swap", "weighting", "loss", "map_combine"):
+                 "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, image_score
-from .bank import NormalFeatureBank, Recall, swap_positions
+from .bank import NormalFeatureBank, Recall
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
 from .loss import LOSSES
@@ -76,7 +76,6 @@ class ModelConfig:
     student_act: str = "auto"  # 'relu' | 'linear' | 'auto' (follow the teacher's stage outputs)
     student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
     bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
-    recall_swap: float = 0.0  # training only: share of recalled positions swapped (bank.swap_positions)
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -98,9 +97,6 @@ class ModelConfig:
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
                              f"got {self.bank_stages}")
-        if not 0.0 <= self.recall_swap < 1.0:
-            raise ValueError(f"recall_swap is the share of recalled positions swapped in training: "
-                             f"0 <= share < 1, got {self.recall_swap}")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -185,7 +181,6 @@ class NFERD(nn.Module):
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]
-        self.swap_seed = 0  # set per epoch by the trainer, so a resumed run draws the same recall swaps
 
     # ----------------------------------------------------------------- banks
     @torch.no_grad()
@@ -202,11 +197,7 @@ class NFERD(nn.Module):
         recall = self.banks[str(i)](query, exclude_ids)
         self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
                                                               recall.weights)))  # for diagnostics only
-        value = recall.value
-        if self.training and exclude_ids is not None and self.config.recall_swap > 0:
-            seeds = [(self.swap_seed * 1_000_003 + int(j)) * 3 + i for j in exclude_ids.tolist()]
-            value = swap_positions(value, self.config.recall_swap, seeds)
-        return self.fusions[i](x, value.to(x.dtype))
+        return self.fusions[i](x, recall.value.to(x.dtype))
 
     # --------------------------------------------------------------- forward
     def student_features(self, teacher_feats: list[Tensor], exclude_ids: Tensor | None = None) -> list[Tensor]:

@@ -192,7 +192,6 @@ class Trainer:
         rank, world = ddp.rank(), ddp.world()
         where = f" (rank {rank})" if self.distributed else ""
         order = self.epoch_order(epoch)  # the same permutation on every rank
-        self.model.swap_seed = self.config.seed * 100003 + epoch  # recall swaps (--recall-swap) per epoch
         bs = self.config.batch_size
         total, n, t0 = 0.0, 0, time.perf_counter()
         for b in range(0, len(order), bs):
