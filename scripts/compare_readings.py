@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout", type=float, default=0.0)
     ap.add_argument("--variants", nargs="+", default=["rd", "A", "B", "C", "D"])
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (two runs side by side: 1 each)")
     ap.add_argument("--no-diagnose", action="store_true")
     ap.add_argument("--out", default="runs/compare")
@@ -70,7 +71,7 @@ def main() -> None:
             continue
         cfg = parse_variant(spec, args.teacher, args.image_size)
         tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, holdout=args.holdout, checkpoint_every=10**6,
-                           threads=args.threads)
+                           threads=args.threads, lr_schedule=args.lr_schedule)
         t0 = time.perf_counter()
         model, summary = train(train_set, cfg, tcfg, out / spec.replace(":", "_").replace(",", "_"),
                                teacher_weights=args.teacher_weights, progress=False)

@@ -37,9 +37,11 @@ def test_loss_goes_down_and_teacher_stays_frozen(synth_root, tmp_path) -> None:
     assert model.banks["0"].ids.min() >= 0  # banks were filled from the training images
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_path) -> None:
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_path, schedule: str) -> None:
     ds = MVTecDataset(synth_root, "synthetic_tiles", "train", 64)
-    cfg = TrainConfig(epochs=4, batch_size=4, precision="fp32", holdout=0.2, checkpoint_every=1)
+    cfg = TrainConfig(epochs=4, batch_size=4, precision="fp32", holdout=0.2, checkpoint_every=1,
+                      lr_schedule=schedule)
     full, _ = train(ds, small_config(), cfg, tmp_path / "full", progress=False)
 
     torch.manual_seed(123)  # a different global RNG state must not matter
@@ -62,6 +64,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_p
         assert torch.equal(a[k], b[k]), k
     log = (trainer_out / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3, 4]
+
+
+def test_cosine_schedule_sets_each_epochs_lr(synth_root, tmp_path) -> None:
+    cfg = TrainConfig(epochs=4, lr=0.004, lr_schedule="cosine", batch_size=4, precision="fp32", holdout=0)
+    assert [cfg.lr_at(e) for e in range(4)] == pytest.approx([0.004, 0.003414, 0.002, 0.000586], abs=1e-6)
+    assert TrainConfig(lr=0.004).lr_at(3) == 0.004  # RD4AD's constant lr stays the default
+    ds = MVTecDataset(synth_root, "synthetic_tiles", "train", 64)
+    trainer = Trainer(NFERD(small_config()), ds, cfg, tmp_path, progress=False)
+    trainer.prepare()
+    for epoch in range(3):
+        trainer.train_epoch(epoch)
+        assert trainer.optimizer.param_groups[0]["lr"] == cfg.lr_at(epoch)
+    with pytest.raises(ValueError, match="lr schedule 'step'"):
+        TrainConfig(lr_schedule="step")
 
 
 def test_checkpoint_round_trip_gives_identical_maps(synth_root, tmp_path) -> None:

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--lr", type=float, default=0.005)
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant (RD4AD's recipe) or cosine: the lr falls to 0 over the epochs, so the last "
+                        "epoch, which is the model, is not a snapshot of a noisy walk (default constant)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -92,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_set = _datasets(args, cat, "train", mcfg.image_size)
         cal_set = _validation_set(args, cat, mcfg.image_size)
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           precision=args.precision, device=args.device, checkpoint_every=args.checkpoint_every,
+                           lr_schedule=args.lr_schedule, precision=args.precision, device=args.device,
+                           checkpoint_every=args.checkpoint_every,
                            holdout=0.0 if cal_set is not None else args.holdout,
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
                            compile=args.compile)

@@ -48,6 +48,9 @@ def make_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, f
         return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping options (RD4AD's recipe by default)."""
@@ -57,6 +60,7 @@ class TrainConfig:
     lr: float = 0.005
     beta1: float = 0.5
     beta2: float = 0.999
+    lr_schedule: str = "constant"  # 'constant' (RD4AD) or 'cosine' (lr to 0 over the epochs, per epoch)
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"
@@ -67,9 +71,20 @@ class TrainConfig:
     feature_cache_dir: str | None = None
     compile: bool = False  # torch.compile the dense modules (see device.compile_dense)
 
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule '{self.lr_schedule}'; choose one of: {', '.join(LR_SCHEDULES)}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return config_from_dict(cls, d, "training")
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of epoch ``epoch`` (0-based): a function of the epoch alone, so a
+        resumed run follows the same schedule."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        return self.lr
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -192,6 +207,8 @@ class Trainer:
         rank, world = ddp.rank(), ddp.world()
         where = f" (rank {rank})" if self.distributed else ""
         order = self.epoch_order(epoch)  # the same permutation on every rank
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr_at(epoch)
         bs = self.config.batch_size
         total, n, t0 = 0.0, 0, time.perf_counter()
         for b in range(0, len(order), bs):
