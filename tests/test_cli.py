@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -73,6 +74,23 @@ def test_diagnose_reports_retrieval_health(trained, capsys) -> None:
     # the model row is the model's own map, scored as `nferd test` scores it (its fast path rounds apart)
     assert rep["stages"]["model"]["pixel_auroc"] == pytest.approx(rep["metrics"]["bank"]["pixel_auroc"], abs=1e-4)
     assert all(0 <= r["defect_matched_share"] <= 1 for r in rep["retrieval"])
+
+
+def test_diagnose_reads_one_pass_as_the_separate_reports_read_theirs(trained) -> None:
+    from nferd.checkpoint import load_checkpoint
+    from nferd.datasets import MVTecDataset
+    from nferd.diagnose import diagnose, retrieval_stats, stage_localisation
+    data, ckpt = trained
+    ds = MVTecDataset(data, "synthetic_tiles", "test", 64)
+    rep = diagnose(load_checkpoint(ckpt)[0], ds)
+    model, _ = load_checkpoint(ckpt)  # fresh: evaluate() moved the first to channels_last (other kernels)
+    assert rep["stages"] == stage_localisation(model, ds)
+    assert rep["retrieval"] == retrieval_stats(model, ds)
+    rd = dataclasses.replace(model.config, bank=False, fusion="none")
+    from nferd.model import NFERD
+    with pytest.raises(ValueError, match="no bank"):
+        diagnose(NFERD(rd, teacher=model.teacher), ds)
+    assert set(stage_localisation(NFERD(rd, teacher=model.teacher), ds)) == {"layer1", "layer2", "layer3", "model"}
 
 
 def test_info_json(capsys) -> None:

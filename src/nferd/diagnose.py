@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,44 +29,91 @@ from .model import NFERD
 STAGES = ("layer1", "layer2", "layer3")
 
 
+def _has_masks(dataset: Dataset) -> bool:
+    return getattr(dataset, "has_masks", True)
+
+
+@dataclass
+class _TestPass:
+    """What one forward pass over a test set leaves for the reports below."""
+
+    normal_image: np.ndarray  # B: label 0
+    recalls: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # per bank
+    defect: dict[int, np.ndarray] = field(default_factory=dict)  # patch banks: positions touching a defect
+    stage_maps: list[np.ndarray] = field(default_factory=list)  # layer1..3 alone, then the model's map
+    masks: np.ndarray | None = None
+
+
 @torch.no_grad()
-def retrieval_stats(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str = "auto",
-                    precision: str = "auto") -> list[dict[str, Any]]:
-    """Per bank: similarity spread, top-K gap, normalised weight entropy, top-1 diversity."""
-    if not model.config.bank:
-        raise ValueError("this model has no bank (trained with --bank off): nothing to diagnose")
+def _test_pass(model: NFERD, dataset: Dataset, recalls: bool, stages: bool, batch_size: int = 16,
+               device: str = "auto", precision: str = "auto") -> _TestPass:
+    """One pass of ``model`` over ``dataset``, keeping the recalls and / or each stage's map:
+    ``diagnose`` reads both from a single pass."""
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
     model.eval().to(dev)
-    sims: list[list[np.ndarray]] = [[], [], []]
-    idxs: list[list[np.ndarray]] = [[], [], []]
-    ws: list[list[np.ndarray]] = [[], [], []]
-    defect: list[list[np.ndarray]] = [[], [], []]  # patch banks: positions touching a GT defect
-    normal_img: list[np.ndarray] = []
-    has_masks = getattr(dataset, "has_masks", True)
+    sims: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
+    idxs: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
+    ws: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
+    defect: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
+    maps: list[list[np.ndarray]] = [[], [], [], []]
+    masks, normal_img = [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
+        images = batch["image"].to(dev)
         with autocast(dev, amp):
-            model(batch["image"].to(dev))
+            t, s = model(images)
         normal_img.append(np.asarray(batch["label"]) == 0)
+        if stages:
+            size = tuple(images.shape[-2:])
+            for i in range(3):  # one stage through the model's own map code
+                maps[i].append(model.blur(anomaly_map([t[i]], [s[i]], size))[:, 0].cpu().numpy())
+            maps[3].append(model.anomaly_maps(t, s, size)[0][:, 0].cpu().numpy())
+            masks.append((batch["mask"][:, 0] > 0.5).numpy())
+        if not recalls:
+            continue
         for i, r in enumerate(model.last_recalls):
             if r is None:  # a stage without a bank (--bank-stages)
                 continue
             sims[i].append(r.similarity.float().cpu().numpy())
             idxs[i].append(r.indices.cpu().numpy())
             ws[i].append(r.weights.float().cpu().numpy())
-            if r.similarity.ndim == 3 and has_masks:
+            if r.similarity.ndim == 3 and _has_masks(dataset):
                 grid = model.banks[str(i)].out_size
                 defect[i].append((F.adaptive_max_pool2d(batch["mask"].float(), grid) > 0.5).flatten(1).numpy())
-    normal = np.concatenate(normal_img)
+    out = _TestPass(np.concatenate(normal_img))
+    if recalls:
+        out.recalls = {i: (np.concatenate(sims[i]), np.concatenate(idxs[i]), np.concatenate(ws[i])) for i in sims}
+        out.defect = {i: np.concatenate(d) for i, d in defect.items() if d}
+    if stages:
+        out.stage_maps = [np.concatenate(m) for m in maps]
+        out.masks = np.concatenate(masks)
+    return out
+
+
+def _retrieval_report(model: NFERD, run: _TestPass) -> list[dict[str, Any]]:
     out = []
     for key, bank in model.banks.items():
         i = int(key)
-        s, ix, w = np.concatenate(sims[i]), np.concatenate(idxs[i]), np.concatenate(ws[i])
+        s, ix, w = run.recalls[i]
         out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
-        if defect[i]:
-            out[-1]["defect_matched_share"] = defect_matched_share(s[..., 0], np.concatenate(defect[i]), normal)
+        if i in run.defect:
+            out[-1]["defect_matched_share"] = defect_matched_share(s[..., 0], run.defect[i], run.normal_image)
         out[-1] = {"bank": STAGES[i], "n_bank": int(bank.size), "granularity": bank.granularity, **out[-1]}
     return out
+
+
+def _stage_report(run: _TestPass) -> dict[str, dict[str, float]]:
+    gt = run.masks
+    return {name: {"pixel_auroc": float(auroc(m.ravel(), gt.ravel())), "aupro": float(aupro(m, gt))}
+            for name, m in zip((*STAGES, "model"), run.stage_maps)}
+
+
+def retrieval_stats(model: NFERD, dataset: Dataset, **kw: Any) -> list[dict[str, Any]]:
+    """Per bank: similarity spread, top-K gap, normalised weight entropy, top-1 diversity, and
+    (patch banks, with masks) the share of defect positions matched as closely as normal ones."""
+    if not model.config.bank:
+        raise ValueError("this model has no bank (trained with --bank off): nothing to diagnose")
+    return _retrieval_report(model, _test_pass(model, dataset, recalls=True, stages=False, **kw))
 
 
 def defect_matched_share(top1: np.ndarray, in_defect: np.ndarray, normal_image: np.ndarray,
@@ -79,34 +127,13 @@ def defect_matched_share(top1: np.ndarray, in_defect: np.ndarray, normal_image: 
     return float((d >= np.quantile(n, quantile)).mean())
 
 
-@torch.no_grad()
-def stage_localisation(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str = "auto",
-                       precision: str = "auto") -> dict[str, dict[str, float]]:
+def stage_localisation(model: NFERD, dataset: Dataset, **kw: Any) -> dict[str, dict[str, float]]:
     """Pixel AUROC and AUPRO of each stage's map alone (upsampled and blurred like the model's
     map), and of the model's own map: which stage localises, and which one a bank changes. Works
     for any model, RD4AD too, so the two can be compared stage by stage."""
-    if not getattr(dataset, "has_masks", True):
+    if not _has_masks(dataset):
         raise ValueError("stage localisation needs ground-truth masks; this test set has none")
-    dev = resolve_device(device)
-    amp = autocast_dtype(dev, precision)
-    model.eval().to(dev)
-    maps: list[list[np.ndarray]] = [[], [], [], []]
-    masks = []
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        images = batch["image"].to(dev)
-        with autocast(dev, amp):
-            t, s = model(images)
-        size = tuple(images.shape[-2:])
-        for i in range(3):  # one stage through the model's own map code
-            maps[i].append(model.blur(anomaly_map([t[i]], [s[i]], size))[:, 0].cpu().numpy())
-        maps[3].append(model.anomaly_maps(t, s, size)[0][:, 0].cpu().numpy())
-        masks.append((batch["mask"][:, 0] > 0.5).numpy())
-    gt = np.concatenate(masks)
-    per = [np.concatenate(m) for m in maps]
-    out = {}
-    for name, m in zip((*STAGES, "model"), per):
-        out[name] = {"pixel_auroc": float(auroc(m.ravel(), gt.ravel())), "aupro": float(aupro(m, gt))}
-    return out
+    return _stage_report(_test_pass(model, dataset, recalls=False, stages=True, **kw))
 
 
 def _entropy(w: np.ndarray) -> np.ndarray:
@@ -176,9 +203,12 @@ def with_bank(model: NFERD, mode: str, seed: int = 0) -> NFERD:
 
 def diagnose(model: NFERD, test_set: Dataset, **kw: Any) -> dict[str, Any]:
     """Retrieval statistics plus metrics with the real, random, mean and zeroed bank."""
-    report: dict[str, Any] = {"retrieval": retrieval_stats(model, test_set, **kw)}
-    if getattr(test_set, "has_masks", True):
-        report["stages"] = stage_localisation(model, test_set, **kw)
+    if not model.config.bank:
+        raise ValueError("this model has no bank (trained with --bank off): nothing to diagnose")
+    run = _test_pass(model, test_set, recalls=True, stages=_has_masks(test_set), **kw)
+    report: dict[str, Any] = {"retrieval": _retrieval_report(model, run)}
+    if _has_masks(test_set):
+        report["stages"] = _stage_report(run)
     metrics = {}
     for name in ("bank", "random", "mean", "zero"):
         m = model if name == "bank" else with_bank(model, name)
