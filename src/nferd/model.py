@@ -136,18 +136,13 @@ class StudentSpec:
 
 def student_spec(config: ModelConfig, stage_channels: tuple[int, int, int]) -> StudentSpec:
     """RD4AD's student for ResNets (WRN50-2-sized for every bottleneck teacher by default);
-    for EfficientNet-Lite a student sized from the stage channels: basic blocks for the thin
-    stage outputs, bottleneck blocks (wide, like WRN50-2's) for the 6x wider expansion taps,
-    where 3x3 convolutions at full width would cost 14 times as much."""
+    a basic-block student sized from the stage channels for EfficientNet-Lite."""
     spec = RESNET_SPECS.get(config.teacher)
     if spec is not None and spec.block is Bottleneck:
         return StudentSpec(Bottleneck, DeBottleneck, 512, 3, (3, 4, 6), config.student_width or 128)
     if spec is not None:  # resnet18 / resnet34
         layers = (2, 2, 2) if spec.layers[0] == 2 else (3, 4, 6)
         return StudentSpec(BasicBlock, DeBasicBlock, 512, layers[0], layers, 64)
-    if config.teacher.endswith("_expansion"):  # embedding 2 x stage 3's channels, as WRN50-2's 2048
-        return StudentSpec(Bottleneck, DeBottleneck, stage_channels[2] // 2, 2, (2, 2, 2),
-                           config.student_width or 128)
     return StudentSpec(BasicBlock, DeBasicBlock, 2 * stage_channels[2], 2, (2, 2, 2), 64)
 
 

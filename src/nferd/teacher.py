@@ -33,26 +33,22 @@ class TeacherInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     nonnegative: bool  # stage outputs end in a ReLU (ResNets) or are linear (EfficientNet-Lite)
-    weights_name: str  # the backbone whose ImageNet weights it loads (official sources, weights.py)
 
 
 def _resnet(name: str) -> TeacherInfo:
     return TeacherInfo(lambda: resnet.ResNetEncoder(resnet.RESNET_SPECS[name]),
-                       lambda m, sd: resnet.strip_unused_keys(sd), IMAGENET_MEAN, IMAGENET_STD, True, name)
+                       lambda m, sd: resnet.strip_unused_keys(sd), IMAGENET_MEAN, IMAGENET_STD, True)
 
 
-def _lite(name: str, location: str) -> TeacherInfo:
-    spec = efficientnet_lite.LITE_SPECS[name]
-    return TeacherInfo(lambda: efficientnet_lite.EfficientNetLiteEncoder(spec, location),
-                       efficientnet_lite.strip_unused_keys, TF_MEAN, TF_STD, location == "expansion", name)
+def _lite(name: str) -> TeacherInfo:
+    return TeacherInfo(lambda: efficientnet_lite.EfficientNetLiteEncoder(efficientnet_lite.LITE_SPECS[name]),
+                       lambda m, sd: efficientnet_lite.strip_unused_keys(sd, len(m._blocks)),
+                       TF_MEAN, TF_STD, False)
 
 
-# EfficientNet-Lite comes twice: "efficientnet_liteN" taps the stage outputs, and
-# "efficientnet_liteN_expansion" the next stage's expansions (same weights; efficientnet_lite.py).
 TEACHERS: dict[str, TeacherInfo] = {
     **{n: _resnet(n) for n in resnet.RESNET_SPECS},
-    **{n: _lite(n, "stage") for n in efficientnet_lite.LITE_SPECS},
-    **{f"{n}_expansion": _lite(n, "expansion") for n in efficientnet_lite.LITE_SPECS},
+    **{n: _lite(n) for n in efficientnet_lite.LITE_SPECS},
 }
 
 
@@ -94,7 +90,7 @@ def build_teacher(name: str, weights: str | Path | None = None) -> Teacher:
         raise ValueError(f"unknown teacher '{name}'; choose one of: {', '.join(TEACHERS)}")
     info = TEACHERS[name]
     encoder = info.build()
-    path = resolve_weights(info.weights_name, weights)
+    path = resolve_weights(name, weights)
     digest = None
     if path is not None:
         sd = info.strip(encoder, load_state_dict_file(path))
