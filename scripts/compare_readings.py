@@ -23,7 +23,7 @@ from nferd.datasets import make_dataset
 from nferd.diagnose import diagnose
 from nferd.evaluate import evaluate
 from nferd.model import ModelConfig
-from nferd.train import TrainConfig, train
+from nferd.train import LR_SCHEDULES, TrainConfig, train
 
 
 def parse_variant(spec: str, teacher: str, size: int) -> ModelConfig:
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout", type=float, default=0.0)
     ap.add_argument("--variants", nargs="+", default=["rd", "A", "B", "C", "D"])
-    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (two runs side by side: 1 each)")
     ap.add_argument("--no-diagnose", action="store_true")
     ap.add_argument("--out", default="runs/compare")

@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true")
 
+    from .train import LR_SCHEDULES
     p = cmd("train", "train NFERD (or RD4AD with --bank off --fusion none) on normal images")
     add_model_options(p)
     add_data_options(p)
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--lr", type=float, default=0.005)
-    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+    g.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
                    help="constant (RD4AD's recipe) or cosine: the lr falls to 0 over the epochs, so the last "
                         "epoch, which is the model, is not a snapshot of a noisy walk (default constant)")
     g.add_argument("--seed", type=int, default=0)

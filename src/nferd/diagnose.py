@@ -33,6 +33,11 @@ def _has_masks(dataset: Dataset) -> bool:
     return getattr(dataset, "has_masks", True)
 
 
+def _require_bank(model: NFERD) -> None:
+    if not model.config.bank:
+        raise ValueError("this model has no bank (trained with --bank off): nothing to diagnose")
+
+
 @dataclass
 class _TestPass:
     """What one forward pass over a test set leaves for the reports below."""
@@ -111,8 +116,7 @@ def _stage_report(run: _TestPass) -> dict[str, dict[str, float]]:
 def retrieval_stats(model: NFERD, dataset: Dataset, **kw: Any) -> list[dict[str, Any]]:
     """Per bank: similarity spread, top-K gap, normalised weight entropy, top-1 diversity, and
     (patch banks, with masks) the share of defect positions matched as closely as normal ones."""
-    if not model.config.bank:
-        raise ValueError("this model has no bank (trained with --bank off): nothing to diagnose")
+    _require_bank(model)
     return _retrieval_report(model, _test_pass(model, dataset, recalls=True, stages=False, **kw))
 
 
@@ -203,8 +207,7 @@ def with_bank(model: NFERD, mode: str, seed: int = 0) -> NFERD:
 
 def diagnose(model: NFERD, test_set: Dataset, **kw: Any) -> dict[str, Any]:
     """Retrieval statistics plus metrics with the real, random, mean and zeroed bank."""
-    if not model.config.bank:
-        raise ValueError("this model has no bank (trained with --bank off): nothing to diagnose")
+    _require_bank(model)
     run = _test_pass(model, test_set, recalls=True, stages=_has_masks(test_set), **kw)
     report: dict[str, Any] = {"retrieval": _retrieval_report(model, run)}
     if _has_masks(test_set):
