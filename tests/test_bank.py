@@ -274,3 +274,57 @@ def test_defect_matched_share_counts_defect_positions_as_close_as_normal_ones() 
     normal = np.array([True] * 4 + [False] * 2)
     assert defect_matched_share(top1, in_defect, normal) == pytest.approx(0.5)
     assert np.isnan(defect_matched_share(top1, np.zeros_like(in_defect), normal))
+
+
+def keyed_bank(**kw) -> tuple[NormalFeatureBank, torch.Tensor]:
+    """A patch bank of 3 random 8-channel 4 x 4 maps searched by 5-channel key maps of the same images."""
+    torch.manual_seed(0)
+    bank = NormalFeatureBank(3, 8, (4, 4), granularity="patch", raw_keys=True, key_channels=5, **kw)
+    key_maps = torch.randn(3, 5, 4, 4)
+    bank.fill(torch.randn(3, 8, 4, 4), torch.tensor([20, 21, 22]), key_maps)
+    return bank, key_maps
+
+
+def test_separately_keyed_bank_finds_positions_by_key_and_returns_their_values() -> None:
+    bank, key_maps = keyed_bank(top_k=1)
+    keys = key_maps.permute(0, 2, 3, 1).reshape(-1, 5)
+    values = bank.maps.permute(0, 2, 3, 1).reshape(-1, 8)
+    pick = torch.randperm(48, generator=torch.Generator().manual_seed(1))[:16]
+    q = (2.0 * keys[pick]).t().reshape(1, 5, 4, 4)  # a query in the keys' space, not the values'
+    r = bank(q)
+    assert torch.allclose(r.value, values[pick].t().reshape(1, 8, 4, 4), atol=1e-6)
+    assert r.indices[0, :, 0].tolist() == (pick // 16).tolist()
+    with pytest.raises(ValueError, match="key_maps"):
+        bank.fill(torch.randn(3, 8, 4, 4), torch.tensor([20, 21, 22]))
+    with pytest.raises(ValueError, match="key_maps"):
+        patch_bank(top_k=1).fill(torch.randn(3, 8, 4, 4), torch.tensor([20, 21, 22]), key_maps)
+    with pytest.raises(ValueError, match="patch bank"):
+        NormalFeatureBank(3, 8, (4, 4), top_k=1, key_channels=5)
+
+
+def test_training_shortlist_is_found_once_per_image_and_reranked_by_the_live_query(monkeypatch) -> None:
+    import nferd.bank as bank_module
+    monkeypatch.setattr(bank_module, "SHORTLIST", 6)
+    bank, key_maps = keyed_bank(top_k=2, temperature=0.1)
+    keys = torch.nn.functional.normalize(key_maps.permute(0, 2, 3, 1).reshape(-1, 5), dim=1)
+    fixed, live = torch.randn(1, 5, 4, 4), torch.randn(1, 5, 4, 4)
+    r = bank(live, exclude_ids=torch.tensor([21]), shortlist_query=fixed)
+    unit = lambda m: torch.nn.functional.normalize(m[0].reshape(5, 16).t(), dim=1)  # noqa: E731
+    s_fixed = unit(fixed) @ keys.t()
+    s_fixed[:, 16:32] = float("-inf")  # image 21 (bank slot 1) is the sample's own
+    short = s_fixed.topk(6, dim=1).indices
+    s_live = (unit(live) @ keys.t()).gather(1, short)
+    top, pick = s_live.topk(2, dim=1)
+    assert torch.allclose(r.similarity[0], top, atol=1e-6)
+    assert r.indices[0].tolist() == (short.gather(1, pick) // 16).tolist()
+    assert not (r.indices == 1).any()
+    # a later step of the same image: its shortlist is reused even if the fixed query were different
+    again = bank(live, exclude_ids=torch.tensor([21]), shortlist_query=torch.randn(1, 5, 4, 4))
+    assert torch.equal(again.value, r.value)
+    # with the live query equal to the fixed one, the rerank is the full search's answer
+    bank._memo = None
+    full = bank(fixed, exclude_ids=torch.tensor([21]))
+    bank._memo = None
+    same = bank(fixed, exclude_ids=torch.tensor([21]), shortlist_query=fixed)
+    assert torch.equal(full.indices, same.indices)
+    assert torch.allclose(full.value, same.value, atol=1e-5)

@@ -230,3 +230,34 @@ def test_deconv_as_a_matrix_product_is_the_transposed_conv(layout: str, bias: bo
     assert torch.allclose(plain.weight.grad, ours.weight.grad, atol=1e-12)
     if bias:
         assert torch.allclose(plain.bias.grad, ours.bias.grad, atol=1e-12)
+
+
+def test_reading_g_searches_fine_banks_with_the_students_rebuild_of_the_coarser_stage(tmp_path) -> None:
+    from nferd.checkpoint import load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, reading="G", n_bank=4, top_k=2)
+    m = NFERD(cfg, teacher_weights="random")
+    with torch.no_grad():
+        feats = m.teacher(torch.rand(4, 3, 64, 64))
+    m.fill_banks(feats, torch.arange(4))
+    assert m.banks["0"].separate_keys and not m.banks["1"].separate_keys and not m.banks["2"].separate_keys
+    both = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, reading="G", n_bank=4, top_k=2,
+                             rebuild_key_stages=(1, 2)), teacher_weights="random")
+    assert [b.separate_keys for b in both.banks.values()] == [True, True, False]
+    with pytest.raises(ValueError, match="rebuild key stages"):
+        ModelConfig(reading="G", rebuild_key_stages=(3,))
+    b0 = m.banks["0"]
+    layer2_rows = feats[1].permute(0, 2, 3, 1).reshape(-1, feats[1].shape[1])[b0.patch_index]
+    assert torch.equal(b0.search_keys, layer2_rows)  # layer1 positions are found by their layer2 features
+    m.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        t, s = m(x)
+        by_student = b0(s[1])  # the map entering the last stage is the student's rebuild of layer2
+        by_teacher = b0(t[1])
+    assert torch.allclose(m.last_recalls[0].value, by_student.value, atol=1e-6)
+    assert not torch.allclose(m.last_recalls[0].value, by_teacher.value, atol=1e-3)
+    save_checkpoint(tmp_path / "g", m)  # the search keys travel with the checkpoint
+    back, _ = load_checkpoint(tmp_path / "g")
+    assert torch.equal(back.banks["0"].search_keys, b0.search_keys)
+    assert torch.allclose(back.predict(x)[0], m.predict(x)[0], atol=1e-6)

@@ -20,6 +20,11 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   ``patch_limit`` bounds the searched N*H*W bank positions; ``patch_sampling`` picks which:
   ``"random"`` (default) a seeded random subset; ``"coreset"`` a greedy k-centre coreset of the
   filled bank (PatchCore's subsampling), so rare normal patterns survive the cut.
+* ``key_channels`` (patch banks): the bank positions are searched by ANOTHER map of the same
+  bank images, the next coarser teacher stage (resized to the bank's grid), while the recalled
+  value is still this stage's feature. Reading G queries it with the student's own
+  reconstruction of that coarser stage: the student, which never saw a defect, says what
+  should be at a position, and the bank returns the fine normal features that go with it.
 
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
@@ -59,7 +64,8 @@ class NormalFeatureBank(nn.Module):
     def __init__(self, n: int, channels: int, size: tuple[int, int], out_channels: int | None = None,
                  out_size: tuple[int, int] | None = None, top_k: int = 4, temperature: float = 0.1,
                  weighting: str = "softmax", raw_keys: bool = False, granularity: str = "image",
-                 patch_limit: int = 16384, patch_sampling: str = "random") -> None:
+                 patch_limit: int = 16384, patch_sampling: str = "random",
+                 key_channels: int | None = None) -> None:
         super().__init__()
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the bank size {n}, got {top_k}")
@@ -69,6 +75,8 @@ class NormalFeatureBank(nn.Module):
             raise ValueError(f"granularity must be 'image' or 'patch', got '{granularity}'")
         if patch_sampling not in ("random", "coreset"):
             raise ValueError(f"patch_sampling must be 'random' or 'coreset', got '{patch_sampling}'")
+        if key_channels is not None and granularity != "patch":
+            raise ValueError("separate search keys (key_channels) need a patch bank")
         self.top_k, self.temperature, self.weighting = top_k, temperature, weighting
         self.patch_sampling = patch_sampling
         self.granularity = granularity
@@ -80,13 +88,16 @@ class NormalFeatureBank(nn.Module):
             total = n * self.out_size[0] * self.out_size[1]
             keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:patch_limit]
             self.register_buffer("patch_index", keep.sort().values)  # a coreset replaces it in fill()
+            if key_channels is not None:  # the search key of each searched position (fill() sets it)
+                self.register_buffer("search_keys", torch.zeros(keep.numel(), key_channels))
         self.proj = None
         if out_channels is not None:  # readings A and C: learnable 1x1 channel match
             self.proj = nn.Conv2d(channels, out_channels, 1, bias=False)
         self._cached_proj: Tensor | None = None
         # Teacher-keyed patch recall of a training image depends only on its (cached, never
         # augmented) teacher map and the bank, so it is computed once per image, not per epoch,
-        # and kept in two tensors indexed by image id: thousands of small long-lived tensors
+        # and kept in two tensors indexed by image id (not for separate keys: the student's
+        # reconstruction that queries them changes every step): thousands of small long-lived tensors
         # fragment the C heap (measured: 12.8 GiB peak RSS for one WRN50 epoch on 400 images).
         self._memo: tuple[Tensor, Tensor, Tensor] | None = None  # top (ids x HW x K), idx, done (ids)
         # The searched rows of the raw bank and their unit keys, stamped with the maps' storage and
@@ -97,22 +108,39 @@ class NormalFeatureBank(nn.Module):
     def size(self) -> int:
         return self.maps.shape[0]
 
+    @property
+    def separate_keys(self) -> bool:
+        return hasattr(self, "search_keys")
+
     @torch.no_grad()
-    def fill(self, maps: Tensor, ids: Tensor) -> None:
-        """Store teacher maps (resized once to the fusion size, as the paper says)."""
+    def fill(self, maps: Tensor, ids: Tensor, key_maps: Tensor | None = None) -> None:
+        """Store teacher maps (resized once to the fusion size, as the paper says); ``key_maps``:
+        the same images' maps that the positions are searched by, for a bank with separate keys."""
         if maps.shape[0] != self.size:
             raise ValueError(f"bank expects {self.size} maps, got {maps.shape[0]}")
-        if tuple(maps.shape[-2:]) != self.out_size:
-            maps = F.interpolate(maps.float(), size=self.out_size, mode="bilinear", align_corners=False)
-        self.maps.copy_(maps)
+        if self.separate_keys != (key_maps is not None):
+            raise ValueError("pass key_maps exactly when the bank was built with key_channels")
+        self.maps.copy_(self._at_bank_size(maps))
         self.ids.copy_(ids)
+        search = self.maps
+        if key_maps is not None:
+            if key_maps.shape[0] != self.size:
+                raise ValueError(f"bank expects {self.size} key maps, got {key_maps.shape[0]}")
+            search = self._at_bank_size(key_maps)
         if self.granularity == "patch" and self.patch_sampling == "coreset":
             # cover the bank in the search's own metric (cosine): greedy k-centre on unit rows
-            rows = F.normalize(self.maps.permute(0, 2, 3, 1).reshape(-1, self.maps.shape[1]).float(), dim=1)
+            rows = F.normalize(search.permute(0, 2, 3, 1).reshape(-1, search.shape[1]).float(), dim=1)
             self.patch_index.copy_(greedy_coreset(rows, self.patch_index.numel()))
+        if key_maps is not None:
+            self.search_keys.copy_(search.permute(0, 2, 3, 1).reshape(-1, search.shape[1])[self.patch_index])
         self._cached_proj = None
         self._memo = None
         self._rows = None
+
+    def _at_bank_size(self, maps: Tensor) -> Tensor:
+        if tuple(maps.shape[-2:]) == self.out_size:
+            return maps
+        return F.interpolate(maps.float(), size=self.out_size, mode="bilinear", align_corners=False)
 
     def train(self, mode: bool = True) -> "NormalFeatureBank":
         self._cached_proj = None  # projection weights may change while training
@@ -158,17 +186,24 @@ class NormalFeatureBank(nn.Module):
         gather and normalisation copy 64 MiB every forward otherwise."""
         cacheable = bank is self.maps and not torch.jit.is_tracing()
         stamp = (self.maps.data_ptr(), self.maps._version, self.maps.device)
+        if self.separate_keys:
+            stamp += (self.search_keys.data_ptr(), self.search_keys._version)
         if cacheable and self._rows is not None and self._rows[0] == stamp:
             return self._rows[1]
         rows, slot = self.patches(bank)
         with torch.autocast(bank.device.type, enabled=False):
-            found = (rows, slot, F.normalize(rows.float(), dim=1))
+            found = (rows, slot, F.normalize((self.search_keys if self.separate_keys else rows).float(), dim=1))
         if cacheable:
             self._rows = (stamp, found)
         return found
 
-    def recall_patches(self, query: Tensor, bank: Tensor, exclude_ids: Tensor | None) -> Recall:
+    def recall_patches(self, query: Tensor, bank: Tensor, exclude_ids: Tensor | None,
+                       shortlist_query: Tensor | None = None) -> Recall:
         """Per position of each query map, the weighted K most similar bank positions.
+
+        ``shortlist_query`` (training, separate keys): a map in the keys' space that is fixed per
+        training image (its teacher map); its ``SHORTLIST`` best bank rows are found once per image
+        and the changing query only reranks them, which spares a full search every step.
 
         The search is fp32 under autocast too: bf16 rounds a cosine near 0.99 to steps of 0.004,
         coarser than the gaps between the nearest normal positions of a uniform object (bottle:
@@ -179,22 +214,30 @@ class NormalFeatureBank(nn.Module):
         rows, slot, keys = self.searched(bank)
         with torch.autocast(query.device.type, enabled=False):
             q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
+            short = None
+            if shortlist_query is not None:
+                short = F.normalize(shortlist_query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
             k = min(self.top_k, keys.shape[0])
             slot_ids = self.ids[slot] if exclude_ids is not None else None  # the image id of each bank row
             if torch.jit.is_tracing() and exclude_ids is None:
                 # export: one batched search (B x HW x P), so the traced graph keeps a free batch axis
                 top, idx = (q @ keys.t()).topk(k, dim=2)
             else:
-                top, idx = self._search_per_sample(q, keys, k, slot_ids, exclude_ids)
+                top, idx = self._search_per_sample(q, keys, k, slot_ids, exclude_ids, short)
         wts = self.weigh(top)
         value = (wts.unsqueeze(-1).to(rows.dtype) * rows[idx]).sum(2)  # B x HW x C
         value = value.transpose(1, 2).reshape(b, rows.shape[1], h, w)
         return Recall(value, top, slot[idx], wts)
 
     def _search_per_sample(self, q: Tensor, keys: Tensor, k: int, slot_ids: Tensor | None,
-                           exclude_ids: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Top-K bank rows per query position, one sample at a time (memory HW x P, not B x HW x P)."""
-        memo = self._memo_for(exclude_ids, q.shape[1], k) if self.raw_keys and exclude_ids is not None else None
+                           exclude_ids: Tensor | None, short: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Top-K bank rows per query position, one sample at a time (memory HW x P, not B x HW x P).
+
+        A fixed training query (teacher keys) is searched once per image and memoised; with a
+        shortlist query, that query's best rows are memoised instead and ``q`` reranks them."""
+        fixed = short if short is not None else (q if self.raw_keys and not self.separate_keys else None)
+        n = min(SHORTLIST, keys.shape[0]) if short is not None else k
+        memo = self._memo_for(exclude_ids, q.shape[1], n) if fixed is not None and exclude_ids is not None else None
         tops, idxs = [], []
         for j in range(q.shape[0]):
             key = int(exclude_ids[j]) if memo is not None else -1
@@ -202,9 +245,14 @@ class NormalFeatureBank(nn.Module):
                 top, idx = memo[0][key], memo[1][key]
             else:
                 mask = (slot_ids == exclude_ids[j]).view(1, -1) if slot_ids is not None else None
-                top, idx = search_blocked(q[j], keys, k, mask)
+                top, idx = search_blocked(q[j] if fixed is None else fixed[j], keys, n, mask)
                 if memo is not None:
                     memo[0][key], memo[1][key], memo[2][key] = top, idx, True
+            if short is not None:  # rerank the shortlist by the live query
+                sim = (keys[idx] * q[j].unsqueeze(1)).sum(-1)  # HW x SHORTLIST
+                sim.masked_fill_(top.isneginf(), float("-inf"))  # masked rows, listed only in a tiny bank
+                top, pick = sim.topk(k, dim=1)
+                idx = idx.gather(1, pick)
             tops.append(top)
             idxs.append(idx)
         return torch.stack(tops), torch.stack(idxs)  # B x HW x K
@@ -224,12 +272,14 @@ class NormalFeatureBank(nn.Module):
             self._memo = memo = grown
         return memo
 
-    def forward(self, query: Tensor, exclude_ids: Tensor | None = None) -> Recall:
+    def forward(self, query: Tensor, exclude_ids: Tensor | None = None,
+                shortlist_query: Tensor | None = None) -> Recall:
         """Recall for each sample the weighted sum of its K most similar bank maps.
 
         ``query`` must live in the space of the compared maps: the student map (same shape as the
         fusion target) for ``key="student"``, or the input's teacher map of this stage for
-        ``key="teacher"`` (compared with the raw stored maps).
+        ``key="teacher"`` (compared with the raw stored maps); with separate keys, a map in the
+        keys' space (reading G: the student's reconstruction of the next coarser stage).
         """
         # Keys in teacher space need no projection, and the 1x1 projection is linear, so it is
         # applied once to the weighted sum instead of to all N bank maps (same result, N/B x cheaper).
@@ -238,7 +288,7 @@ class NormalFeatureBank(nn.Module):
         if query.shape[-2:] != bank.shape[-2:]:
             query = F.interpolate(query, size=bank.shape[-2:], mode="bilinear", align_corners=False)
         if self.granularity == "patch":
-            recall = self.recall_patches(query, bank, exclude_ids)
+            recall = self.recall_patches(query, bank, exclude_ids, shortlist_query)
             if project_after:
                 recall.value = self.proj(recall.value)
             return recall
@@ -254,6 +304,7 @@ class NormalFeatureBank(nn.Module):
 
 
 SEARCH_BLOCK_BYTES = 8 << 20
+SHORTLIST = 64  # training rerank pool of a separately keyed bank (16 x the default K)
 
 
 def search_blocked(q: Tensor, keys: Tensor, k: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

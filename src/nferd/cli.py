@@ -78,13 +78,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=None, help="recalled maps per image (K)")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the recall weights")
     g.add_argument("--patch-limit", type=int, default=None,
-                   help="patch readings (E, F): bank positions searched per bank; lower is cheaper")
+                   help="patch readings (E, F, G): bank positions searched per bank; lower is cheaper")
     g.add_argument("--patch-sampling", default=None, choices=["coreset", "random"],
                    help="patch readings: which bank positions are kept under --patch-limit (greedy "
                         "k-centre coreset, or a seeded random subset)")
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
                         "the student through as RD4AD does (default: 1,2,3)")
+    g.add_argument("--rebuild-key-stages", default=None, type=stage_list, metavar="1[,2]",
+                   help="reading G: banks (1 = finest) searched by the student's own rebuild of the next "
+                        "coarser stage instead of the input's teacher map (default: 1)")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -95,7 +98,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
     for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
-                 "weighting", "loss", "map_combine"):
+                 "rebuild_key_stages", "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

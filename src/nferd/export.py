@@ -4,7 +4,7 @@ Exported: teacher (it normalises its own input), OCBE, the normal feature banks 
 top-K cosine recall (TopK + ScatterElements + MatMul), the fusion modules, the reverse student,
 the anomaly map (1 - cosine per stage, upsampled, summed), the Gaussian blur (a fixed conv) and
 the image score. Input ``images``: float32 B x 3 x S x S in [0, 1]; outputs ``anomaly_map``
-(B x S x S) and ``score`` (B); the batch axis is dynamic. The patch readings (E, F) search their
+(B x S x S) and ``score`` (B); the batch axis is dynamic. The patch readings (E, F, G) search their
 banks one image at a time in eager PyTorch; when traced they switch to one batched search, whose
 similarity matrix holds B x HW x P floats per bank (about 64 MiB per image for Lite0 at 256 px).
 

@@ -17,7 +17,17 @@ C      teacher     input       image        input's teacher features choose the 
 D      teacher     output      image        input's teacher features choose the maps; fused as B
 E      teacher     input       patch        each position recalls its K nearest normal positions; fused as A
 F      teacher     output      patch        as E, fused as B
+G      student     input       patch        as E, but the banks of ``rebuild_key_stages`` (default:
+                                            layer1) are searched by the student's own rebuild of
+                                            the next coarser stage
 =====  ==========  ==========  ===========  ============================================
+
+In G the student's map entering the stage that rebuilds stage i IS its rebuild of stage i + 1,
+in teacher space, so it can query the bank positions by their teacher stage-(i + 1) features
+(reading A's query, made comparable); the other banks (always layer3's, which the OCBE output
+meets) stay teacher-keyed as in E. A teacher key hands a defect back when a fine defect feature
+has a normal twin; the student's rebuild, trained on normal images only, asks for what should
+be there instead.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ READINGS: dict[str, tuple[str, str, str]] = {
     "D": ("teacher", "output", "image"),
     "E": ("teacher", "input", "patch"),
     "F": ("teacher", "output", "patch"),
+    "G": ("student", "input", "patch"),
 }
 
 
@@ -76,6 +87,7 @@ class ModelConfig:
     student_act: str = "auto"  # 'relu' | 'linear' | 'auto' (follow the teacher's stage outputs)
     student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
     bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
+    rebuild_key_stages: tuple[int, ...] = (1,)  # reading G: banks searched by the student's coarser rebuild
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -97,6 +109,10 @@ class ModelConfig:
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
                              f"got {self.bank_stages}")
+        self.rebuild_key_stages = tuple(sorted({int(i) for i in self.rebuild_key_stages}))
+        if not self.rebuild_key_stages or not set(self.rebuild_key_stages) <= {1, 2}:
+            raise ValueError(f"rebuild key stages must be a non-empty subset of 1, 2 (stage 3 has no coarser "
+                             f"rebuild to search by); got {self.rebuild_key_stages}")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -115,6 +131,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bank_stages"] = list(self.bank_stages)  # the JSON form, so saved and live configs compare equal
+        d["rebuild_key_stages"] = list(self.rebuild_key_stages)
         return d
 
     @classmethod
@@ -171,30 +188,46 @@ class NFERD(nn.Module):
         banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
         project = config.placement == "input"
         for i in banked:
+            rebuild_key = self.student_keyed_patches and i + 1 in config.rebuild_key_stages
             self.banks[str(i)] = NormalFeatureBank(
                 config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
                 out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
-                weighting=config.weighting, raw_keys=config.key == "teacher",
+                weighting=config.weighting, raw_keys=config.key == "teacher" or self.student_keyed_patches,
                 granularity=config.granularity, patch_limit=config.patch_limit,
-                patch_sampling=config.patch_sampling)
+                patch_sampling=config.patch_sampling, key_channels=c[i + 1] if rebuild_key else None)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]
 
     # ----------------------------------------------------------------- banks
+    @property
+    def student_keyed_patches(self) -> bool:
+        """Reading G: student-keyed patch recall (bank positions searched by the next coarser stage)."""
+        return self.config.key == "student" and self.config.granularity == "patch"
+
     @torch.no_grad()
     def fill_banks(self, teacher_maps: list[Tensor], ids: Tensor) -> None:
         """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids."""
         for i, bank in self.banks.items():
-            maps = teacher_maps[int(i)]
-            bank.fill(maps.to(bank.maps.device), ids.to(bank.ids.device))
+            dev = bank.maps.device
+            key_maps = teacher_maps[int(i) + 1].to(dev) if bank.separate_keys else None
+            bank.fill(teacher_maps[int(i)].to(dev), ids.to(bank.ids.device), key_maps)
 
     def _fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
         if str(i) not in self.banks:
             return self.fusions[i](x)
-        query = teacher_feats[i] if self.config.key == "teacher" else x
-        recall = self.banks[str(i)](query, exclude_ids)
+        bank = self.banks[str(i)]
+        shortlist = None
+        if bank.separate_keys:
+            query = x.detach()  # the student's rebuild of stage i + 1: a lookup, not a path for gradients
+            if exclude_ids is not None:  # training: rerank the teacher's fixed shortlist, not a full search
+                shortlist = teacher_feats[i + 1]
+        elif self.config.key == "teacher" or self.student_keyed_patches:
+            query = teacher_feats[i]
+        else:
+            query = x
+        recall = bank(query, exclude_ids, shortlist)
         self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
                                                               recall.weights)))  # for diagnostics only
         return self.fusions[i](x, recall.value.to(x.dtype))
@@ -243,4 +276,5 @@ class NFERD(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"teacher": n(self.teacher), "ocbe": n(self.ocbe), "decoder": n(self.decoder),
                 "bank": n(self.banks), "fusion": n(self.fusions), "trainable": trainable,
-                "bank_buffers": sum(b.maps.numel() for b in self.banks.values())}
+                "bank_buffers": sum(b.maps.numel() + (b.search_keys.numel() if b.separate_keys else 0)
+                                    for b in self.banks.values())}
