@@ -96,9 +96,10 @@ class NormalFeatureBank(nn.Module):
         self._cached_proj: Tensor | None = None
         # Teacher-keyed patch recall of a training image depends only on its (cached, never
         # augmented) teacher map and the bank, so it is computed once per image, not per epoch,
-        # and kept in two tensors indexed by image id (not for separate keys: the student's
-        # reconstruction that queries them changes every step): thousands of small long-lived tensors
-        # fragment the C heap (measured: 12.8 GiB peak RSS for one WRN50 epoch on 400 images).
+        # and kept in two tensors indexed by image id (with separate keys, whose student query
+        # changes every step, they hold each image's shortlist instead): thousands of small
+        # long-lived tensors fragment the C heap (measured: 12.8 GiB peak RSS for one WRN50 epoch
+        # on 400 images).
         self._memo: tuple[Tensor, Tensor, Tensor] | None = None  # top (ids x HW x K), idx, done (ids)
         # The searched rows of the raw bank and their unit keys, stamped with the maps' storage and
         # version counter: a refill or an in-place edit of ``maps`` is seen, nothing is gathered twice.
@@ -287,6 +288,9 @@ class NormalFeatureBank(nn.Module):
         bank = self.maps if self.raw_keys else self.projected()
         if query.shape[-2:] != bank.shape[-2:]:
             query = F.interpolate(query, size=bank.shape[-2:], mode="bilinear", align_corners=False)
+        if shortlist_query is not None and shortlist_query.shape[-2:] != bank.shape[-2:]:
+            shortlist_query = F.interpolate(shortlist_query, size=bank.shape[-2:], mode="bilinear",
+                                            align_corners=False)
         if self.granularity == "patch":
             recall = self.recall_patches(query, bank, exclude_ids, shortlist_query)
             if project_after:
