@@ -172,3 +172,7 @@ def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
         parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "4"])
     err = capsys.readouterr().err
     assert "--bank-stages" in err and "expected teacher stages" in err
+    args = parse_args(["train", "--data", "d", "--out", "o", "--reading", "G", "--rebuild-key-stages", "1,2"])
+    assert model_config_from(args).rebuild_key_stages == (1, 2)
+    with pytest.raises(ValueError, match="rebuild key stages"):  # the config names the option and the range
+        model_config_from(parse_args(["train", "--data", "d", "--out", "o", "--rebuild-key-stages", "3"]))
