@@ -121,27 +121,28 @@ class NormalFeatureBank(nn.Module):
             raise ValueError(f"bank expects {self.size} maps, got {maps.shape[0]}")
         if self.separate_keys != (key_maps is not None):
             raise ValueError("pass key_maps exactly when the bank was built with key_channels")
-        self.maps.copy_(self._at_bank_size(maps))
+        self.maps.copy_(self._on_grid(maps.float()))
         self.ids.copy_(ids)
         search = self.maps
         if key_maps is not None:
             if key_maps.shape[0] != self.size:
                 raise ValueError(f"bank expects {self.size} key maps, got {key_maps.shape[0]}")
-            search = self._at_bank_size(key_maps)
+            search = self._on_grid(key_maps.float())
+        rows = search.permute(0, 2, 3, 1).reshape(-1, search.shape[1])  # one row per bank position
         if self.granularity == "patch" and self.patch_sampling == "coreset":
             # cover the bank in the search's own metric (cosine): greedy k-centre on unit rows
-            rows = F.normalize(search.permute(0, 2, 3, 1).reshape(-1, search.shape[1]).float(), dim=1)
-            self.patch_index.copy_(greedy_coreset(rows, self.patch_index.numel()))
+            self.patch_index.copy_(greedy_coreset(F.normalize(rows, dim=1), self.patch_index.numel()))
         if key_maps is not None:
-            self.search_keys.copy_(search.permute(0, 2, 3, 1).reshape(-1, search.shape[1])[self.patch_index])
+            self.search_keys.copy_(rows[self.patch_index])
         self._cached_proj = None
         self._memo = None
         self._rows = None
 
-    def _at_bank_size(self, maps: Tensor) -> Tensor:
+    def _on_grid(self, maps: Tensor) -> Tensor:
+        """``maps`` bilinearly resized to the bank's grid (unchanged when they are already on it)."""
         if tuple(maps.shape[-2:]) == self.out_size:
             return maps
-        return F.interpolate(maps.float(), size=self.out_size, mode="bilinear", align_corners=False)
+        return F.interpolate(maps, size=self.out_size, mode="bilinear", align_corners=False)
 
     def train(self, mode: bool = True) -> "NormalFeatureBank":
         self._cached_proj = None  # projection weights may change while training
@@ -214,10 +215,10 @@ class NormalFeatureBank(nn.Module):
         b, c, h, w = query.shape
         rows, slot, keys = self.searched(bank)
         with torch.autocast(query.device.type, enabled=False):
-            q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
-            short = None
-            if shortlist_query is not None:
-                short = F.normalize(shortlist_query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
+            def unit_rows(m: Tensor) -> Tensor:  # B x C x H x W -> B x HW x C, unit length
+                return F.normalize(m.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
+            q = unit_rows(query)
+            short = unit_rows(shortlist_query) if shortlist_query is not None else None
             k = min(self.top_k, keys.shape[0])
             slot_ids = self.ids[slot] if exclude_ids is not None else None  # the image id of each bank row
             if torch.jit.is_tracing() and exclude_ids is None:
@@ -286,11 +287,9 @@ class NormalFeatureBank(nn.Module):
         # applied once to the weighted sum instead of to all N bank maps (same result, N/B x cheaper).
         project_after = self.raw_keys and self.proj is not None
         bank = self.maps if self.raw_keys else self.projected()
-        if query.shape[-2:] != bank.shape[-2:]:
-            query = F.interpolate(query, size=bank.shape[-2:], mode="bilinear", align_corners=False)
-        if shortlist_query is not None and shortlist_query.shape[-2:] != bank.shape[-2:]:
-            shortlist_query = F.interpolate(shortlist_query, size=bank.shape[-2:], mode="bilinear",
-                                            align_corners=False)
+        query = self._on_grid(query)  # the bank (projected or not) lies on the grid out_size
+        if shortlist_query is not None:
+            shortlist_query = self._on_grid(shortlist_query)
         if self.granularity == "patch":
             recall = self.recall_patches(query, bank, exclude_ids, shortlist_query)
             if project_after:

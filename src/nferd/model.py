@@ -223,7 +223,7 @@ class NFERD(nn.Module):
             query = x.detach()  # the student's rebuild of stage i + 1: a lookup, not a path for gradients
             if exclude_ids is not None:  # training: rerank the teacher's fixed shortlist, not a full search
                 shortlist = teacher_feats[i + 1]
-        elif self.config.key == "teacher" or self.student_keyed_patches:
+        elif bank.raw_keys:  # teacher-keyed: the input's own teacher map of this stage
             query = teacher_feats[i]
         else:
             query = x
