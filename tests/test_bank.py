@@ -328,3 +328,46 @@ def test_training_shortlist_is_found_once_per_image_and_reranked_by_the_live_que
     same = bank(fixed, exclude_ids=torch.tensor([21]), shortlist_query=fixed)
     assert torch.equal(full.indices, same.indices)
     assert torch.allclose(full.value, same.value, atol=1e-5)
+
+
+def pooled(m: torch.Tensor) -> torch.Tensor:
+    """3 x 3 local mean with replicated edges, written out independently of the bank's code."""
+    p = torch.nn.functional.pad(m, (1, 1, 1, 1), mode="replicate")
+    h, w = m.shape[-2:]
+    return sum(p[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+
+def test_pooled_key_searches_by_neighbourhood_and_recalls_the_positions_own_feature() -> None:
+    bank = patch_bank(top_k=2, temperature=0.1, key_pool=3)
+    q = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    r = bank(q)
+    unit_rows = lambda m: torch.nn.functional.normalize(m.permute(0, 2, 3, 1).reshape(-1, 8), dim=1)  # noqa: E731
+    rows = bank.maps.permute(0, 2, 3, 1).reshape(-1, 8)
+    sims = unit_rows(pooled(q)).view(2, 16, 8) @ unit_rows(pooled(bank.maps)).t()
+    top, idx = sims.topk(2, dim=2)
+    assert torch.allclose(r.similarity, top, atol=1e-5)
+    expected = (torch.softmax(top / 0.1, 2).unsqueeze(-1) * rows[idx]).sum(2)  # unpooled values
+    assert torch.allclose(r.value, expected.transpose(1, 2).reshape(2, 8, 4, 4), atol=1e-5)
+    with pytest.raises(ValueError, match="odd window"):
+        patch_bank(top_k=1, key_pool=2)
+    with pytest.raises(ValueError, match="teacher-keyed patch bank"):
+        NormalFeatureBank(3, 8, (4, 4), top_k=1, raw_keys=True, key_pool=3)  # image granularity
+
+
+def test_pooled_key_passes_over_a_single_position_twin_of_a_defect() -> None:
+    """A defect feature d on a background u has an exact twin in bank image 0 (d on background v);
+    bank image 1 is the normal background u. The single-position key recalls the twin (the defect
+    back); the neighbourhood key recalls the normal background."""
+    u, v, d = torch.eye(3)
+
+    def grid(background: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        m = background.view(3, 1, 1).repeat(1, 3, 3)
+        m[:, 1, 1] = centre
+        return m
+
+    maps = torch.stack([grid(v, d), grid(u, u), grid(v, v)])
+    query = grid(u, d).unsqueeze(0)
+    for key_pool, recalled in ((1, d), (3, u)):
+        bank = NormalFeatureBank(3, 3, (3, 3), top_k=1, granularity="patch", raw_keys=True, key_pool=key_pool)
+        bank.fill(maps, torch.tensor([0, 1, 2]))
+        assert torch.allclose(bank(query).value[0, :, 1, 1], recalled, atol=1e-6)

@@ -47,6 +47,7 @@ from .ocbe import OCBE
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
 from .teacher import Teacher, build_teacher
 
+KEY_POOL = 3  # window of the pooled search keys (key_pool_stages): PatchCore's neighbourhood size
 READINGS: dict[str, tuple[str, str, str]] = {
     "A": ("student", "input", "image"),
     "B": ("student", "output", "image"),
@@ -88,6 +89,7 @@ class ModelConfig:
     student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
     bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
     rebuild_key_stages: tuple[int, ...] = (1,)  # reading G: banks searched by the student's coarser rebuild
+    key_pool_stages: tuple[int, ...] = ()  # E / F: banks searched by the 3 x 3 local mean of the teacher map
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -113,6 +115,13 @@ class ModelConfig:
         if not self.rebuild_key_stages or not set(self.rebuild_key_stages) <= {1, 2}:
             raise ValueError(f"rebuild key stages must be a non-empty subset of 1, 2 (stage 3 has no coarser "
                              f"rebuild to search by); got {self.rebuild_key_stages}")
+        self.key_pool_stages = tuple(sorted({int(i) for i in self.key_pool_stages}))
+        if not set(self.key_pool_stages) <= {1, 2, 3}:
+            raise ValueError(f"key pool stages must be a subset of 1, 2, 3 (teacher stages, 1 = finest); "
+                             f"got {self.key_pool_stages}")
+        if self.key_pool_stages and self.reading not in ("E", "F"):
+            raise ValueError(f"pooled search keys (key_pool_stages) need a teacher-keyed patch reading (E or F), "
+                             f"not reading {self.reading}")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -132,6 +141,7 @@ class ModelConfig:
         d = asdict(self)
         d["bank_stages"] = list(self.bank_stages)  # the JSON form, so saved and live configs compare equal
         d["rebuild_key_stages"] = list(self.rebuild_key_stages)
+        d["key_pool_stages"] = list(self.key_pool_stages)
         return d
 
     @classmethod
@@ -194,7 +204,8 @@ class NFERD(nn.Module):
                 out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
                 weighting=config.weighting, raw_keys=config.key == "teacher" or self.student_keyed_patches,
                 granularity=config.granularity, patch_limit=config.patch_limit,
-                patch_sampling=config.patch_sampling, key_channels=c[i + 1] if rebuild_key else None)
+                patch_sampling=config.patch_sampling, key_channels=c[i + 1] if rebuild_key else None,
+                key_pool=KEY_POOL if i + 1 in config.key_pool_stages else 1)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
