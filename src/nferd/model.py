@@ -90,6 +90,7 @@ class ModelConfig:
     bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
     rebuild_key_stages: tuple[int, ...] = (1,)  # reading G: banks searched by the student's coarser rebuild
     key_pool_stages: tuple[int, ...] = ()  # E / F: banks searched by the 3 x 3 local mean of the teacher map
+    detach_fine: bool = False  # the stage rebuilding layer1 gets a detached input (its loss trains it alone)
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -253,6 +254,8 @@ class NFERD(nn.Module):
         outs: list[Tensor] = [x, x, x]
         for j, stage in enumerate(self.decoder.stages):
             i = 2 - j
+            if self.config.detach_fine and i == 0:
+                x = x.detach()
             if self.config.placement == "input":
                 x = self._fuse(i, x, teacher_feats, exclude_ids)
             x = stage(x)
