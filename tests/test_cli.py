@@ -176,5 +176,3 @@ def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
     assert model_config_from(args).rebuild_key_stages == (1, 2)
     with pytest.raises(ValueError, match="rebuild key stages"):  # the config names the option and the range
         model_config_from(parse_args(["train", "--data", "d", "--out", "o", "--rebuild-key-stages", "3"]))
-    args = parse_args(["train", "--data", "d", "--out", "o", "--key-pool-stages", "1"])
-    assert model_config_from(args).key_pool_stages == (1,)

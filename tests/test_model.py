@@ -261,34 +261,3 @@ def test_reading_g_searches_fine_banks_with_the_students_rebuild_of_the_coarser_
     back, _ = load_checkpoint(tmp_path / "g")
     assert torch.equal(back.banks["0"].search_keys, b0.search_keys)
     assert torch.allclose(back.predict(x)[0], m.predict(x)[0], atol=1e-6)
-
-
-def test_pooled_key_stages_pool_only_the_named_banks_and_survive_a_checkpoint(tmp_path) -> None:
-    from nferd.checkpoint import load_checkpoint, save_checkpoint
-    torch.manual_seed(0)
-    m = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, key_pool_stages=(1,)),
-              teacher_weights="random")
-    assert [b.key_pool for b in m.banks.values()] == [3, 1, 1]
-    with pytest.raises(ValueError, match="teacher-keyed patch reading"):
-        ModelConfig(reading="C", key_pool_stages=(1,))
-    with pytest.raises(ValueError, match="key pool stages"):
-        ModelConfig(key_pool_stages=(4,))
-    with torch.no_grad():
-        feats = m.teacher(torch.rand(4, 3, 64, 64))
-    m.fill_banks(feats, torch.arange(4))
-    m.train()  # training: the teacher-keyed recall of an image is found once and reused
-    with torch.no_grad():
-        first = m.student_features([f[:2] for f in feats], exclude_ids=torch.tensor([0, 1]))
-        assert not (m.last_recalls[0].indices[0] == 0).any()
-        again = m.student_features([f[:2] for f in feats], exclude_ids=torch.tensor([0, 1]))
-    assert torch.allclose(first[0], again[0], atol=1e-6)
-    m.eval()
-    x = torch.rand(2, 3, 64, 64)
-    save_checkpoint(tmp_path / "p", m)
-    back, _ = load_checkpoint(tmp_path / "p")
-    assert back.config.key_pool_stages == (1,) and back.banks["0"].key_pool == 3
-    assert torch.allclose(back.predict(x)[0], m.predict(x)[0], atol=1e-6)
-    plain = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2),
-                  teacher_weights="random")
-    plain.load_state_dict(m.state_dict())  # same weights and buffers: only the search differs
-    assert not torch.allclose(plain.predict(x)[0], m.predict(x)[0], atol=1e-4)

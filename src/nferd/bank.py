@@ -25,11 +25,6 @@ map. It leaves open which map is the query and where the recall is fused; ``key`
   value is still this stage's feature. Reading G queries it with the student's own
   reconstruction of that coarser stage: the student, which never saw a defect, says what
   should be at a position, and the bank returns the fine normal features that go with it.
-* ``key_pool`` (teacher-keyed patch banks): positions are searched by the local mean of the
-  teacher map over a ``key_pool`` x ``key_pool`` window (PatchCore's locally aware patch
-  features), query and bank alike, and still recall the position's own feature. A defect's
-  single low-level feature often has a near twin on a normal image (an edge, a dark rim); its
-  neighbourhood much less often.
 
 All of it is batched: one normalised matmul gives S for the whole batch, and the weighted sum
 is a second matmul with a sparse (top-K) weight matrix. During training a sample's own image
@@ -70,7 +65,7 @@ class NormalFeatureBank(nn.Module):
                  out_size: tuple[int, int] | None = None, top_k: int = 4, temperature: float = 0.1,
                  weighting: str = "softmax", raw_keys: bool = False, granularity: str = "image",
                  patch_limit: int = 16384, patch_sampling: str = "random",
-                 key_channels: int | None = None, key_pool: int = 1) -> None:
+                 key_channels: int | None = None) -> None:
         super().__init__()
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the bank size {n}, got {top_k}")
@@ -82,11 +77,6 @@ class NormalFeatureBank(nn.Module):
             raise ValueError(f"patch_sampling must be 'random' or 'coreset', got '{patch_sampling}'")
         if key_channels is not None and granularity != "patch":
             raise ValueError("separate search keys (key_channels) need a patch bank")
-        if key_pool != 1 and (granularity != "patch" or not raw_keys or key_channels is not None):
-            raise ValueError("a pooled search key (key_pool) needs a teacher-keyed patch bank")
-        if key_pool < 1 or key_pool % 2 == 0:
-            raise ValueError(f"key_pool must be an odd window size (1 = off), got {key_pool}")
-        self.key_pool = key_pool
         self.top_k, self.temperature, self.weighting = top_k, temperature, weighting
         self.patch_sampling = patch_sampling
         self.granularity = granularity
@@ -154,14 +144,6 @@ class NormalFeatureBank(nn.Module):
             return maps
         return F.interpolate(maps, size=self.out_size, mode="bilinear", align_corners=False)
 
-    def _pooled(self, maps: Tensor) -> Tensor:
-        """The search keys of a grid map: its local mean over ``key_pool`` x ``key_pool``
-        positions (edges replicated, so every position averages a full window)."""
-        if self.key_pool == 1:
-            return maps
-        r = self.key_pool // 2
-        return F.avg_pool2d(F.pad(maps, (r, r, r, r), mode="replicate"), self.key_pool, stride=1)
-
     def train(self, mode: bool = True) -> "NormalFeatureBank":
         self._cached_proj = None  # projection weights may change while training
         return super().train(mode)
@@ -211,12 +193,8 @@ class NormalFeatureBank(nn.Module):
         if cacheable and self._rows is not None and self._rows[0] == stamp:
             return self._rows[1]
         rows, slot = self.patches(bank)
-        if self.separate_keys:
-            key_rows = self.search_keys
-        else:
-            key_rows = self.patches(self._pooled(bank))[0] if self.key_pool > 1 else rows
         with torch.autocast(bank.device.type, enabled=False):
-            found = (rows, slot, F.normalize(key_rows.float(), dim=1))
+            found = (rows, slot, F.normalize((self.search_keys if self.separate_keys else rows).float(), dim=1))
         if cacheable:
             self._rows = (stamp, found)
         return found
@@ -309,7 +287,7 @@ class NormalFeatureBank(nn.Module):
         # applied once to the weighted sum instead of to all N bank maps (same result, N/B x cheaper).
         project_after = self.raw_keys and self.proj is not None
         bank = self.maps if self.raw_keys else self.projected()
-        query = self._pooled(self._on_grid(query))  # the bank (projected or not) lies on the grid out_size
+        query = self._on_grid(query)  # the bank (projected or not) lies on the grid out_size
         if shortlist_query is not None:
             shortlist_query = self._on_grid(shortlist_query)
         if self.granularity == "patch":

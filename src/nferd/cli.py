@@ -88,9 +88,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rebuild-key-stages", default=None, type=stage_list, metavar="1[,2]",
                    help="reading G: banks (1 = finest) searched by the student's own rebuild of the next "
                         "coarser stage instead of the input's teacher map (default: 1)")
-    g.add_argument("--key-pool-stages", default=None, type=stage_list, metavar="1[,2,3]",
-                   help="readings E, F: banks (1 = finest) searched by the 3 x 3 local mean of the teacher "
-                        "map instead of the single position's feature (default: none)")
     g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
     g.add_argument("--loss", default=None, choices=["flat", "pixel"])
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
@@ -101,7 +98,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
     for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
-                 "rebuild_key_stages", "key_pool_stages", "weighting", "loss", "map_combine"):
+                 "rebuild_key_stages", "weighting", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

@@ -47,7 +47,6 @@ from .ocbe import OCBE
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
 from .teacher import Teacher, build_teacher
 
-KEY_POOL = 3  # window of the pooled search keys (key_pool_stages): PatchCore's neighbourhood size
 READINGS: dict[str, tuple[str, str, str]] = {
     "A": ("student", "input", "image"),
     "B": ("student", "output", "image"),
@@ -89,8 +88,6 @@ class ModelConfig:
     student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
     bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
     rebuild_key_stages: tuple[int, ...] = (1,)  # reading G: banks searched by the student's coarser rebuild
-    key_pool_stages: tuple[int, ...] = ()  # E / F: banks searched by the 3 x 3 local mean of the teacher map
-    detach_fine: bool = False  # the stage rebuilding layer1 gets a detached input (its loss trains it alone)
 
     def __post_init__(self) -> None:
         if self.reading not in READINGS:
@@ -116,13 +113,6 @@ class ModelConfig:
         if not self.rebuild_key_stages or not set(self.rebuild_key_stages) <= {1, 2}:
             raise ValueError(f"rebuild key stages must be a non-empty subset of 1, 2 (stage 3 has no coarser "
                              f"rebuild to search by); got {self.rebuild_key_stages}")
-        self.key_pool_stages = tuple(sorted({int(i) for i in self.key_pool_stages}))
-        if not set(self.key_pool_stages) <= {1, 2, 3}:
-            raise ValueError(f"key pool stages must be a subset of 1, 2, 3 (teacher stages, 1 = finest); "
-                             f"got {self.key_pool_stages}")
-        if self.key_pool_stages and self.reading not in ("E", "F"):
-            raise ValueError(f"pooled search keys (key_pool_stages) need a teacher-keyed patch reading (E or F), "
-                             f"not reading {self.reading}")
         if self.student_act not in ("auto", "relu", "linear"):
             raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
 
@@ -142,7 +132,6 @@ class ModelConfig:
         d = asdict(self)
         d["bank_stages"] = list(self.bank_stages)  # the JSON form, so saved and live configs compare equal
         d["rebuild_key_stages"] = list(self.rebuild_key_stages)
-        d["key_pool_stages"] = list(self.key_pool_stages)
         return d
 
     @classmethod
@@ -205,8 +194,7 @@ class NFERD(nn.Module):
                 out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
                 weighting=config.weighting, raw_keys=config.key == "teacher" or self.student_keyed_patches,
                 granularity=config.granularity, patch_limit=config.patch_limit,
-                patch_sampling=config.patch_sampling, key_channels=c[i + 1] if rebuild_key else None,
-                key_pool=KEY_POOL if i + 1 in config.key_pool_stages else 1)
+                patch_sampling=config.patch_sampling, key_channels=c[i + 1] if rebuild_key else None)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
@@ -254,8 +242,6 @@ class NFERD(nn.Module):
         outs: list[Tensor] = [x, x, x]
         for j, stage in enumerate(self.decoder.stages):
             i = 2 - j
-            if self.config.detach_fine and i == 0:
-                x = x.detach()
             if self.config.placement == "input":
                 x = self._fuse(i, x, teacher_feats, exclude_ids)
             x = stage(x)
