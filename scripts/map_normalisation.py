@@ -19,11 +19,10 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from nferd.anomaly_map import GaussianBlur, image_score, stage_distance
+from nferd.anomaly_map import combine_stages, image_score, stage_distance
 from nferd.checkpoint import load_checkpoint
 from nferd.datasets import make_dataset
 from nferd.device import autocast, autocast_dtype
@@ -62,12 +61,9 @@ def main() -> None:
     test = make_dataset("mvtec", args.data, args.category, "test", size)
     normal, _, _ = stage_maps(model, train, exclude_own=True)
     maps, labels, masks = stage_maps(model, test, exclude_own=False)
-    blur = GaussianBlur(model.config.blur_sigma)
 
-    def score(stages: list[Tensor], name: str) -> None:
-        m = sum(F.interpolate(d.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True)
-                for d in stages)
-        m = blur(m)
+    def score(stages: list[Tensor], name: str) -> None:  # the model's own combine and blur
+        m = model.blur(combine_stages([d.unsqueeze(1) for d in stages], (size, size), model.config.map_combine))
         r = compute_metrics(image_score(m).numpy(), labels, m[:, 0].numpy(), masks)
         print(f"| {name} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['pixel_ap']:.4f} |",
               flush=True)

@@ -49,16 +49,22 @@ def stage_distance(t: Tensor, s: Tensor) -> Tensor:
     return (1 - F.cosine_similarity(t.float(), s.float(), dim=1)).unsqueeze(1)
 
 
-def anomaly_map(teacher: list[Tensor], student: list[Tensor], size: tuple[int, int],
-                combine: str = "sum") -> Tensor:
-    """Unblurred map at ``size``: stage distances upsampled bilinearly, summed (or multiplied)."""
+def combine_stages(distances: list[Tensor], size: tuple[int, int], combine: str = "sum") -> Tensor:
+    """Per-stage N x 1 x h x w distance maps upsampled bilinearly to ``size`` and summed (or
+    multiplied): the unblurred anomaly map, also for stage maps an analysis has rescaled."""
     if combine not in COMBINES:
         raise ValueError(f"unknown map combine '{combine}'; choose one of: {', '.join(COMBINES)}")
     out = None
-    for t, s in zip(teacher, student):
-        d = F.interpolate(stage_distance(t, s), size=size, mode="bilinear", align_corners=True)
+    for d in distances:
+        d = F.interpolate(d, size=size, mode="bilinear", align_corners=True)
         out = d if out is None else (out + d if combine == "sum" else out * d)
     return out
+
+
+def anomaly_map(teacher: list[Tensor], student: list[Tensor], size: tuple[int, int],
+                combine: str = "sum") -> Tensor:
+    """Unblurred map at ``size``: stage distances upsampled bilinearly, summed (or multiplied)."""
+    return combine_stages([stage_distance(t, s) for t, s in zip(teacher, student)], size, combine)
 
 
 def image_score(maps: Tensor) -> Tensor:
