@@ -30,6 +30,8 @@ EXAMPLES = {
                   "   # ROOT/C/validation"),
     "diagnose": "nferd diagnose --checkpoint runs/bottle --data /data/mvtec_ad --category bottle",
     "bench": "nferd bench --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
+    "benchmark": ("nferd benchmark run --data /data/mvtec_ad --categories bottle,cable --models nferd,rd4ad "
+                  "--seeds 0,1,2\n  nferd benchmark render"),
     "serve": "nferd serve --checkpoint runs/bottle --host 0.0.0.0 --port 8000   # page at http://HOST:8000/",
 }
 
@@ -249,6 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--infer-iters", type=int, default=10)
     p.add_argument("--json", action="store_true")
+
+    p = cmd("benchmark", "run a grid of trainings and tests into result files (run), or render their tables (render)")
+    p.add_argument("action", choices=["run", "render"])
+    p.add_argument("--data", action="append", default=None, metavar="ROOT",
+                   help="run: dataset root (repeat for several)")
+    p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
+    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, rd4ad)")
+    p.add_argument("--seeds", default="0", help="run: seeds, comma-separated (default 0)")
+    p.add_argument("--teacher", default="efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None, help="run: torch threads (default: all cores)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--results", default="benchmarks/results", help="result files (default benchmarks/results)")
+    p.add_argument("--work", default="runs/benchmark", help="run: checkpoints of the runs (default runs/benchmark)")
+    p.add_argument("--docs", default="docs/results.md", help="render: the results page to write")
+    p.add_argument("--readme", default="README.md", help="render: README whose results table is replaced")
 
     p = cmd("serve", "HTTP inspection service: POST /predict, GET /health, /metadata, and an operator page at /")
     p.add_argument("--checkpoint", required=True)

@@ -378,3 +378,40 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"{counts['defective']} defective images missed (image F1 {cal['image_f1']:.4f})")
     print(f"written to {args.checkpoint}")
     return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import Run, load_results, model_presets, render_readme, render_results_doc, run_grid
+    results = Path(args.results)
+    if args.action == "render":
+        rows = load_results(results)
+        if not rows:
+            raise CLIError(f"no result files under '{results}': run `nferd benchmark run` first")
+        Path(args.docs).write_text(render_results_doc(rows))
+        readme = Path(args.readme)
+        if readme.is_file():
+            readme.write_text(render_readme(readme.read_text(), rows))
+        print(f"rendered {len(rows)} result files into {args.docs} and {args.readme}")
+        return 0
+    if not args.data or not args.categories:
+        raise CLIError("benchmark run needs --data ROOT and --categories C1,C2")
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(model_presets(args.teacher, args.image_size)))
+    if unknown:
+        raise CLIError(f"unknown model preset(s) {', '.join(unknown)}; choose from "
+                       f"{', '.join(model_presets(args.teacher, args.image_size))}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError as e:
+        raise CLIError(f"--seeds takes integers separated by commas, got '{args.seeds}'") from e
+    import os
+    threads = args.threads or os.cpu_count() or 1
+    runs = [Run(root, cat, model, args.teacher, args.image_size, args.epochs, seed)
+            for root in args.data for cat in args.categories.split(",") if cat
+            for model in models for seed in seeds]
+    for root in args.data:
+        for cat in {r.category for r in runs}:
+            if not (Path(root) / cat).is_dir():
+                raise CLIError(f"no category '{cat}' under --data '{root}'")
+    run_grid(runs, results, Path(args.work), threads, args.device)
+    return 0

@@ -1,0 +1,255 @@
+"""Benchmark runner: a grid of (dataset root x categories x models x seeds) trained and tested
+with the normal train/test code, one JSON result file per run, each with its provenance.
+
+A run whose result file exists is skipped, and an interrupted run resumes from its last
+checkpoint, so a grid can be stopped and started again. ``render`` turns the result files into
+the Markdown tables of ``docs/results.md`` and the README (mean and spread over seeds).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "neon")
+
+
+def model_presets(teacher: str, image_size: int) -> dict[str, Any]:
+    """The models a benchmark compares, by name: NFERD as shipped, and RD4AD in the same code."""
+    from .model import ModelConfig
+    return {
+        "nferd": ModelConfig(teacher=teacher, image_size=image_size),
+        "rd4ad": ModelConfig(teacher=teacher, image_size=image_size, bank=False, fusion="none"),
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid."""
+
+    data: str
+    category: str
+    model: str
+    teacher: str
+    image_size: int
+    epochs: int
+    seed: int
+
+    @property
+    def dataset(self) -> str:
+        return Path(self.data).resolve().name
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-{self.teacher}-{self.image_size}px-{self.epochs}ep-seed{self.seed}"
+
+    def result_path(self, results: Path) -> Path:
+        return results / self.dataset / self.category / f"{self.key}.json"
+
+
+def provenance(threads: int, device: str, argv: list[str] | None = None) -> dict[str, Any]:
+    """Where and how a figure was measured: date, code, versions, machine, command."""
+    import numpy
+    import torch
+    from . import __version__
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "nferd_version": __version__,
+        "torch_version": torch.__version__,
+        "numpy_version": numpy.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "device": device,
+        "command": shlex.join(["nferd", *(sys.argv[1:] if argv is None else argv)]),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree this package runs from (``+dirty`` with local changes)."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) if head else None
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    m = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return m.group(1).strip() if m else platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide CPU speed for this workload (AVX2, AVX-512, AMX, ...)."""
+    m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", _cpuinfo(), re.M)
+    have = set(m.group(1).split()) if m else set()
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "auto",
+            argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train and test one grid cell with the product's code; write and return its result file."""
+    import torch
+    from .datasets import make_dataset
+    from .evaluate import evaluate
+    from .train import TrainConfig, train
+    from .checkpoint import load_checkpoint, weights_file
+    torch.set_num_threads(threads)
+    mcfg = model_presets(run.teacher, run.image_size)[run.model]
+    root = Path(run.data)
+    train_set = make_dataset("auto", root, run.category, "train", run.image_size)
+    cal_set = None
+    if (root / run.category / "validation" / "good").is_dir():
+        cal_set = make_dataset("auto", root, run.category, "validation", run.image_size)
+    tcfg = TrainConfig(epochs=run.epochs, seed=run.seed, device=device, threads=threads,
+                       holdout=0.0 if cal_set is not None else 0.1)
+    out = work / run.dataset / run.category / run.key
+    t0 = time.perf_counter()
+    if weights_file(out).is_file():  # trained before, its result file lost: test only
+        model, meta = load_checkpoint(out)
+        summary = {"train_seconds": meta.get("train_seconds"), "feature_seconds": None}
+    else:
+        model, summary = train(train_set, mcfg, tcfg, out, calibration_set=cal_set,
+                               resume=(out / "last.safetensors").is_file(), progress=progress)
+    train_wall = time.perf_counter() - t0
+    test_set = make_dataset("auto", root, run.category, "test", run.image_size)
+    metrics, _ = evaluate(model, test_set, device=device, progress=progress)
+    n = metrics["n_images"]
+    result = {
+        "dataset": run.dataset, "category": run.category, "model": run.model, "teacher": run.teacher,
+        "image_size": run.image_size, "epochs": run.epochs, "seed": run.seed,
+        "metrics": {k: float(metrics[k]) for k in METRICS if k in metrics},
+        "n_train": len(train_set), "n_test": n,
+        "timing": {"train_seconds": summary.get("train_seconds"), "feature_seconds": summary.get("feature_seconds"),
+                   "train_wall_seconds": train_wall, "inference_seconds": metrics["inference_seconds"],
+                   "inference_ms_per_image": 1000 * metrics["inference_seconds"] / max(n, 1)},
+        "config": {"model": model.config.to_dict(), "train": {k: v for k, v in vars(tcfg).items()}},
+        "provenance": provenance(threads, str(device), argv),
+    }
+    path = run.result_path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def run_grid(runs: list[Run], results: Path, work: Path, threads: int, device: str = "auto",
+             log: Callable[[str], None] = print, argv: list[str] | None = None) -> list[Path]:
+    """Every run of ``runs`` whose result file is missing, in order; returns the files written."""
+    todo = [r for r in runs if not r.result_path(results).is_file()]
+    log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} done before, {len(todo)} to run")
+    written = []
+    for i, run in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {run.dataset}/{run.category} {run.key}")
+        res = run_one(run, results, work, threads, device, argv)
+        m = res["metrics"]
+        log(f"[{i}/{len(todo)}] " + "  ".join(f"{k} {m[k]:.4f}" for k in METRICS if k in m))
+        written.append(run.result_path(results))
+    return written
+
+
+# ------------------------------------------------------------------------------------------ render
+def load_results(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(results).rglob("*.json"))]
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS[:4]) -> str:
+    """One Markdown table: a row per (dataset, category, teacher, size, epochs, model), mean ±
+    sample standard deviation over its seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        k = (r["dataset"], r["category"], r["teacher"], r["image_size"], r["epochs"], r["model"])
+        groups.setdefault(k, []).append(r)
+    head = ["dataset / category", "teacher", "epochs", "model", "seeds", *metrics, "ms / image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in sorted(groups):
+        g = groups[k]
+        cells = [f"{k[0]} / {k[1]}", f"{k[2]} ({k[3]} px)", str(k[4]), k[5], str(len(g))]
+        cells += [_mean_spread([r["metrics"][m] for r in g]) if all(m in r["metrics"] for r in g) else "–"
+                  for m in metrics]
+        cells.append(f"{statistics.mean(r['timing']['inference_ms_per_image'] for r in g):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def provenance_table(rows: list[dict[str, Any]]) -> str:
+    head = ["result file", "date", "commit", "CPU", "flags", "threads", "torch", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["category"], r["model"], r["seed"])):
+        p = r["provenance"]
+        name = f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep-seed{r['seed']}"
+        train_s = r["timing"].get("train_seconds")
+        lines.append("| " + " | ".join([name, p["date"][:10], (p.get("git_commit") or "?")[:12], p["cpu_model"],
+                                         " ".join(p["cpu_flags"]), str(p["threads"]), p["torch_version"],
+                                         f"{train_s:.0f}" if train_s else "–"]) + " |")
+    return "\n".join(lines)
+
+
+README_START = "<!-- results:start (rendered by `nferd benchmark render`; do not edit) -->"
+README_END = "<!-- results:end -->"
+
+
+def render_results_doc(rows: list[dict[str, Any]]) -> str:
+    return "\n".join([
+        "# Results",
+        "",
+        "Rendered by `nferd benchmark render` from the result files in `benchmarks/results/` (one JSON",
+        "per run, written by `nferd benchmark run`). Do not edit by hand: run the benchmark, then render.",
+        "Each row is the mean ± sample standard deviation over the seeds listed; a single seed shows its",
+        "value alone. The last epoch is the model (nothing is selected on the test split); thresholds",
+        "play no part in these threshold-free metrics.",
+        "",
+        "## Detection and localisation",
+        "",
+        summary_table(rows, METRICS),
+        "",
+        "## Provenance of each run",
+        "",
+        "The full command, versions and configuration are in each result file.",
+        "",
+        provenance_table(rows),
+        "",
+    ])
+
+
+def render_readme(readme: str, rows: list[dict[str, Any]]) -> str:
+    """The README with the table between its results markers replaced by the rendered one."""
+    if README_START not in readme or README_END not in readme:
+        raise ValueError("README has no results markers")
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return head + README_START + "\n" + summary_table(rows) + "\n" + README_END + tail
