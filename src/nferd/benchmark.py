@@ -121,7 +121,10 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     from .evaluate import evaluate
     from .train import TrainConfig, train
     from .checkpoint import load_checkpoint, weights_file
+    from .device import autocast_dtype, resolve_device
     torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    amp = autocast_dtype(dev, "auto")
     mcfg = model_presets(run.teacher, run.image_size)[run.model]
     root = Path(run.data)
     train_set = make_dataset("auto", root, run.category, "train", run.image_size)
@@ -151,7 +154,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
                    "train_wall_seconds": train_wall, "inference_seconds": metrics["inference_seconds"],
                    "inference_ms_per_image": 1000 * metrics["inference_seconds"] / max(n, 1)},
         "config": {"model": model.config.to_dict(), "train": {k: v for k, v in vars(tcfg).items()}},
-        "provenance": provenance(threads, str(device), argv),
+        "provenance": {**provenance(threads, str(dev), argv), "precision": str(amp).replace("torch.", "") if amp else "fp32"},
     }
     path = run.result_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
