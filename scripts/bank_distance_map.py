@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nferd.anomaly_map import anomaly_map, image_score
-from nferd.checkpoint import load_checkpoint
-from nferd.datasets import make_dataset
-from nferd.device import autocast, autocast_dtype
+from nferd.models.anomaly_map import anomaly_map, image_score
+from nferd.engine.checkpoint import load_checkpoint
+from nferd.data.datasets import make_dataset
+from nferd.engine.device import autocast, autocast_dtype
 from nferd.metrics import compute_metrics
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")

@@ -1,7 +1,7 @@
 """Batch-1 latency of one model three ways, in one process: PyTorch fp32, PyTorch's fast path, ONNX Runtime.
 
 * torch_fp32: the exported graph run eagerly in PyTorch, fp32, NCHW (what the .onnx file computes);
-* torch_fast: ``Predictor.maps``, i.e. channels_last plus autocast to ``nferd.device.autocast_dtype``
+* torch_fast: ``Predictor.maps``, i.e. channels_last plus autocast to ``nferd.engine.device.autocast_dtype``
   (bf16 on CPUs with native bf16, otherwise fp32);
 * onnxruntime: ``OnnxPredictor.maps`` on the exported file (CPUExecutionProvider, fp32).
 
@@ -26,12 +26,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from nferd.checkpoint import load_checkpoint
-from nferd.device import autocast_dtype, cpu_has_bf16, default_threads
-from nferd.export import InferenceGraph, export_onnx
-from nferd.model import NFERD, ModelConfig
-from nferd.onnx_backend import OnnxPredictor
-from nferd.predict import Predictor
+from nferd.engine.checkpoint import load_checkpoint
+from nferd.engine.device import autocast_dtype, cpu_has_bf16, default_threads
+from nferd.deploy.export import InferenceGraph, export_onnx
+from nferd.models.nferd import NFERD, ModelConfig
+from nferd.deploy.onnx_runtime import OnnxPredictor
+from nferd.deploy.predict import Predictor
 
 
 def cpu_name() -> str:

@@ -14,9 +14,9 @@ import json
 
 import numpy as np
 
-from nferd.checkpoint import load_checkpoint
-from nferd.datasets import make_dataset
-from nferd.evaluate import infer
+from nferd.engine.checkpoint import load_checkpoint
+from nferd.data.datasets import make_dataset
+from nferd.engine.evaluate import infer
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from nferd.datasets import make_dataset
-from nferd.diagnose import diagnose
-from nferd.evaluate import evaluate
-from nferd.model import ModelConfig
-from nferd.train import LR_SCHEDULES, TrainConfig, train
+from nferd.data.datasets import make_dataset
+from nferd.cli.diagnose import diagnose
+from nferd.engine.evaluate import evaluate
+from nferd.models.nferd import ModelConfig
+from nferd.engine.train import LR_SCHEDULES, TrainConfig, train
 
 
 def parse_variant(spec: str, teacher: str, size: int) -> ModelConfig:

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from nferd.anomaly_map import combine_stages, image_score, stage_distance
-from nferd.checkpoint import load_checkpoint
-from nferd.datasets import make_dataset
-from nferd.device import autocast, autocast_dtype
+from nferd.models.anomaly_map import combine_stages, image_score, stage_distance
+from nferd.engine.checkpoint import load_checkpoint
+from nferd.data.datasets import make_dataset
+from nferd.engine.device import autocast, autocast_dtype
 from nferd.metrics import compute_metrics
 
 

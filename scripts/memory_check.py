@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nferd.datasets import FolderDataset
-from nferd.model import NFERD, ModelConfig
-from nferd.train import TrainConfig, Trainer
+from nferd.data.datasets import FolderDataset
+from nferd.models.nferd import NFERD, ModelConfig
+from nferd.engine.train import TrainConfig, Trainer
 
 
 def main() -> None:

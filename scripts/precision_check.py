@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from nferd.checkpoint import load_checkpoint
-from nferd.datasets import make_dataset
-from nferd.evaluate import evaluate
-from nferd.model import ModelConfig
-from nferd.train import TrainConfig, train
+from nferd.engine.checkpoint import load_checkpoint
+from nferd.data.datasets import make_dataset
+from nferd.engine.evaluate import evaluate
+from nferd.models.nferd import ModelConfig
+from nferd.engine.train import TrainConfig, train
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 

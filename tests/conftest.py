@@ -25,7 +25,7 @@ def _threads() -> None:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic MVTec-layout dataset (generated once per session)."""
-    from nferd.synth import generate_synthetic_dataset
+    from nferd.data.synth import generate_synthetic_dataset
     root = tmp_path_factory.mktemp("synth")
     generate_synthetic_dataset(root, seed=0, n_train=12, n_test_good=3, n_test_per_defect=2, image_size=64)
     return root

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nferd.bank import NormalFeatureBank, greedy_coreset, top_columns, topk_rows
+from nferd.models.bank import NormalFeatureBank, greedy_coreset, top_columns, topk_rows
 
 
 def hand_bank(**kw) -> NormalFeatureBank:
@@ -247,8 +247,8 @@ def test_top_columns_finds_the_same_entries_as_a_plain_top_k(p: int) -> None:
 
 @pytest.mark.parametrize("block_bytes", [4 * 100 * 7, 4 * 100 * 64, 1 << 30])  # blocks of 7 rows, 64 rows, one block
 def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> None:
-    import nferd.bank as bank_module
-    from nferd.bank import search_blocked
+    import nferd.models.bank as bank_module
+    from nferd.models.bank import search_blocked
     g = torch.Generator().manual_seed(1)
     q = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
     keys = torch.nn.functional.normalize(torch.randn(100, 8, generator=g), dim=1)
@@ -264,7 +264,7 @@ def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> No
 
 
 def test_defect_matched_share_counts_defect_positions_as_close_as_normal_ones() -> None:
-    from nferd.diagnose import defect_matched_share
+    from nferd.cli.diagnose import defect_matched_share
     rng = np.random.default_rng(0)
     normal_rows = rng.uniform(0.90, 1.0, size=(4, 100))  # 4 normal images' top-1 cosines
     defect_rows = np.concatenate([np.full((2, 50), 0.99), np.full((2, 50), 0.5)], axis=1)  # half close, half far
@@ -303,7 +303,7 @@ def test_separately_keyed_bank_finds_positions_by_key_and_returns_their_values()
 
 
 def test_training_shortlist_is_found_once_per_image_and_reranked_by_the_live_query(monkeypatch) -> None:
-    import nferd.bank as bank_module
+    import nferd.models.bank as bank_module
     monkeypatch.setattr(bank_module, "SHORTLIST", 6)
     bank, key_maps = keyed_bank(top_k=2, temperature=0.1)
     keys = torch.nn.functional.normalize(key_maps.permute(0, 2, 3, 1).reshape(-1, 5), dim=1)

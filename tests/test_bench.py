@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from nferd.bench import run_bench
+from nferd.cli.bench import run_bench
 from nferd.cli import main
 
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from nferd.calibration import decision_counts, fit_f1, fit_normal, fit_validation, normalize
+from nferd.engine.calibration import decision_counts, fit_f1, fit_normal, fit_validation, normalize
 from nferd.cli import main
 
 
@@ -66,7 +66,7 @@ def test_calibrate_command_refits_the_checkpoint_on_validation_folders(synth_roo
     assert cal["fitted_set"]["good"] == len(list((val / "good").iterdir()))
     assert {k: v for k, v in after.items() if k != "calibration"} == \
         {k: v for k, v in before.items() if k != "calibration"}  # only the calibration changed
-    from nferd.checkpoint import read_metadata
+    from nferd.engine.checkpoint import read_metadata
     assert read_metadata(ckpt)["calibration"] == cal  # the weights file's header holds it too
     # good images only: back to the normal quantile
     assert main(["calibrate", "--checkpoint", str(ckpt), "--normal-dir", str(val / "good")]) == 0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nferd.cli import CLIError, main
+from nferd.cli import main
+from nferd.cli.options import CLIError
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +78,9 @@ def test_diagnose_reports_retrieval_health(trained, capsys) -> None:
 
 
 def test_diagnose_reads_one_pass_as_the_separate_reports_read_theirs(trained) -> None:
-    from nferd.checkpoint import load_checkpoint
-    from nferd.datasets import MVTecDataset
-    from nferd.diagnose import diagnose, retrieval_stats, stage_localisation
+    from nferd.engine.checkpoint import load_checkpoint
+    from nferd.data.datasets import MVTecDataset
+    from nferd.cli.diagnose import diagnose, retrieval_stats, stage_localisation
     data, ckpt = trained
     ds = MVTecDataset(data, "synthetic_tiles", "test", 64)
     rep = diagnose(load_checkpoint(ckpt)[0], ds)
@@ -87,7 +88,7 @@ def test_diagnose_reads_one_pass_as_the_separate_reports_read_theirs(trained) ->
     assert rep["stages"] == stage_localisation(model, ds)
     assert rep["retrieval"] == retrieval_stats(model, ds)
     rd = dataclasses.replace(model.config, bank=False, fusion="none")
-    from nferd.model import NFERD
+    from nferd.models.nferd import NFERD
     with pytest.raises(ValueError, match="no bank"):
         diagnose(NFERD(rd, teacher=model.teacher), ds)
     assert set(stage_localisation(NFERD(rd, teacher=model.teacher), ds)) == {"layer1", "layer2", "layer3", "model"}
@@ -112,7 +113,7 @@ def test_config_file_with_flag_override(trained, tmp_path, capsys) -> None:
 
 
 def test_config_key_format_means_each_commands_own_format_option(tmp_path) -> None:
-    from nferd.cli import parse_args
+    from nferd.cli.parser import parse_args
     cfg = tmp_path / "run.yaml"
     cfg.write_text("format: folder\npatch-limit: 512\n")
     args = parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])
@@ -144,7 +145,7 @@ def test_console_entry_point_runs() -> None:
 
 
 def test_category_all_trains_and_tests_every_category(tmp_path, capsys) -> None:
-    from nferd.synth import generate_synthetic_dataset
+    from nferd.data.synth import generate_synthetic_dataset
     for i, cat in enumerate(("tiles_a", "tiles_b")):
         generate_synthetic_dataset(tmp_path / "data", seed=i, category=cat, n_train=6, n_test_good=2,
                                    n_test_per_defect=1, image_size=64)
@@ -162,7 +163,8 @@ def test_category_all_trains_and_tests_every_category(tmp_path, capsys) -> None:
 
 
 def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
-    from nferd.cli import model_config_from, parse_args
+    from nferd.cli.options import model_config_from
+    from nferd.cli.parser import parse_args
     args = parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "2,3"])
     assert model_config_from(args).bank_stages == (2, 3)
     cfg = tmp_path / "run.yaml"

@@ -1,4 +1,4 @@
-"""Tests for nferd.images (loading) and nferd.datasets (layouts), on tiny generated files."""
+"""Tests for nferd.data.images (loading) and nferd.data.datasets (layouts), on tiny generated files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from nferd.datasets import (
+from nferd.data.datasets import (
     DatasetError,
     FolderDataset,
     MVTecDataset,
@@ -20,7 +20,7 @@ from nferd.datasets import (
     discover_categories,
     make_dataset,
 )
-from nferd.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, load_mask
+from nferd.data.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, load_mask
 
 # --------------------------------------------------------------------------- helpers
 

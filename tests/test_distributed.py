@@ -34,11 +34,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nferd import distributed as ddp
-from nferd.checkpoint import read_metadata
-from nferd.datasets import MVTecDataset
-from nferd.model import NFERD, ModelConfig
-from nferd.train import TrainConfig, train
+from nferd.engine import distributed as ddp
+from nferd.engine.checkpoint import read_metadata
+from nferd.data.datasets import MVTecDataset
+from nferd.models.nferd import NFERD, ModelConfig
+from nferd.engine.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -197,9 +197,9 @@ def test_category_all_trains_whole_categories_one_per_process(synth_root: Path, 
 CACHE_SCRIPT = f"""
 import sys, torch
 from safetensors.torch import save_file
-from nferd import distributed as ddp
-from nferd.datasets import MVTecDataset
-from nferd.teacher import build_teacher
+from nferd.engine import distributed as ddp
+from nferd.data.datasets import MVTecDataset
+from nferd.models.teacher import build_teacher
 torch.set_num_threads(1)
 ddp.init(torch.device("cpu"))
 cache = ddp.build_feature_cache(build_teacher("efficientnet_lite0"), MVTecDataset(sys.argv[1], "{CAT}", "train", 64),
@@ -209,8 +209,8 @@ save_file({{f"stage{{i}}": s for i, s in enumerate(cache.stages)}}, f"{{sys.argv
 
 
 def test_feature_cache_is_computed_in_blocks_and_shared(synth_root: Path, tmp_path: Path) -> None:
-    from nferd.features import FeatureCache
-    from nferd.teacher import build_teacher
+    from nferd.engine.features import FeatureCache
+    from nferd.models.teacher import build_teacher
     script = tmp_path / "cache.py"
     script.write_text(CACHE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -293,7 +293,7 @@ def _crashing(predictor, after: int):  # type: ignore[no-untyped-def]
 
 def test_killed_prediction_is_finished_by_two_processes(pred_inputs: list[str], reference: Path,
                                                         single_prediction: Path, tmp_path: Path) -> None:
-    from nferd.predict import Predictor, predict_to_folder
+    from nferd.deploy.predict import Predictor, predict_to_folder
     torch.set_num_threads(1)  # as the processes that finish the run
     out = tmp_path / "restarted"
     inputs = pred_inputs
@@ -321,8 +321,8 @@ def test_killed_prediction_is_finished_by_two_processes(pred_inputs: list[str], 
 
 def test_restart_in_one_process_scores_only_the_missing_images(synth_root: Path, reference: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import nferd.predict as predict_module
-    from nferd.predict import Predictor, predict_to_folder
+    import nferd.deploy.predict as predict_module
+    from nferd.deploy.predict import Predictor, predict_to_folder
     inputs = [str(synth_root / CAT / "test" / "*" / "*.png")]  # 9 images
     out = tmp_path / "p"
     predictor = Predictor.from_checkpoint(reference)

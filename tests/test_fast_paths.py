@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from nferd.datasets import MVTecDataset
-from nferd.device import cpu_has_bf16
-from nferd.evaluate import infer
-from nferd.features import FeatureCache
-from nferd.model import NFERD, ModelConfig
-from nferd.teacher import build_teacher
+from nferd.data.datasets import MVTecDataset
+from nferd.engine.device import cpu_has_bf16
+from nferd.engine.evaluate import infer
+from nferd.engine.features import FeatureCache
+from nferd.models.nferd import NFERD, ModelConfig
+from nferd.models.teacher import build_teacher
 
 
 def test_cache_returns_the_live_teacher_features(synth_root, tmp_path) -> None:
@@ -53,7 +53,7 @@ def test_bf16_maps_agree_with_fp32(synth_root) -> None:
                     reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
 def test_compiled_model_computes_the_eager_maps_and_keeps_its_weight_names() -> None:
-    from nferd.device import compile_dense
+    from nferd.engine.device import compile_dense
     torch.manual_seed(0)
     model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2)).eval()
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_compiled_model_computes_the_eager_maps_and_keeps_its_weight_names() -> 
 
 
 def test_heap_trim_waits_for_resident_memory_to_creep(monkeypatch) -> None:
-    import nferd.device as dev
+    import nferd.engine.device as dev
     calls: list[int] = []
     rss = iter([100, 105, 109, 111, 100, 104, 200])  # resident bytes at the end of successive steps
     monkeypatch.setattr(dev, "_libc_malloc_trim", lambda: calls.append)
@@ -89,7 +89,7 @@ def test_heap_trim_waits_for_resident_memory_to_creep(monkeypatch) -> None:
 
 
 def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once() -> None:
-    from nferd.device import inference_copy
+    from nferd.engine.device import inference_copy
     torch.manual_seed(0)
     model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2))
     with torch.no_grad():

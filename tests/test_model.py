@@ -7,11 +7,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from nferd.anomaly_map import GaussianBlur, anomaly_map
-from nferd.hafm import FUSIONS
-from nferd.info import model_info
-from nferd.loss import distillation_loss
-from nferd.model import NFERD, READINGS, ModelConfig
+from nferd.models.anomaly_map import GaussianBlur, anomaly_map
+from nferd.models.hafm import FUSIONS
+from nferd.cli.info import model_info
+from nferd.models.loss import distillation_loss
+from nferd.models.nferd import NFERD, READINGS, ModelConfig
 
 
 def filled(model: NFERD, n: int | None = None, size: int | None = None) -> NFERD:
@@ -161,7 +161,7 @@ def test_info_counts_and_bank_cost_within_ten_percent() -> None:
 def test_bank_stages_leave_the_other_stages_as_rd4ad(tmp_path) -> None:
     """--bank-stages 2,3: no bank and no fusion parameters at stage 1, the same state-dict keys as the
     full model for the stages that keep theirs, and a checkpoint that comes back with the same maps."""
-    from nferd.checkpoint import load_checkpoint, save_checkpoint
+    from nferd.engine.checkpoint import load_checkpoint, save_checkpoint
     torch.manual_seed(0)
     full = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2), teacher_weights="random")
     part = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2,
@@ -192,7 +192,7 @@ def test_bank_stages_outside_1_to_3_are_refused(stages) -> None:
 
 @pytest.mark.parametrize("size", [8, 7])
 def test_strided_pointwise_conv_is_a_strided_conv(size: int) -> None:
-    from nferd.resnet import StridedPointwise, conv1x1
+    from nferd.models.resnet import StridedPointwise, conv1x1
     plain = torch.nn.Conv2d(6, 4, 1, stride=2, bias=False)
     ours = conv1x1(6, 4, stride=2)
     assert isinstance(ours, StridedPointwise)
@@ -211,7 +211,7 @@ def test_strided_pointwise_conv_is_a_strided_conv(size: int) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_deconv_as_a_matrix_product_is_the_transposed_conv(layout: str, bias: bool) -> None:
-    from nferd.decoder import Deconv2x2
+    from nferd.models.decoder import Deconv2x2
     torch.manual_seed(0)
     plain = torch.nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2, bias=bias).double()
     ours = Deconv2x2(6, 5, bias=bias).double()
@@ -233,7 +233,7 @@ def test_deconv_as_a_matrix_product_is_the_transposed_conv(layout: str, bias: bo
 
 
 def test_reading_g_searches_fine_banks_with_the_students_rebuild_of_the_coarser_stage(tmp_path) -> None:
-    from nferd.checkpoint import load_checkpoint, save_checkpoint
+    from nferd.engine.checkpoint import load_checkpoint, save_checkpoint
     torch.manual_seed(0)
     cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, reading="G", n_bank=4, top_k=2)
     m = NFERD(cfg, teacher_weights="random")

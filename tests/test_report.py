@@ -17,7 +17,7 @@ from PIL import Image
 
 from nferd import metrics
 from nferd.cli import main
-from nferd.report import prepare_category, write_report
+from nferd.deploy.report import prepare_category, write_report
 
 
 class ReportParser(HTMLParser):

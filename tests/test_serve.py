@@ -35,18 +35,18 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 import nferd  # noqa: E402
-from nferd.checkpoint import read_metadata  # noqa: E402
-from nferd.predict import Predictor  # noqa: E402
-from nferd.serve import create_app  # noqa: E402
+from nferd.engine.checkpoint import read_metadata  # noqa: E402
+from nferd.deploy.predict import Predictor  # noqa: E402
+from nferd.deploy.serve import create_app  # noqa: E402
 
 UPLOAD_LIMIT = 256 * 1024
 
 
 def make_tiny_checkpoint(synth_root: Path, out: Path) -> Path:
     """One epoch at 64 px with the EfficientNet-Lite0 teacher: enough to exercise the service."""
-    from nferd.datasets import MVTecDataset
-    from nferd.model import ModelConfig
-    from nferd.train import TrainConfig, train
+    from nferd.data.datasets import MVTecDataset
+    from nferd.models.nferd import ModelConfig
+    from nferd.engine.train import TrainConfig, train
     ds = MVTecDataset(synth_root, "synthetic_tiles", "train", 64)
     train(ds, ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2),
           TrainConfig(epochs=1, batch_size=4, holdout=0.25), out, progress=False)
@@ -336,7 +336,7 @@ def test_nferd_serve_command_serves_a_checkpoint(checkpoint, synth_root) -> None
 
 
 def test_metadata_without_checkpoint_metadata_still_describes_the_model(predictor) -> None:
-    from nferd.serve import public_metadata
+    from nferd.deploy.serve import public_metadata
     m = public_metadata(predictor, None)
     assert m["model"]["image_size"] == 64 and m["teacher"]["name"] == "efficientnet_lite0"
     assert json.dumps(m)  # JSON-serialisable

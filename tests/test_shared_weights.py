@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nferd.teacher import build_teacher
+from nferd.models.teacher import build_teacher
 
 from .conftest import shared_path
 

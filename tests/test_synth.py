@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic dataset (nferd.synth)."""
+"""Tests for the embedded synthetic dataset (nferd.data.synth)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nferd.datasets import MVTecDataset, discover_categories
-from nferd.synth import (
+from nferd.data.datasets import MVTecDataset, discover_categories
+from nferd.data.synth import (
     DEFAULT_CATEGORY,
     DEFECT_TYPES,
     ensure_synthetic_dataset,

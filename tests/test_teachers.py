@@ -7,9 +7,9 @@ import urllib.error
 import pytest
 import torch
 
-from nferd import weights as W
-from nferd.teacher import TEACHERS, build_teacher
-from nferd.weights import TeacherWeightsError
+from nferd.models import weights as W
+from nferd.models.teacher import TEACHERS, build_teacher
+from nferd.models.weights import TeacherWeightsError
 
 EXPECTED_CHANNELS = {
     "resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024),

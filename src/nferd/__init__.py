@@ -11,15 +11,14 @@ Python API (the same verbs as the ``nferd`` command)::
     predictor = Predictor.from_checkpoint("runs/bottle")
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .datasets import FolderDataset, MVTecDataset, VisADataset, make_dataset  # noqa: E402
-from .evaluate import evaluate, infer  # noqa: E402
-from .model import NFERD, ModelConfig  # noqa: E402
-from .predict import Predictor, predict_to_folder  # noqa: E402
-from .teacher import build_teacher  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
+from .data.datasets import FolderDataset, MVTecDataset, VisADataset, make_dataset
+from .deploy.predict import Predictor, predict_to_folder
+from .engine.checkpoint import load_checkpoint, save_checkpoint
+from .engine.evaluate import evaluate, infer
+from .engine.train import TrainConfig, train
+from .models.nferd import NFERD, ModelConfig
+from .models.teacher import build_teacher
+from .version import __version__
 
 __all__ = ["NFERD", "ModelConfig", "TrainConfig", "train", "evaluate", "infer", "Predictor",
            "predict_to_folder", "load_checkpoint", "save_checkpoint", "build_teacher", "MVTecDataset",

@@ -32,8 +32,8 @@ from .calibration import calibrate
 from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
 from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
-from .loss import distillation_loss
-from .model import NFERD, ModelConfig, config_from_dict
+from ..models.loss import distillation_loss
+from ..models.nferd import NFERD, ModelConfig, config_from_dict
 
 LAST = "last.safetensors"
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import NFERD, ModelConfig
+from ..models.nferd import NFERD, ModelConfig
 
 
 def forward_gflops(model: NFERD, image_size: int) -> float:

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import distributed as ddp
-from .calibration import display_range, normalize
-from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
-from .images import ImageLoadError, is_image_file, list_images, load_image
-from .model import NFERD
+from ..engine import distributed as ddp
+from ..engine.calibration import display_range, normalize
+from ..engine.device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
+from ..data.images import ImageLoadError, is_image_file, list_images, load_image
+from ..models.nferd import NFERD
 from .visualize import overlay
 
 
@@ -127,7 +127,7 @@ class Predictor(BasePredictor):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
-        from .checkpoint import load_checkpoint
+        from ..engine.checkpoint import load_checkpoint
         model, meta = load_checkpoint(path, device="cpu")
         return cls(model, meta.get("calibration"), device, precision)
 

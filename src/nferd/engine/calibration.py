@@ -39,7 +39,7 @@ def fit_f1(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.n
     flagged at the F1 optimum and the next score below it. Without masks the pixel threshold is
     the normal images' ``1 - pixel_fpr`` quantile, as in ``fit_normal``.
     """
-    from .metrics import f1_max_threshold
+    from ..metrics import f1_max_threshold
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     f1, cut = f1_max_threshold(scores, labels)
     below = scores[scores < cut]

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import __version__
-from .calibration import display_range
-from .images import _image_tensor
+from ..version import __version__
+from ..engine.calibration import display_range
+from ..data.images import _image_tensor
 from .predict import _resize_map
 from .visualize import overlay
 
@@ -607,7 +607,7 @@ def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, devic
     require_serve_dependencies()
     import uvicorn
 
-    from .checkpoint import read_metadata
+    from ..engine.checkpoint import read_metadata
     from .predict import Predictor
     meta = read_metadata(checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision)

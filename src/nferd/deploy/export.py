@@ -33,16 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import NFERD
+from ..models.nferd import NFERD
+from .onnx_format import (DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, MIN_OPSET, ONNX_FORMAT, ONNX_VERSION,  # noqa: F401
+                          OUTPUT_NAMES)
 
-ONNX_FORMAT = "nferd-onnx"
-ONNX_VERSION = 1
-# Resize with antialias (the in-graph preprocessing) needs opset 18; onnxruntime's CPU kernels
-# for everything else in the graph are the same at 17 and 18.
-DEFAULT_OPSET = 18
-MIN_OPSET, MAX_OPSET = 17, 20  # 20 is the newest the TorchScript exporter writes
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("anomaly_map", "score")
 
 
 class InferenceGraph(nn.Module):
@@ -137,7 +131,7 @@ def _prepend_preprocess(proto: Any, size: int, batch: str | int) -> None:
 def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibration: dict[str, Any] | None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the runtime side needs to know, besides the graph."""
-    from .checkpoint import model_metadata
+    from ..engine.checkpoint import model_metadata
     meta = model_metadata(model, extra)
     s = model.config.image_size
     b = "batch"
@@ -217,7 +211,7 @@ def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0) 
     identity, so the network is compared exactly (the resize is compared with Pillow in the tests:
     one grey level of rounding moves the map by more than the fp32 gap this check is for).
     """
-    from .onnx_backend import OnnxPredictor
+    from .onnx_runtime import OnnxPredictor
     pred = OnnxPredictor.from_file(path)
     s = model.config.image_size
     g = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .device import autocast
-from .teacher import Teacher
+from ..models.teacher import Teacher
 
 
 def cache_key(dataset: Dataset, teacher: Teacher, image_size: int, dtype: torch.dtype = torch.float16) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .export import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
+from .onnx_format import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .predict import BasePredictor
 
 INSTALL_HINT = "pip install nferd[onnx]"
@@ -36,7 +36,7 @@ def require_onnxruntime():  # type: ignore[no-untyped-def]
 
 def session_options(threads: int | None = None):  # type: ignore[no-untyped-def]
     """CPU session options: all graph optimisations, sequential execution, one thread per core."""
-    from .device import default_threads
+    from ..engine.device import default_threads
     ort = require_onnxruntime()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -116,7 +116,7 @@ class OnnxPredictor(BasePredictor):
         """Float images at the model size, or (with in-graph preprocessing) native-size uint8 H x W x 3."""
         if not self.preprocess:
             return super().load(path)
-        from .images import load_image
+        from ..data.images import load_image
         x = load_image(path)  # every bit depth and mode handled as for the PyTorch model
         return (x * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 

@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .model import NFERD, ModelConfig
+from ..version import __version__
+from ..models.nferd import NFERD, ModelConfig
 
 FORMAT = "nferd-checkpoint"
 VERSION = 1

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError
+from .options import CLIError, model_config_from
 
 
 def _datasets(args: argparse.Namespace, category: str | None, split: str, image_size: int):  # type: ignore[no-untyped-def]
-    from .datasets import make_dataset
+    from ..data.datasets import make_dataset
     kw: dict[str, Any] = {}
     if args.data_format == "folder":
         if split == "test":
@@ -31,7 +31,7 @@ def _categories(args: argparse.Namespace) -> list[str | None]:
     if args.category is None:
         raise CLIError("--category is required (a category name under --data, or 'all')")
     if args.category == "all":
-        from .datasets import discover_categories
+        from ..data.datasets import discover_categories
         return list(discover_categories(args.data))
     return [args.category]
 
@@ -48,7 +48,7 @@ def _validation_set(args: argparse.Namespace, category: str | None, image_size: 
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import ensure_synthetic_dataset
+    from ..data.synth import ensure_synthetic_dataset
     path = ensure_synthetic_dataset(args.out, seed=args.seed, n_train=args.n_train)
     print(f"synthetic dataset written to {path} (category '{path.name}', MVTec layout)")
     return 0
@@ -67,7 +67,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .cli import model_config_from
     try:
         return model_config_from(args)
     except ValueError as e:
@@ -75,8 +74,8 @@ def _model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed as ddp
-    from .train import TrainConfig, train
+    from ..engine import distributed as ddp
+    from ..engine.train import TrainConfig, train
     mcfg = _model_config(args)
     cats = _categories(args)
     # torchrun: several categories are trained whole, one process each (round robin, no gradient
@@ -117,10 +116,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info: dict[str, Any]) -> dict:  # type: ignore[no-untyped-def]
-    from .evaluate import evaluate, write_results
+    from ..engine.evaluate import evaluate, write_results
     test_set = _datasets(args, cat, "test", model.config.image_size)
     t0 = time.perf_counter()
-    from .distributed import local_device  # this process's GPU under torchrun
+    from ..engine.distributed import local_device  # this process's GPU under torchrun
     metrics, _ = evaluate(model, test_set, batch_size=getattr(args, "batch_size", 16),
                           device=str(local_device(getattr(args, "device", "auto"))),
                           precision=getattr(args, "precision", "auto"))
@@ -138,11 +137,11 @@ def _print_metrics(name: str, m: dict[str, Any]) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .evaluate import evaluate, write_results
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.evaluate import evaluate, write_results
     report = getattr(args, "report", False)
     if report:
-        from .report import prepare_category, require_matplotlib
+        from ..deploy.report import prepare_category, require_matplotlib
         require_matplotlib()  # before the evaluation, not after it
         if args.report_gallery < 0:
             raise CLIError(f"--report-gallery must be >= 0, got {args.report_gallery}")
@@ -170,7 +169,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
     if report:
-        from .report import write_report
+        from ..deploy.report import write_report
         t1 = time.perf_counter()
         path = write_report(args.out, sections, run)
         print(f"report: {path} ({report_seconds + time.perf_counter() - t1:.1f} s)")
@@ -182,14 +181,14 @@ def _onnx_predictor(model: str | None):  # type: ignore[no-untyped-def]
         raise CLIError("--backend onnx needs --model FILE.onnx (make one with `nferd export --checkpoint CKPT "
                        "--format onnx --out FILE.onnx`)")
     try:
-        from .onnx_backend import OnnxPredictor
+        from ..deploy.onnx_runtime import OnnxPredictor
         return OnnxPredictor.from_file(model)
     except ImportError as e:
         raise CLIError(str(e)) from e
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, predict_to_folder
+    from ..deploy.predict import Predictor, predict_to_folder
     if getattr(args, "backend", "torch") == "onnx":
         predictor = _onnx_predictor(args.model)  # calibration comes from the .onnx file
     elif args.model:
@@ -198,12 +197,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif not args.checkpoint:
         raise CLIError("--checkpoint is required (or --backend onnx --model FILE.onnx)")
     else:
-        from .distributed import local_device  # under torchrun: this process's GPU
+        from ..engine.distributed import local_device  # under torchrun: this process's GPU
         predictor = Predictor.from_checkpoint(args.checkpoint, device=str(local_device(args.device)),
                                               precision=args.precision)
     rows = predict_to_folder(predictor, args.inputs, args.out, args.batch_size, args.map_format,
                              resume=not getattr(args, "fresh", False))
-    from .distributed import is_main
+    from ..engine.distributed import is_main
     if not is_main():  # torchrun: rank 0 reports for all
         return 0
     failed = [r for r in rows if "error" in r]
@@ -217,14 +216,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Checkpoint -> one self-contained .onnx file, then (unless --no-check) run it against PyTorch."""
-    from .checkpoint import load_checkpoint
+    from ..engine.checkpoint import load_checkpoint
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise CLIError(f"exporting to ONNX needs the onnx and onnxruntime packages ({e.name} is missing): "
                        "pip install nferd[onnx]") from e
-    from .export import DEFAULT_OPSET, check_export, export_onnx
+    from ..deploy.export import DEFAULT_OPSET, check_export, export_onnx
     model, meta = load_checkpoint(args.checkpoint)
     t0 = time.perf_counter()
     source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
@@ -248,7 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from ..engine.checkpoint import load_checkpoint
     from .diagnose import diagnose
     model, _ = load_checkpoint(args.checkpoint)
     cats = _categories(args)
@@ -280,12 +279,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fresh-machine default: synthetic data, NFERD with the EfficientNet-Lite0 teacher, test, overlays."""
-    from .evaluate import evaluate, write_results
-    from .model import ModelConfig
-    from .predict import Predictor, predict_to_folder
-    from .synth import ensure_synthetic_dataset
-    from .train import TrainConfig, train
-    from .datasets import MVTecDataset
+    from ..engine.evaluate import evaluate, write_results
+    from ..models.nferd import ModelConfig
+    from ..deploy.predict import Predictor, predict_to_folder
+    from ..data.synth import ensure_synthetic_dataset
+    from ..engine.train import TrainConfig, train
+    from ..data.datasets import MVTecDataset
     t0 = time.perf_counter()
     out = Path(args.out)
     cat_dir = ensure_synthetic_dataset(out / "data", seed=args.seed)
@@ -329,8 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .checkpoint import read_metadata
-    from .serve import require_serve_dependencies, run
+    from ..engine.checkpoint import read_metadata
+    from ..deploy.serve import require_serve_dependencies, run
     require_serve_dependencies()  # before the checkpoint is loaded
     if args.max_upload_mb <= 0 or args.max_queue < 0 or args.max_batch_files <= 0:
         raise CLIError("--max-upload-mb and --max-batch-files must be > 0 and --max-queue >= 0")
@@ -345,9 +344,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate
-    from .checkpoint import load_checkpoint, update_metadata
-    from .datasets import FolderDataset, MVTecDataset
+    from ..engine.calibration import calibrate
+    from ..engine.checkpoint import load_checkpoint, update_metadata
+    from ..data.datasets import FolderDataset, MVTecDataset
     folders = [d for d in (args.normal_dir, args.abnormal_dir) if d]
     if bool(folders) == bool(args.data):
         raise CLIError("give the validation images either as --normal-dir [--abnormal-dir --mask-dir] or as "
@@ -381,7 +380,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import Run, load_results, model_presets, render_readme, render_results_doc, run_grid
+    from ..engine.benchmark import Run, load_results, model_presets, render_readme, render_results_doc, run_grid
     results = Path(args.results)
     if args.action == "render":
         rows = load_results(results)

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .calibration import display_range, normalize
-from .evaluate import METRIC_KEYS
-from .images import ImageLoadError, load_image
-from .metrics import pro_curve
+from ..engine.calibration import display_range, normalize
+from ..engine.evaluate import METRIC_KEYS
+from ..data.images import ImageLoadError, load_image
+from ..metrics import pro_curve
 from .visualize import overlay
 
 __all__ = ["ReportError", "prepare_category", "require_matplotlib", "write_report"]

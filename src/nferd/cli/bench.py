@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, inference_copy, place,
+from ..engine.device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, inference_copy, place,
                      resolve_device)
 from .info import forward_gflops
-from .loss import distillation_loss
-from .model import NFERD, ModelConfig
-from .resnet import RESNET_SPECS, make_layer
-from .train import make_adam
+from ..models.loss import distillation_loss
+from ..models.nferd import NFERD, ModelConfig
+from ..models.resnet import RESNET_SPECS, make_layer
+from ..engine.train import make_adam
 
 
 def _sync(device: torch.device) -> None:
@@ -129,7 +129,7 @@ def reference_path(model: NFERD, device: torch.device, size: int, batch: int) ->
     through layer4, RD4AD's loss, torch's default Adam, batch 1 at test, SciPy's blur on the CPU."""
     from scipy.ndimage import gaussian_filter
 
-    from .anomaly_map import anomaly_map
+    from ..models.anomaly_map import anomaly_map
     model.to(device)
     layer4 = _layer4(model.config.teacher)
     if layer4 is not None:

@@ -28,7 +28,7 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
 
 def model_presets(teacher: str, image_size: int) -> dict[str, Any]:
     """The models a benchmark compares, by name: NFERD as shipped, and RD4AD in the same code."""
-    from .model import ModelConfig
+    from ..models.nferd import ModelConfig
     return {
         "nferd": ModelConfig(teacher=teacher, image_size=image_size),
         "rd4ad": ModelConfig(teacher=teacher, image_size=image_size, bank=False, fusion="none"),
@@ -63,7 +63,7 @@ def provenance(threads: int, device: str, argv: list[str] | None = None) -> dict
     """Where and how a figure was measured: date, code, versions, machine, command."""
     import numpy
     import torch
-    from . import __version__
+    from ..version import __version__
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
@@ -117,7 +117,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
             argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train and test one grid cell with the product's code; write and return its result file."""
     import torch
-    from .datasets import make_dataset
+    from ..data.datasets import make_dataset
     from .evaluate import evaluate
     from .train import TrainConfig, train
     from .checkpoint import load_checkpoint, weights_file

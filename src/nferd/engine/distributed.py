@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Subset
 
 from .device import default_threads, resolve_device
 from .features import FeatureCache, cache_key
-from .teacher import Teacher
+from ..models.teacher import Teacher
 
 T = TypeVar("T")
 

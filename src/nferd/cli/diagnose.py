@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .anomaly_map import anomaly_map
-from .device import autocast, autocast_dtype, resolve_device
-from .evaluate import evaluate
-from .metrics import aupro, auroc
-from .model import NFERD
+from ..models.anomaly_map import anomaly_map
+from ..engine.device import autocast, autocast_dtype, resolve_device
+from ..engine.evaluate import evaluate
+from ..metrics import aupro, auroc
+from ..models.nferd import NFERD
 
 STAGES = ("layer1", "layer2", "layer3")
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
-from .metrics import compute_metrics
-from .model import NFERD
+from ..metrics import compute_metrics
+from ..models.nferd import NFERD
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap")
 
