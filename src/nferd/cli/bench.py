@@ -192,12 +192,12 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
-              reading: str | None = None) -> dict[str, Any]:
+              recall: str = "patch") -> dict[str, Any]:
     dev = resolve_device(device)
     torch.set_num_threads(default_threads())
     torch.manual_seed(0)
-    extra = {"reading": reading} if reading else {}
-    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, fusion="hafm" if bank else "none", **extra)
+    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, fusion="hafm" if bank else "none",
+                      recall=recall)
     model = _bench_model(cfg)
     gflops = forward_gflops(model, image_size)
     if dev.type == "cuda":
@@ -209,7 +209,7 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
     infer_ips = batch_size / statistics.median(bb)
     res: dict[str, Any] = {"teacher": teacher, "image_size": image_size, "batch_size": batch_size,
                            "device": str(dev), "threads": torch.get_num_threads(), "bank": bank,
-                           "reading": cfg.reading if bank else None, "compile": compile,
+                           "recall": cfg.recall if bank else None, "compile": compile,
                            "train_images_per_s": batch_size / statistics.median(train_t),
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,
@@ -223,7 +223,7 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
         fl, rl = _paired(fast.infer_b1, ref.infer_b1, dev, max(3, infer_iters // 2))
         res["reference"] = {"train_images_per_s": batch_size / statistics.median(rt), **_latency(rl),
                             "infer_images_per_s": 1 / statistics.median(rl), "precision": ref.precision}
-        # ratios of neighbouring (interleaved) runs, then their median: the figures issue 4 sets
+        # ratios of neighbouring (interleaved) runs, then their median: robust on a noisy machine
         res["speedup_train"] = statistics.median(r / f for f, r in zip(ft, rt))
         res["speedup_latency_b1"] = statistics.median(r / f for f, r in zip(fl, rl))
         res["paired_fast"] = {"train_images_per_s": batch_size / statistics.median(ft), **_latency(fl)}

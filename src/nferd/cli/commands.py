@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
                            compile=args.compile)
         if lead:
-            print(f"training {'NFERD' if mcfg.bank else 'RD4AD'} ({mcfg.teacher}, reading {mcfg.reading}, "
+            print(f"training {'NFERD' if mcfg.bank else 'RD4AD'} ({mcfg.teacher}, {mcfg.recall} recall, "
                   f"fusion {mcfg.fusion}) on {cat or args.data}: {len(train_set)} images, {args.epochs} epochs"
                   + (f", {ddp.env_world_size()} processes" if ddp.launched() and not round_robin else ""))
         data_meta = {"data": {"root": str(args.data), "category": cat, "format": args.data_format}}
@@ -291,7 +291,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_set = MVTecDataset(cat_dir.parent, cat_dir.name, "train")
     test_set = MVTecDataset(cat_dir.parent, cat_dir.name, "test")
     print(f"[1/3] synthetic dataset: {cat_dir} ({len(train_set)} train, {len(test_set)} test images)")
-    mcfg = ModelConfig(teacher="efficientnet_lite0")
+    mcfg = ModelConfig()
     tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, holdout=0.15)
     ckpt = out / "model"
     if (ckpt / "last.safetensors").is_file() and not (ckpt / "model.safetensors").is_file():
@@ -300,7 +300,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         resume = False
         for f in ("last.safetensors", "model.safetensors", "train_log.jsonl"):
             (ckpt / f).unlink(missing_ok=True)
-    print(f"[2/3] training NFERD (efficientnet_lite0 teacher, reading {mcfg.reading}) for {args.epochs} epochs")
+    print(f"[2/3] training NFERD ({mcfg.teacher} teacher, {mcfg.recall} recall) for {args.epochs} epochs")
     model, summary = train(train_set, mcfg, tcfg, ckpt, resume=resume)
     metrics, _ = evaluate(model, test_set)
     write_results(out / "test", {cat_dir.name: metrics}, {"teacher": mcfg.teacher, "epochs": args.epochs,
@@ -318,7 +318,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
                     args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
-                    reading=args.reading)
+                    recall=args.recall)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

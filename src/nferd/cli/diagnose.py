@@ -103,7 +103,7 @@ def _retrieval_report(model: NFERD, run: _TestPass) -> list[dict[str, Any]]:
         out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
         if i in run.defect:
             out[-1]["defect_matched_share"] = defect_matched_share(s[..., 0], run.defect[i], run.normal_image)
-        out[-1] = {"bank": STAGES[i], "n_bank": int(bank.size), "granularity": bank.granularity, **out[-1]}
+        out[-1] = {"bank": STAGES[i], "n_bank": int(bank.size), "recall": bank.recall, **out[-1]}
     return out
 
 
@@ -201,7 +201,7 @@ def with_bank(model: NFERD, mode: str, seed: int = 0) -> NFERD:
         else:
             raise ValueError(f"unknown bank replacement '{mode}'")
         bank.maps.copy_(new)
-        bank._cached_proj = None
+        bank.reset()
     return m
 
 

@@ -12,10 +12,6 @@ from .parser import build_parser, parse_args
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        if args.version:
-            from ..version import __version__
-            print(__version__)
-            return 0
         if args.command is None:
             build_parser().print_help()
             return 1

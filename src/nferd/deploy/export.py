@@ -4,8 +4,8 @@ Exported: teacher (it normalises its own input), OCBE, the normal feature banks 
 top-K cosine recall (TopK + ScatterElements + MatMul), the fusion modules, the reverse student,
 the anomaly map (1 - cosine per stage, upsampled, summed), the Gaussian blur (a fixed conv) and
 the image score. Input ``images``: float32 B x 3 x S x S in [0, 1]; outputs ``anomaly_map``
-(B x S x S) and ``score`` (B); the batch axis is dynamic. The patch readings (E, F, G) search their
-banks one image at a time in eager PyTorch; when traced they switch to one batched search, whose
+(B x S x S) and ``score`` (B); the batch axis is dynamic. The patch recall searches its
+banks one image at a time in eager PyTorch; when traced it switches to one batched search, whose
 similarity matrix holds B x HW x P floats per bank (about 64 MiB per image for Lite0 at 256 px).
 
 With ``include_preprocess`` the input is instead uint8 B x H x W x 3 (RGB, any H and W): the graph
@@ -84,8 +84,8 @@ def preprocess_nodes(size: int, inp: str, out: str, prefix: str = "preprocess/")
     for i, axis in enumerate((3, 2)):  # width first, then height, rounding after each pass as Pillow does
         x, q = p + f"x{i}", p + f"{'wh'[i]}_"
         nodes += [
-            # exclude_outside renormalises the filter at the borders, as Pillow does (measured: without
-            # it border pixels were up to 18 grey levels off)
+            # exclude_outside renormalises the filter at the borders, as Pillow does (without it,
+            # border pixels come out many grey levels off)
             helper.make_node("Resize", [x, "", "", p + "size"], [q + "resized"], name=q + "Resize",
                              mode="linear", antialias=1, exclude_outside=1, axes=[axis],
                              coordinate_transformation_mode="half_pixel"),

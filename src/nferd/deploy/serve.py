@@ -27,6 +27,7 @@ import json
 import math
 import os
 import threading
+from importlib import resources
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -326,141 +327,9 @@ def public_metadata(predictor: Any, metadata: dict[str, Any] | None) -> dict[str
                            "nferd_version": meta.get("nferd_version"), "epoch": meta.get("epoch")}}
 
 
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>nferd inspection</title>
-<link rel="icon" href="data:,">
-<style>
-:root{--ok:#1f9d55;--nok:#d62c2c;--none:#6b7280;--bg:#f4f5f7;--card:#fff;--ink:#1f2933}
-*{box-sizing:border-box}
-body{margin:0;font:15px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--ink)}
-header{padding:12px 20px;background:#1f2933;color:#fff;display:flex;gap:16px;align-items:baseline;flex-wrap:wrap}
-header h1{font-size:18px;margin:0}
-header small{opacity:.75}
-main{max-width:1100px;margin:0 auto;padding:16px;display:grid;grid-template-columns:minmax(260px,1fr) 2fr;gap:16px}
-@media (max-width:800px){main{grid-template-columns:1fr}}
-.card{background:var(--card);border-radius:10px;padding:16px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
-#drop{display:block;border:3px dashed #9aa5b1;border-radius:10px;padding:28px 12px;text-align:center;cursor:pointer}
-#drop.over{border-color:#3b82f6;background:#eff6ff}
-#drop input{display:block;margin:12px auto 0}
-#decision{font-size:64px;font-weight:800;text-align:center;padding:18px 8px;border-radius:10px;color:#fff;
-  background:var(--none);letter-spacing:2px;margin-bottom:12px}
-#decision.OK{background:var(--ok)}#decision.NOK{background:var(--nok)}
-#decision.busy{background:#9aa5b1}
-table{width:100%;border-collapse:collapse}td{padding:4px 2px;border-bottom:1px solid #eef0f2}
-td:last-child{text-align:right;font-variant-numeric:tabular-nums}
-.bar{height:10px;background:#e5e7eb;border-radius:5px;position:relative;margin-top:4px}
-.bar i{position:absolute;left:0;top:0;bottom:0;border-radius:5px;background:var(--none)}
-.bar b{position:absolute;left:50%;top:-3px;bottom:-3px;width:2px;background:#111}
-#images{display:grid;grid-template-columns:1fr 1fr;gap:10px}
-#images figure{margin:0}#images img{width:100%;image-rendering:auto;border-radius:6px;background:#ddd;min-height:40px}
-figcaption{font-size:13px;color:#52606d}
-.legend{height:10px;border-radius:5px;background:linear-gradient(90deg,#00007f,#0000ff,#00ffff,#ffff00,#ff0000,#7f0000)}
-.legend+div{display:flex;justify-content:space-between;font-size:12px;color:#52606d}
-#error{display:none;background:#fde8e8;color:#9b1c1c;border-radius:8px;padding:10px;margin-top:10px;white-space:pre-wrap}
-#images.hidden{display:none}
-</style></head>
-<body data-state="idle">
-<header><h1>nferd inspection</h1><small id="model">loading model information&hellip;</small></header>
-<main>
-<section class="card">
-  <label id="drop" for="file"><strong>Drop an image here</strong><br>or choose one
-    <input id="file" type="file" accept="image/png,image/jpeg,image/bmp,image/tiff,image/webp,.png,.jpg,.jpeg,.bmp,.tif,.tiff,.webp">
-  </label>
-  <div id="error" role="alert"></div>
-  <p><small id="limits"></small></p>
-</section>
-<section class="card">
-  <div id="decision" aria-live="polite">&ndash;</div>
-  <table>
-    <tr><td>file</td><td id="fname">&ndash;</td></tr>
-    <tr><td>anomaly score</td><td id="score">&ndash;</td></tr>
-    <tr><td>normalised score (0.5 = threshold)<div class="bar"><i id="nbar"></i><b></b></div></td><td id="nscore">&ndash;</td></tr>
-    <tr><td>defect area</td><td id="area">&ndash;</td></tr>
-    <tr><td>image</td><td id="isize">&ndash;</td></tr>
-    <tr><td>time (decode / model / total)</td><td id="times">&ndash;</td></tr>
-  </table>
-  <div id="images" class="hidden">
-    <figure><img id="original" alt="uploaded image"><figcaption>image</figcaption></figure>
-    <figure><img id="overlay" alt="anomaly heat map over the image"><figcaption>anomaly map (white outline: defect mask)</figcaption>
-      <div class="legend"></div><div><span>normal</span><span>pixel threshold</span><span>anomalous</span></div></figure>
-  </div>
-</section>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const fmt = (v, d) => (v === null || v === undefined) ? "\u2013" : Number(v).toFixed(d);
-let origUrl = null;
-
-function setState(s) { document.body.dataset.state = s; }
-function showError(msg) { const e = $("error"); e.textContent = msg; e.style.display = msg ? "block" : "none"; }
-
-fetch("metadata").then(r => r.json()).then(m => {
-  const mc = m.model || {};
-  const t = (m.teacher && m.teacher.name) || mc.teacher || "?";
-  $("model").textContent = `${mc.bank === false ? "RD4AD" : "NFERD"} \u00b7 teacher ${t} \u00b7 ${m.image_size} px \u00b7 ` +
-    (m.calibration ? "calibrated" : "no calibration: scores only") + ` \u00b7 nferd ${m.nferd_version}`;
-  const l = m.limits || {};
-  $("limits").textContent = `Accepted: PNG, JPEG, BMP, TIFF, WebP up to ${(l.max_upload_bytes / 1048576).toFixed(0)} MiB.`;
-}).catch(() => { $("model").textContent = "model information unavailable"; });
-
-function showResult(r) {
-  const d = $("decision");
-  d.className = r.decision || "";
-  d.textContent = r.decision === "OK" ? "OK" : r.decision === "NOK" ? "NOT OK" : "NO DECISION";
-  $("fname").textContent = r.filename;
-  $("score").textContent = fmt(r.score, 4);
-  $("nscore").textContent = fmt(r.normalized_score, 3);
-  const bar = $("nbar");
-  bar.style.width = r.normalized_score === null ? "0" : (100 * r.normalized_score).toFixed(1) + "%";
-  bar.style.background = r.decision === "NOK" ? "var(--nok)" : r.decision === "OK" ? "var(--ok)" : "var(--none)";
-  $("area").textContent = r.defect_area_px === null ? "\u2013" :
-    `${r.defect_area_px} px (${(100 * r.defect_area_fraction).toFixed(2)} %)`;
-  $("isize").textContent = `${r.image.width} \u00d7 ${r.image.height} ${r.image.format}`;
-  const t = r.timings_ms;
-  $("times").textContent = `${fmt(t.decode, 0)} / ${fmt(t.inference, 0)} / ${fmt(t.total, 0)} ms`;
-  $("images").classList.remove("hidden");
-  const ov = $("overlay");
-  ov.onload = () => setState("done");
-  ov.src = "data:image/png;base64," + r.overlay_png_base64;
-}
-
-async function send(file) {
-  if (!file) return;
-  showError("");
-  setState("busy");
-  const d = $("decision"); d.className = "busy"; d.textContent = "\u2026";
-  if (origUrl) URL.revokeObjectURL(origUrl);
-  origUrl = URL.createObjectURL(file);
-  $("original").src = origUrl;
-  const body = new FormData();
-  body.append("file", file, file.name);
-  try {
-    const resp = await fetch("predict?overlay=true", { method: "POST", body });
-    const data = await resp.json().catch(() => ({}));
-    if (!resp.ok) {
-      const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || resp.statusText);
-      throw new Error(`${resp.status}: ${detail}`);
-    }
-    showResult(data);
-  } catch (err) {
-    d.className = ""; d.textContent = "ERROR";
-    $("images").classList.add("hidden");
-    showError(String(err.message || err));
-    setState("error");
-  }
-}
-
-$("file").addEventListener("change", (e) => send(e.target.files[0]));
-const drop = $("drop");
-["dragenter", "dragover"].forEach(ev => drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); }));
-["dragleave", "drop"].forEach(ev => drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
-drop.addEventListener("drop", (e) => send(e.dataTransfer.files[0]));
-</script>
-</body></html>
-"""
+def page_html() -> str:
+    """The operator page, a resource file of this package (inline script and style, nothing fetched)."""
+    return resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
 PAGE_HEADERS = {
     # Everything is inline; nothing may be fetched from anywhere but this server (no CDN).
@@ -547,7 +416,7 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE, headers=PAGE_HEADERS)
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -51,8 +51,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """NHWC layout: oneDNN (CPU) and cuDNN run bf16 convolutions faster on it (measured: ~1.2x
-    lower batch-1 latency for the WRN50 model on a 2-core AVX-512 CPU)."""
+    """NHWC layout: oneDNN (CPU) and cuDNN run bf16 convolutions faster on it."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
@@ -64,8 +63,7 @@ def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def inference_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     """The model for autocast inference: a copy whose convolution (plain and transposed) and linear
     weights are already stored in the autocast ``dtype``. Autocast would cast them again on every
-    call (measured for the WRN50 model at batch 1 on the 2-core CPU: about 60 ms of 370); the cast
-    is the same rounding, so the outputs are identical. Norm layers, banks and buffers stay fp32."""
+    call, a sizeable share of a batch-1 forward; the cast is the same rounding, so the outputs are identical. Norm layers, banks and buffers stay fp32."""
     if dtype is None or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return model  # fp32, or compiled modules (a deep copy would keep calling the originals)
     runner = copy.deepcopy(model).eval()
@@ -136,9 +134,8 @@ def release_free_memory(growth: float = 1.1) -> bool:
 
     A CPU training step allocates and frees many activation-sized blocks below glibc's mmap
     threshold; the freed pages stay in the process, so resident memory creeps up step after step
-    (a 400-image WRN50 epoch peaked at 12.5 GiB without trimming, 6.4 GiB trimming every step).
-    Trimming every step makes the next step fault all those pages in again (about 20 % of a
-    Lite0 step here), so the trim waits until the creep is worth it.
+    (about twice the peak of a trimmed run for a WRN50 epoch). Trimming every step makes the next
+    step fault all those pages in again, so the trim waits until the creep is worth it.
     """
     global _reference
     trim = _libc_malloc_trim()

@@ -40,8 +40,7 @@ LAST = "last.safetensors"
 
 def make_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     """Adam through torch's fused kernel where it has one for these parameters (CUDA; CPU since
-    torch 2.4): the same update in one pass over the weights instead of about ten (the WRN50
-    student's 98 M parameters on the 2-core CPU: 98 ms a step instead of 432)."""
+    torch 2.4): the same update in one pass over the weights instead of about ten."""
     try:
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel

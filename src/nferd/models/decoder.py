@@ -20,8 +20,8 @@ class Deconv2x2(nn.ConvTranspose2d):
     With kernel = stride every output pixel gets exactly one input pixel's contribution, so the
     transposed convolution is ``x (NHW x Cin) @ w (Cin x 4 Cout)`` laid out into the 2x2 blocks:
     the same sums, but oneDNN's transposed-convolution kernels ran them at a third to a half of
-    the matmul's speed here (WRN50 decoder, bf16, 2 cores: 153 -> 77 ms forward and backward for
-    the 2048 -> 1024 upsample at batch 16). Same parameters and keys as ``nn.ConvTranspose2d``;
+    the matmul's speed (about half the time of the WRN50 decoder's 2048 -> 1024 upsample, forward
+    and backward). Same parameters and keys as ``nn.ConvTranspose2d``;
     channels_last input only (what nferd runs), NCHW input takes torch's kernel and keeps its layout.
     """
 

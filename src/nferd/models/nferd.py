@@ -1,33 +1,12 @@
 """The NFERD network: frozen teacher -> OCBE -> reverse student, with normal feature banks fused in.
 
 ``ModelConfig`` holds every architectural choice (JSON-serialisable, saved with checkpoints).
-With ``bank=False`` and ``fusion="none"`` the model is exactly RD4AD: same modules, same
-outputs, so NFERD's gain is measured in one code base.
+With ``bank=False`` and ``fusion="none"`` the model is exactly RD4AD (Deng & Li, CVPR 2022):
+same modules, same outputs, so NFERD's gain is measured in one code base.
 
-Bank readings (DESIGN-NOTES.md, docs/banks.md) are presets of three switches, ``key`` (which
-map queries the bank), ``placement`` (where the recalled map is fused) and ``granularity``
-(whole maps or positions are recalled):
-
-=====  ==========  ==========  ===========  ============================================
-name   key         placement   granularity  meaning
-=====  ==========  ==========  ===========  ============================================
-A      student     input       image        paper wording: projected bank fused before decoder stages
-B      student     output      image        fused with the student's stage outputs, in teacher space
-C      teacher     input       image        input's teacher features choose the maps; fused as A
-D      teacher     output      image        input's teacher features choose the maps; fused as B
-E      teacher     input       patch        each position recalls its K nearest normal positions; fused as A
-F      teacher     output      patch        as E, fused as B
-G      student     input       patch        as E, but the banks of ``rebuild_key_stages`` (default:
-                                            layer1) are searched by the student's own rebuild of
-                                            the next coarser stage
-=====  ==========  ==========  ===========  ============================================
-
-In G the student's map entering the stage that rebuilds stage i IS its rebuild of stage i + 1,
-in teacher space, so it can query the bank positions by their teacher stage-(i + 1) features
-(reading A's query, made comparable); the other banks (always layer3's, which the OCBE output
-meets) stay teacher-keyed as in E. A teacher key hands a defect back when a fine defect feature
-has a normal twin; the student's rebuild, trained on normal images only, asks for what should
-be there instead.
+At each banked teacher stage i (1 = finest), the bank's recall is fused into the map that
+enters the decoder stage rebuilding stage i; a stage without a bank passes the student through
+as RD4AD does.
 """
 
 from __future__ import annotations
@@ -38,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..version import __version__
 from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, image_score
-from .bank import NormalFeatureBank, Recall
+from .bank import BANKS, RECALLS, NormalFeatureBank, Recall
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
 from .loss import LOSSES
@@ -47,15 +27,10 @@ from .ocbe import OCBE
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
 from .teacher import Teacher, build_teacher
 
-READINGS: dict[str, tuple[str, str, str]] = {
-    "A": ("student", "input", "image"),
-    "B": ("student", "output", "image"),
-    "C": ("teacher", "input", "image"),
-    "D": ("teacher", "output", "image"),
-    "E": ("teacher", "input", "patch"),
-    "F": ("teacher", "output", "patch"),
-    "G": ("student", "input", "patch"),
-}
+DEFAULT_TEACHER = "efficientnet_lite0"
+LAST_VERSION_WITH_READINGS = "0.1.0"
+# Options of earlier versions that no longer exist, with the value that behaves as today's model.
+_LEGACY_NEUTRAL = {"weighting": "softmax", "patch_sampling": "random", "student_act": "auto", "student_width": None}
 
 
 def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
@@ -66,77 +41,97 @@ def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
     return cls(**d)
 
 
+def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A model config written by an earlier version, in today's terms; refused when it names a
+    bank design that was removed (the message says which version still reads it)."""
+    d = dict(d)
+    removed = []
+    reading = d.pop("reading", None)
+    if reading is not None:
+        if reading in ("E", "A"):
+            d.setdefault("recall", "patch" if reading == "E" else "map")
+        else:
+            removed.append(f"bank reading '{reading}'")
+    d.pop("rebuild_key_stages", None)  # used by reading G only
+    for key, neutral in _LEGACY_NEUTRAL.items():
+        if key in d and d.pop(key) != neutral:
+            removed.append(f"{key}")
+    if removed and d.get("bank", True):
+        raise ValueError(f"this model was trained with {', '.join(removed)}, which nferd {__version__} no longer has; "
+                         f"nferd {LAST_VERSION_WITH_READINGS} is the last version that reads it "
+                         f"(pip install nferd=={LAST_VERSION_WITH_READINGS}), or train it again")
+    return d
+
+
 @dataclass
 class ModelConfig:
-    """Architecture and scoring options; defaults are the project's measured choices."""
+    """Architecture and scoring options; the defaults are the measured choices.
 
-    teacher: str = "wide_resnet50_2"
+    Args:
+        teacher: frozen ImageNet backbone (``nferd.models.teacher.teacher_names()``).
+        image_size: square input side in pixels, a multiple of 32.
+        bank: normal feature banks on (NFERD) or off (RD4AD with ``fusion="none"``).
+        recall: ``"patch"`` (each position recalls its nearest normal positions, keyed by the
+            input's teacher features) or ``"map"`` (the paper's whole-map recall, keyed by the
+            student's map).
+        n_bank, top_k, temperature: bank images N, recalled entries K, softmax temperature.
+        patch_limit: bank positions searched per bank by the patch recall (lower is cheaper).
+        fusion: ``hafm`` (channel and spatial attention in parallel), ``cbam`` (in series),
+            ``add``, ``concat``, or ``none`` (RD4AD).
+        loss: ``flat`` (RD4AD's code) or ``pixel`` (the paper's per-position formula).
+        map_combine: per-stage maps summed (RD4AD's evaluation) or multiplied.
+        blur_sigma: Gaussian smoothing of the anomaly map, in pixels.
+        bank_stages: teacher stages (1 = finest) that get a bank and its fusion.
+    """
+
+    teacher: str = DEFAULT_TEACHER
     image_size: int = 256
     bank: bool = True
-    reading: str = "E"
+    recall: str = "patch"
     n_bank: int = 64
     top_k: int = 4
     temperature: float = 0.01
-    weighting: str = "softmax"
-    patch_limit: int = 16384  # patch readings: bank positions searched per bank
-    patch_sampling: str = "random"  # which positions: 'coreset' (greedy k-centre) or 'random'
+    patch_limit: int = 16384
     fusion: str = "hafm"
     loss: str = "flat"
     map_combine: str = "sum"
     blur_sigma: float = 4.0
-    student_act: str = "auto"  # 'relu' | 'linear' | 'auto' (follow the teacher's stage outputs)
-    student_width: int | None = None  # bottleneck width_per_group; None = 128 (WRN50-2 student)
-    bank_stages: tuple[int, ...] = (1, 2, 3)  # teacher stages (1 = finest) that get a bank and its fusion
-    rebuild_key_stages: tuple[int, ...] = (1,)  # reading G: banks searched by the student's coarser rebuild
+    bank_stages: tuple[int, ...] = (1, 2, 3)
 
     def __post_init__(self) -> None:
-        if self.reading not in READINGS:
-            raise ValueError(f"unknown bank reading '{self.reading}'; choose one of: {', '.join(READINGS)}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion '{self.fusion}'; choose one of: {', '.join(FUSIONS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
-        if self.map_combine not in COMBINES:
-            raise ValueError(f"unknown map combine '{self.map_combine}'; choose one of: {', '.join(COMBINES)}")
+        def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
+            if value not in choices:
+                raise ValueError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
+        choose("recall", self.recall, RECALLS)
+        choose("fusion", self.fusion, FUSIONS)
+        choose("loss", self.loss, LOSSES)
+        choose("map combine", self.map_combine, COMBINES)
         if self.image_size % 32 or self.image_size < 64:
             raise ValueError(f"image size must be a multiple of 32 and at least 64, got {self.image_size}")
         if self.bank and not 1 <= self.top_k <= self.n_bank - 1:
             raise ValueError(f"top_k must be between 1 and n_bank - 1 (one bank map is masked out for its own "
                              f"image during training); got top_k={self.top_k}, n_bank={self.n_bank}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.patch_limit < 1:
+            raise ValueError(f"patch_limit must be >= 1, got {self.patch_limit}")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
         if not self.bank and self.fusion != "none":
             raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or --fusion none for RD4AD")
         self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
                              f"got {self.bank_stages}")
-        self.rebuild_key_stages = tuple(sorted({int(i) for i in self.rebuild_key_stages}))
-        if not self.rebuild_key_stages or not set(self.rebuild_key_stages) <= {1, 2}:
-            raise ValueError(f"rebuild key stages must be a non-empty subset of 1, 2 (stage 3 has no coarser "
-                             f"rebuild to search by); got {self.rebuild_key_stages}")
-        if self.student_act not in ("auto", "relu", "linear"):
-            raise ValueError(f"student_act must be auto, relu or linear, got '{self.student_act}'")
-
-    @property
-    def key(self) -> str:
-        return READINGS[self.reading][0]
-
-    @property
-    def placement(self) -> str:
-        return READINGS[self.reading][1]
-
-    @property
-    def granularity(self) -> str:
-        return READINGS[self.reading][2]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bank_stages"] = list(self.bank_stages)  # the JSON form, so saved and live configs compare equal
-        d["rebuild_key_stages"] = list(self.rebuild_key_stages)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return config_from_dict(cls, d, "model")
+        return config_from_dict(cls, upgrade_config(d), "model")
 
 
 @dataclass(frozen=True)
@@ -156,7 +151,7 @@ def student_spec(config: ModelConfig, stage_channels: tuple[int, int, int]) -> S
     a basic-block student sized from the stage channels for EfficientNet-Lite."""
     spec = RESNET_SPECS.get(config.teacher)
     if spec is not None and spec.block is Bottleneck:
-        return StudentSpec(Bottleneck, DeBottleneck, 512, 3, (3, 4, 6), config.student_width or 128)
+        return StudentSpec(Bottleneck, DeBottleneck, 512, 3, (3, 4, 6), 128)
     if spec is not None:  # resnet18 / resnet34
         layers = (2, 2, 2) if spec.layers[0] == 2 else (3, 4, 6)
         return StudentSpec(BasicBlock, DeBasicBlock, 512, layers[0], layers, 64)
@@ -164,7 +159,7 @@ def student_spec(config: ModelConfig, stage_channels: tuple[int, int, int]) -> S
 
 
 class NFERD(nn.Module):
-    """Teacher, OCBE, reverse student, three normal feature banks and their fusion modules."""
+    """Teacher, OCBE, reverse student, normal feature banks and their fusion modules."""
 
     def __init__(self, config: ModelConfig, teacher: Teacher | None = None,
                  teacher_weights: str | None = None) -> None:
@@ -174,60 +169,38 @@ class NFERD(nn.Module):
         c = self.teacher.stage_channels
         spec = student_spec(config, c)
         self.ocbe = OCBE(c, spec.enc_block, spec.embed_planes, spec.ocbe_blocks, spec.width)
-        final_relu = self.teacher.nonnegative if config.student_act == "auto" else config.student_act == "relu"
-        self.decoder = ReverseDecoder(self.ocbe.out_channels, c, spec.dec_block, spec.layers, spec.width, final_relu)
+        self.decoder = ReverseDecoder(self.ocbe.out_channels, c, spec.dec_block, spec.layers, spec.width,
+                                      self.teacher.nonnegative)
         s = config.image_size
-        stage_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-        if config.placement == "input":  # bank i meets the map entering the stage that rebuilds stage i
-            targets = [(c[1], stage_sizes[1]), (c[2], stage_sizes[2]), (self.ocbe.out_channels, (s // 32, s // 32))]
-        else:  # bank i meets the student's output for stage i: same space, no projection
-            targets = [(c[i], stage_sizes[i]) for i in range(3)]
-        # Keyed "0".."2" by teacher stage (state-dict keys banks.<i>.*); a stage left out of
-        # bank_stages has no bank and no fusion: the student passes through as in RD4AD.
+        # Bank i meets the map entering the decoder stage that rebuilds teacher stage i: the
+        # student's rebuild of stage i + 1, or the OCBE embedding for the coarsest stage.
+        targets = [(c[1], (s // 8, s // 8)), (c[2], (s // 16, s // 16)), (self.ocbe.out_channels, (s // 32, s // 32))]
+        # Keyed "0".."2" by teacher stage (state-dict keys banks.<i>.*).
         self.banks = nn.ModuleDict()
         banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
-        project = config.placement == "input"
         for i in banked:
-            rebuild_key = self.student_keyed_patches and i + 1 in config.rebuild_key_stages
-            self.banks[str(i)] = NormalFeatureBank(
-                config.n_bank, c[i], stage_sizes[i], out_channels=targets[i][0] if project else None,
-                out_size=targets[i][1], top_k=config.top_k, temperature=config.temperature,
-                weighting=config.weighting, raw_keys=config.key == "teacher" or self.student_keyed_patches,
-                granularity=config.granularity, patch_limit=config.patch_limit,
-                patch_sampling=config.patch_sampling, key_channels=c[i + 1] if rebuild_key else None)
+            extra = {"patch_limit": config.patch_limit} if config.recall == "patch" else {}
+            self.banks[str(i)] = BANKS[config.recall](config.n_bank, c[i], targets[i][0], targets[i][1],
+                                                      config.top_k, config.temperature, **extra)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
         self.last_recalls: list[Recall | None] = [None, None, None]
 
     # ----------------------------------------------------------------- banks
-    @property
-    def student_keyed_patches(self) -> bool:
-        """Reading G: student-keyed patch recall (bank positions searched by the next coarser stage)."""
-        return self.config.key == "student" and self.config.granularity == "patch"
-
     @torch.no_grad()
     def fill_banks(self, teacher_maps: list[Tensor], ids: Tensor) -> None:
         """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids."""
         for i, bank in self.banks.items():
-            dev = bank.maps.device
-            key_maps = teacher_maps[int(i) + 1].to(dev) if bank.separate_keys else None
-            bank.fill(teacher_maps[int(i)].to(dev), ids.to(bank.ids.device), key_maps)
+            bank.fill(teacher_maps[int(i)].to(bank.maps.device), ids.to(bank.ids.device))
 
-    def _fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
+    def fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
+        """The map ``x`` entering the decoder stage that rebuilds teacher stage ``i``, with the
+        normal features recalled by bank ``i`` fused in (unchanged for a stage without a bank)."""
         if str(i) not in self.banks:
             return self.fusions[i](x)
-        bank = self.banks[str(i)]
-        shortlist = None
-        if bank.separate_keys:
-            query = x.detach()  # the student's rebuild of stage i + 1: a lookup, not a path for gradients
-            if exclude_ids is not None:  # training: rerank the teacher's fixed shortlist, not a full search
-                shortlist = teacher_feats[i + 1]
-        elif bank.raw_keys:  # teacher-keyed: the input's own teacher map of this stage
-            query = teacher_feats[i]
-        else:
-            query = x
-        recall = bank(query, exclude_ids, shortlist)
+        bank: NormalFeatureBank = self.banks[str(i)]
+        recall = bank(teacher_feats[i] if bank.keyed_by_teacher else x, exclude_ids)
         self.last_recalls[i] = Recall(*(t.detach() for t in (recall.value, recall.similarity, recall.indices,
                                                               recall.weights)))  # for diagnostics only
         return self.fusions[i](x, recall.value.to(x.dtype))
@@ -242,11 +215,7 @@ class NFERD(nn.Module):
         outs: list[Tensor] = [x, x, x]
         for j, stage in enumerate(self.decoder.stages):
             i = 2 - j
-            if self.config.placement == "input":
-                x = self._fuse(i, x, teacher_feats, exclude_ids)
-            x = stage(x)
-            if self.config.placement == "output":
-                x = self._fuse(i, x, teacher_feats, exclude_ids)
+            x = stage(self.fuse(i, x, teacher_feats, exclude_ids))
             outs[i] = x
         return outs
 
@@ -276,5 +245,4 @@ class NFERD(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"teacher": n(self.teacher), "ocbe": n(self.ocbe), "decoder": n(self.decoder),
                 "bank": n(self.banks), "fusion": n(self.fusions), "trainable": trainable,
-                "bank_buffers": sum(b.maps.numel() + (b.search_keys.numel() if b.separate_keys else 0)
-                                    for b in self.banks.values())}
+                "bank_buffers": sum(b.maps.numel() for b in self.banks.values())}
