@@ -6,7 +6,7 @@ Tolerances. Differences are expected from the order of float additions: DDP all-
 half-batch gradients, and synchronised BatchNorm adds two partial sums. Training magnifies
 them: Adam moves every weight by about +-lr in its first steps whatever the size of the
 gradient, so rounding noise in near-zero gradients flips signs. Measured on this setup
-(reading E, 9 images, batch 4, 2 epochs, fp32), weight update difference / update size, and
+(patch recall, 9 images, batch 4, 2 epochs, fp32), weight update difference / update size, and
 the largest relative difference of the epoch losses:
 
     lr      DDP --sync-bn vs 1 process      1 process, 2 threads vs 1    DDP without --sync-bn

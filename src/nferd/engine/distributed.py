@@ -98,7 +98,7 @@ def init(device: torch.device | None = None, backend: str | None = None,
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start "
-                         "distributed runs with torchrun (see README, 'Distributed training and prediction')")
+                         "distributed runs with torchrun (see docs/deploy.md, distributed training)")
     if backend is None:
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     kw: dict = {}
