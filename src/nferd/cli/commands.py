@@ -386,11 +386,20 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         rows = load_results(results)
         if not rows:
             raise CLIError(f"no result files under '{results}': run `nferd benchmark run` first")
-        Path(args.docs).write_text(render_results_doc(rows))
-        readme = Path(args.readme)
+        docs, readme = Path(args.docs), Path(args.readme)
+        outputs = {docs: render_results_doc(rows)}
         if readme.is_file():
-            readme.write_text(render_readme(readme.read_text(), rows))
-        print(f"rendered {len(rows)} result files into {args.docs} and {args.readme}")
+            outputs[readme] = render_readme(readme.read_text(), rows)
+        if args.check:
+            stale = [str(p) for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
+            if stale:
+                print(f"out of date with {len(rows)} result files: {', '.join(stale)} (run `nferd benchmark render`)")
+                return 1
+            print(f"{', '.join(map(str, outputs))} match {len(rows)} result files")
+            return 0
+        for p, text in outputs.items():
+            p.write_text(text)
+        print(f"rendered {len(rows)} result files into {', '.join(map(str, outputs))}")
         return 0
     if not args.data or not args.categories:
         raise CLIError("benchmark run needs --data ROOT and --categories C1,C2")

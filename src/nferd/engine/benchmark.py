@@ -197,7 +197,7 @@ def summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS
     for r in rows:
         k = (r["dataset"], r["category"], r["teacher"], r["image_size"], r["epochs"], r["model"])
         groups.setdefault(k, []).append(r)
-    head = ["dataset / category", "teacher", "epochs", "model", "seeds", *metrics, "ms / image"]
+    head = ["dataset / category", "teacher", "epochs", "model", "seeds", *metrics, "test ms / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in sorted(groups):
         g = groups[k]
@@ -210,14 +210,14 @@ def summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS
 
 
 def provenance_table(rows: list[dict[str, Any]]) -> str:
-    head = ["result file", "date", "commit", "CPU", "flags", "threads", "torch", "train s"]
+    head = ["result file", "date", "commit", "CPU", "flags", "threads", "precision", "torch", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["category"], r["model"], r["seed"])):
         p = r["provenance"]
         name = f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep-seed{r['seed']}"
         train_s = r["timing"].get("train_seconds")
         lines.append("| " + " | ".join([name, p["date"][:10], (p.get("git_commit") or "?")[:12], p["cpu_model"],
-                                         " ".join(p["cpu_flags"]), str(p["threads"]), p["torch_version"],
+                                         " ".join(p["cpu_flags"]), str(p["threads"]), p.get("precision", "?"), p["torch_version"],
                                          f"{train_s:.0f}" if train_s else "–"]) + " |")
     return "\n".join(lines)
 
@@ -234,7 +234,8 @@ def render_results_doc(rows: list[dict[str, Any]]) -> str:
         "per run, written by `nferd benchmark run`). Do not edit by hand: run the benchmark, then render.",
         "Each row is the mean ± sample standard deviation over the seeds listed; a single seed shows its",
         "value alone. The last epoch is the model (nothing is selected on the test split); thresholds",
-        "play no part in these threshold-free metrics.",
+        "play no part in these threshold-free metrics. Test time per image is measured at batch 16 with",
+        "the run's threads and precision (see the provenance table), on the machine named there.",
         "",
         "## Detection and localisation",
         "",

@@ -1,0 +1,72 @@
+"""The benchmark runner: one result file per grid cell with its provenance, done runs skipped,
+and the README / docs tables equal to what the renderer makes of the committed result files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from nferd.cli import main
+from nferd.engine.benchmark import (README_END, README_START, Run, load_results, render_readme,
+                                    render_results_doc, run_grid, summary_table)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVENANCE = ("date", "git_commit", "nferd_version", "torch_version", "cpu_model", "cpu_flags", "threads",
+              "device", "precision", "command")
+
+
+def test_grid_writes_one_result_per_run_and_skips_done_runs(synth_root: Path, tmp_path: Path) -> None:
+    cat = next(p.name for p in synth_root.iterdir() if p.is_dir())
+    runs = [Run(str(synth_root), cat, model, "efficientnet_lite0", 64, 1, 0) for model in ("nferd", "rd4ad")]
+    logs: list[str] = []
+    written = run_grid(runs, tmp_path / "results", tmp_path / "work", threads=2, log=logs.append,
+                       argv=["benchmark", "run", "--epochs", "1"])
+    assert written == [r.result_path(tmp_path / "results") for r in runs] and all(p.is_file() for p in written)
+    for path, run in zip(written, runs):
+        res = json.loads(path.read_text())
+        assert (res["model"], res["category"], res["epochs"], res["seed"]) == (run.model, cat, 1, 0)
+        assert all(res["provenance"].get(k) not in (None, "") for k in PROVENANCE if k != "git_commit")
+        assert res["provenance"]["command"] == "nferd benchmark run --epochs 1"
+        assert res["config"]["model"]["bank"] == (run.model == "nferd")
+        assert 0.0 <= res["metrics"]["pixel_auroc"] <= 1.0 and res["n_test"] > 0
+    again = run_grid(runs, tmp_path / "results", tmp_path / "work", threads=2, log=logs.append)
+    assert again == [] and "2 done before, 0 to run" in logs[-1]
+
+
+def fake(model: str, seed: int, auroc: float) -> dict:
+    return {"dataset": "d", "category": "c", "teacher": "t", "image_size": 64, "epochs": 5, "model": model,
+            "seed": seed, "metrics": {"image_auroc": auroc, "pixel_auroc": auroc, "aupro": auroc, "pixel_ap": auroc},
+            "timing": {"inference_ms_per_image": 10.0, "train_seconds": 1.0},
+            "provenance": {"date": "2026-01-01T00:00:00", "git_commit": "abc", "cpu_model": "cpu", "cpu_flags": [],
+                           "threads": 1, "torch_version": "x", "precision": "fp32"}}
+
+
+def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
+    rows = [fake("nferd", 0, 0.9), fake("nferd", 1, 0.8), fake("nferd", 2, 0.7), fake("rd4ad", 0, 0.5)]
+    table = summary_table(rows)
+    spread = statistics.stdev([0.9, 0.8, 0.7])
+    assert f"| 3 | 0.8000 ± {spread:.4f} |" in table
+    assert "| rd4ad | 1 | 0.5000 |" in table  # one seed: its value alone
+    readme = f"intro\n{README_START}\nold table\n{README_END}\noutro\n"
+    new = render_readme(readme, rows)
+    assert "old table" not in new and new.startswith("intro\n") and new.endswith("outro\n") and table in new
+    with pytest.raises(ValueError, match="markers"):
+        render_readme("no markers", rows)
+
+
+def test_committed_results_carry_provenance_and_match_the_readme_and_docs() -> None:
+    results = ROOT / "benchmarks" / "results"
+    rows = load_results(results)
+    if not rows:
+        pytest.skip("no committed result files")
+    for r in rows:
+        missing = [k for k in PROVENANCE if not r["provenance"].get(k)]
+        assert not missing, f"{r['dataset']}/{r['category']}/{r['model']} seed {r['seed']}: no {missing}"
+    assert (ROOT / "docs" / "results.md").read_text() == render_results_doc(rows)
+    readme = (ROOT / "README.md").read_text()
+    assert render_readme(readme, rows) == readme
+    assert main(["benchmark", "render", "--check", "--results", str(results), "--docs",
+                 str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md")]) == 0
