@@ -1,32 +1,68 @@
 """``nferd bench`` end to end on a tiny configuration (random weights, synthetic input): every
-figure issue 4 names is there and sane. No timing assertions: speed is measured by the command."""
+figure is reported, and each is computed from the measured times and the model's FLOP count as
+documented. No assertions on the speed itself: that is what the command measures."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import pytest
+
+from nferd.cli import bench, main
 from nferd.cli.bench import run_bench
-from nferd.cli import main
+from nferd.cli.info import model_info
+from nferd.models.nferd import ModelConfig
 
 
 def test_bench_reports_every_figure_with_a_paired_reference() -> None:
+    """Every figure is there and finite; the GFLOPs are the count ``nferd info`` gives for the same
+    configuration, and achieved GFLOP/s are that count times the measured throughput."""
     res = run_bench("efficientnet_lite0", 64, 2, device="cpu", reference=True, train_steps=1, infer_iters=2)
     for key in ("train_images_per_s", "infer_latency_ms_b1", "infer_latency_ms_b1_p95", "infer_images_per_s",
                 "peak_rss_mib", "gflops_achieved", "peak_gflops_matmul", "speedup_train", "speedup_latency_b1"):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
-    assert res["infer_latency_ms_b1_p95"] >= res["infer_latency_ms_b1"]
-    assert res["gflops_per_image"] > 0 and res["reading"] == "E"
+    cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, bank=True, fusion="hafm", recall="patch")
+    assert res["gflops_per_image"] == pytest.approx(model_info(cfg)["gflops"], rel=1e-9)
+    assert res["gflops_achieved"] == pytest.approx(res["gflops_per_image"] * res["infer_images_per_s"])
+    assert res["recall"] == "patch" and res["bank"] is True
     ref = res["reference"]
-    assert ref["precision"] == "torch.float32" and ref["train_images_per_s"] > 0
+    assert ref["precision"] == "torch.float32" and ref["infer_images_per_s"] == pytest.approx(
+        1000 / ref["infer_latency_ms_b1"])  # the reference infers one image at a time
     # the ratios come from interleaved pairs; the fast side of those pairs is reported too
     paired = res["paired_fast"]
     assert paired["train_images_per_s"] > 0 and paired["infer_latency_ms_b1"] > 0
+
+
+def test_bench_figures_follow_from_the_measured_times(monkeypatch) -> None:
+    """With a scripted clock (the k-th timed run of a call takes k ms, a reference run three times
+    as long), every rate, latency, percentile and ratio is its formula applied to those times."""
+    def scripted(fn, device, iters, warmup=1):  # type: ignore[no-untyped-def]
+        fn()  # the timed code still runs once
+        slower = 3 if "reference_path" in fn.__qualname__ else 1
+        return [slower * 0.001 * (i + 1) for i in range(iters)]
+
+    monkeypatch.setattr(bench, "_timed", scripted)
+    res = run_bench("efficientnet_lite0", 64, 2, device="cpu", reference=True, bank=False, train_steps=3,
+                    infer_iters=4)
+    assert res["train_images_per_s"] == pytest.approx(2 / 0.002)  # batch 2 over the median of 1, 2, 3 ms
+    assert res["infer_latency_ms_b1"] == pytest.approx(2.5)  # median of 1, 2, 3, 4 ms
+    assert res["infer_latency_ms_b1_p95"] == pytest.approx(3.85)  # 95th percentile, linear interpolation
+    assert res["infer_images_per_s"] == pytest.approx(2 / 0.0015)  # batched: max(2, 4 // 4) runs of 1, 2 ms
+    assert res["gflops_achieved"] == pytest.approx(res["gflops_per_image"] * 2 / 0.0015)
+    assert res["peak_gflops_matmul"] == pytest.approx(2 * 2048**3 / 0.001 / 1e9)  # best of its runs: 1 ms
+    # interleaved pairs: every run is a first run (1 ms fast, 3 ms reference), so the reference is 3x slower
+    assert res["speedup_train"] == pytest.approx(3.0) and res["speedup_latency_b1"] == pytest.approx(3.0)
+    assert res["reference"]["train_images_per_s"] == pytest.approx(2 / 0.003)
+    assert res["reference"]["infer_latency_ms_b1"] == pytest.approx(3.0)
+    assert res["paired_fast"]["train_images_per_s"] == pytest.approx(2 / 0.001)
 
 
 def test_bench_cli_prints_one_json_object(capsys) -> None:
     assert main(["bench", "--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2",
                  "--train-steps", "1", "--infer-iters", "2", "--bank", "off", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["bank"] is False and res["reading"] is None and "reference" not in res
+    assert res["bank"] is False and res["recall"] is None and "reference" not in res
     assert res["train_images_per_s"] > 0 and res["infer_images_per_s"] > 0
+    cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, bank=False, fusion="none")
+    assert res["gflops_per_image"] == pytest.approx(model_info(cfg)["gflops"], rel=1e-9)

@@ -1,4 +1,5 @@
-"""Calibration: thresholds from normal quantiles or, with defects, at the F1 optimum; `nferd calibrate`."""
+"""Calibration: thresholds from normal scores with a false-alarm bound or, with defects, at the F1 optimum;
+`nferd calibrate`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import shutil
 import numpy as np
 import pytest
 
-from nferd.engine.calibration import decision_counts, fit_f1, fit_normal, fit_validation, normalize
+from nferd.engine.calibration import (CalibrationWarning, decision_counts, fit_f1, fit_normal, fit_validation,
+                                      normalize)
 from nferd.cli import main
 
 
-def test_normal_quantile_threshold_gives_the_target_false_alarm_rate() -> None:
+def test_normal_threshold_is_the_order_statistic_that_bounds_the_false_alarm_rate() -> None:
     scores = np.arange(1, 101, dtype=float)  # 100 good images
     cal = fit_normal(scores, np.zeros((100, 4, 4)), false_alarm_rate=0.05)
-    assert decision_counts(scores, np.zeros(100), cal)["false_alarms"] == 5
+    # 90 % confidence for 5 %: the 2nd largest (P(Bin(100, .05) <= 1) = .037); the 3rd would give .118 > .1
+    assert cal["rank"] == 2 and cal["image_threshold"] == 99.0 and cal["confidence"] == 0.9
+    assert decision_counts(scores, np.zeros(100), cal)["false_alarms"] == 1
     assert normalize(cal["image_threshold"], cal) == pytest.approx(0.5)
 
 
@@ -37,7 +41,8 @@ def test_f1_threshold_lies_between_the_classes_and_decides_with_greater_than() -
 
 def test_validation_fit_picks_the_method_by_what_the_set_holds() -> None:
     maps = np.random.default_rng(0).random((6, 4, 4)).astype(np.float32)
-    assert fit_validation(np.arange(6.0), np.zeros(6), maps)["method"] == "normal_quantile"
+    with pytest.warns(CalibrationWarning, match="needs at least 230"):  # 6 good images are far too few for 1 %
+        assert fit_validation(np.arange(6.0), np.zeros(6), maps)["method"] == "normal_bound"
     assert fit_validation(np.arange(6.0), np.array([0, 0, 0, 1, 1, 1]), maps)["method"] == "validation_f1"
     with pytest.raises(ValueError, match="good images"):
         fit_validation(np.arange(3.0), np.ones(3), maps[:3])
@@ -68,9 +73,14 @@ def test_calibrate_command_refits_the_checkpoint_on_validation_folders(synth_roo
         {k: v for k, v in before.items() if k != "calibration"}  # only the calibration changed
     from nferd.engine.checkpoint import read_metadata
     assert read_metadata(ckpt)["calibration"] == cal  # the weights file's header holds it too
-    # good images only: back to the normal quantile
+    # good images only: back to the normal bound; 3 images are far too few for 1 %, which is said
+    capsys.readouterr()
     assert main(["calibrate", "--checkpoint", str(ckpt), "--normal-dir", str(val / "good")]) == 0
-    assert json.loads((ckpt / "config.json").read_text())["calibration"]["method"] == "normal_quantile"
+    cal = json.loads((ckpt / "config.json").read_text())["calibration"]
+    assert cal["method"] == "normal_bound" and cal["rank"] == 1 and cal["images_needed"] == 230
+    captured = capsys.readouterr()
+    assert "at most" in captured.out and "90 % confidence" in captured.out
+    assert "needs at least 230" in captured.err
     # bad input: a clear message, exit 2, checkpoint unchanged
     assert main(["calibrate", "--checkpoint", str(ckpt)]) == 2
     assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(synth_root), "--category",

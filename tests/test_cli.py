@@ -37,15 +37,30 @@ def test_train_writes_an_atomic_checkpoint_and_log(trained) -> None:
 
 
 def test_test_writes_results_json(trained, tmp_path) -> None:
+    """``nferd test`` writes the metrics that ``evaluate()`` computes for the saved checkpoint on the
+    whole test split (same batch size, device and precision defaults), under the right names, in
+    the category row and as the mean of its one category, and the same figures in the CSV table."""
+    from nferd.data.datasets import MVTecDataset
+    from nferd.engine.checkpoint import load_checkpoint
+    from nferd.engine.evaluate import evaluate
     data, ckpt = trained
     out = tmp_path / "test"
     assert main(["test", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
                  "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
+    model, _ = load_checkpoint(ckpt)
+    test_set = MVTecDataset(data, "synthetic_tiles", "test", model.config.image_size)
+    expected, _ = evaluate(model, test_set, batch_size=16, device="auto", precision="auto")
+    row = res["categories"]["synthetic_tiles"]
+    assert row["n_images"] == len(test_set) == 36  # 12 good + 3 defect types x 8 (synth defaults)
     for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap"):
-        assert 0.0 <= res[k] <= 1.0
+        assert row[k] == pytest.approx(expected[k], abs=1e-6), k
+        assert res[k] == pytest.approx(row[k]), k
     assert "| mean |" in (out / "results.md").read_text()
-    assert (out / "results.csv").read_text().startswith("category,")
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("category,") and csv_rows[1].startswith("synthetic_tiles,")
+    values = dict(zip(csv_rows[0].split(","), csv_rows[1].split(",")))
+    assert float(values["image_auroc"]) == pytest.approx(expected["image_auroc"], abs=1e-6)
 
 
 def test_predict_reports_a_broken_file_and_goes_on(trained, tmp_path) -> None:
@@ -60,7 +75,13 @@ def test_predict_reports_a_broken_file_and_goes_on(trained, tmp_path) -> None:
     rows = json.loads((out / "summary.json").read_text())
     assert [("error" in r) for r in rows] == [False, True, False]
     assert "broken.png" in rows[1]["error"]
-    assert all(r["decision"] in ("OK", "NOK") and 0 <= r["normalized_score"] <= 1 for r in rows if "error" not in r)
+    from nferd.engine.checkpoint import read_metadata
+    cal = read_metadata(ckpt)["calibration"]
+    thr, lo = cal["image_threshold"], cal["score_min"]
+    for r in (r for r in rows if "error" not in r):  # the checkpoint's calibration decides; 0.5 at its threshold
+        assert r["decision"] == ("NOK" if r["score"] > thr else "OK")
+        expected = 0.5 + 0.5 * (r["score"] - thr) / max(thr - lo, 1e-12)
+        assert r["normalized_score"] == pytest.approx(min(1.0, max(0.0, expected)))
     assert len(list((out / "overlays").glob("*.png"))) == 2 and len(list((out / "maps").glob("*.png"))) == 2
 
 
@@ -174,7 +195,4 @@ def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
         parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "4"])
     err = capsys.readouterr().err
     assert "--bank-stages" in err and "expected teacher stages" in err
-    args = parse_args(["train", "--data", "d", "--out", "o", "--reading", "G", "--rebuild-key-stages", "1,2"])
-    assert model_config_from(args).rebuild_key_stages == (1, 2)
-    with pytest.raises(ValueError, match="rebuild key stages"):  # the config names the option and the range
-        model_config_from(parse_args(["train", "--data", "d", "--out", "o", "--rebuild-key-stages", "3"]))
+    assert model_config_from(parse_args(["train", "--data", "d", "--out", "o", "--recall", "map"])).recall == "map"

@@ -2,8 +2,10 @@
 
 Covers scoring (same numbers as the Python API), upload limits (413), non-images and truncated
 images (415/400 with a reason), batches with a broken file, 200 requests from 8 concurrent
-clients (p50/p95 printed; run with -s), the bounded queue (503 + Retry-After), /health,
-/metadata, the page, and `nferd serve` as a subprocess.
+clients (p50/p95 printed; run with -s), the bounded queue (503 + Retry-After), clients that
+disconnect (dropped before inference), NaN or infinite model output (500, an error entry, /health
+unhealthy, strict JSON, no start with such a model), /health, /metadata, the page, and
+`nferd serve` as a subprocess. Memory under large uploads: tests/test_serve_memory.py.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import uvicorn  # noqa: E402
 import nferd  # noqa: E402
 from nferd.engine.checkpoint import read_metadata  # noqa: E402
 from nferd.deploy.predict import Predictor  # noqa: E402
-from nferd.deploy.serve import create_app  # noqa: E402
+from nferd.deploy.serve import ModelOutputError, create_app, self_check  # noqa: E402
 
 UPLOAD_LIMIT = 256 * 1024
 
@@ -79,6 +81,11 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 def sample_images(synth_root: Path) -> dict[str, Path]:
     test = synth_root / "synthetic_tiles" / "test"
     return {"good": min((test / "good").glob("*.png")), "scratch": min((test / "scratch").glob("*.png"))}
+
+
+def strict_loads(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity, as strict JSON parsers do."""
+    return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -131,6 +138,7 @@ def test_good_and_defective_images_are_scored_like_the_python_api(server, predic
         assert res["defect_area_fraction"] == pytest.approx(res["defect_area_px"] / (64 * 64))
         ov = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["overlay_png_base64"]))))
         assert ov.shape == (64, 64, 3) and ov.std() > 1.0
+        assert res["overlay_size"] == {"width": 64, "height": 64}  # a small image keeps its own size
         t = res["timings_ms"]
         assert all(t[k] >= 0 for k in ("decode", "queue", "inference", "postprocess", "total"))
         assert t["total"] >= t["inference"]
@@ -231,10 +239,11 @@ class GatedPredictor:
     """Wraps a predictor; every forward pass waits for ``gate``, so the queue fills deterministically."""
 
     def __init__(self, inner: Predictor) -> None:
-        self.inner, self.gate = inner, threading.Event()
+        self.inner, self.gate, self.calls = inner, threading.Event(), 0
         self.calibration, self.size = inner.calibration, inner.size
 
     def maps(self, images):  # type: ignore[no-untyped-def]
+        self.calls += 1
         if not self.gate.wait(60):
             raise TimeoutError("test gate never opened")
         return self.inner.maps(images)
@@ -269,9 +278,147 @@ def test_a_full_queue_answers_503_with_retry_after(predictor, synth_root) -> Non
         assert post().status_code == 200  # room again once the queue drained
 
 
-def test_health_and_metadata(server, checkpoint, predictor) -> None:
+def test_a_client_that_disconnects_is_dropped_before_inference(predictor, synth_root) -> None:
+    gated = GatedPredictor(predictor)
+    app = create_app(gated, max_queue=4, warmup=False)
+    data = sample_images(synth_root)["good"].read_bytes()
+    with serve_in_thread(app) as url, ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(lambda: httpx.post(f"{url}/predict", files={"file": ("a.png", data, "image/png")},
+                                                   timeout=90))
+            deadline = time.monotonic() + 30
+            while gated.calls < 1:  # the first forward pass has started and holds the model worker
+                assert time.monotonic() < deadline, "the first request never reached the model"
+                time.sleep(0.02)
+            # the second client gives up after 1 s and closes its connection while its image waits
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/predict", files={"file": ("b.png", data, "image/png")},
+                           timeout=httpx.Timeout(30, read=1.0))
+            while httpx.get(f"{url}/health").json()["dropped_disconnected"] < 1:
+                assert time.monotonic() < deadline, "the request of the gone client was not dropped"
+                time.sleep(0.05)
+            assert gated.calls == 1
+        finally:
+            gated.gate.set()
+        assert first.result().status_code == 200
+        health = httpx.get(f"{url}/health").json()
+    assert gated.calls == 1 and health["images_scored"] == 1  # no forward pass for the gone client
+    assert health["dropped_disconnected"] == 1 and health["in_flight"] == 0
+
+
+class PoisonedPredictor:
+    """Wraps a predictor; images brighter than 0.9 on average (or all, ``which="all"``) get a NaN or
+    infinite score or a NaN in their map, as a broken checkpoint would give."""
+
+    def __init__(self, inner: Predictor, what: str, which: str = "bright") -> None:
+        self.inner, self.what, self.which = inner, what, which
+        self.calibration, self.size = inner.calibration, inner.size
+
+    def maps(self, images):  # type: ignore[no-untyped-def]
+        maps, scores = self.inner.maps(images)
+        maps, scores = maps.copy(), scores.copy()
+        bad = np.ones(len(images), bool) if self.which == "all" else images.mean(dim=(1, 2, 3)).numpy() > 0.9
+        if self.what == "map":
+            maps[bad, 3, 5] = np.nan
+        else:
+            scores[bad] = {"nan": np.nan, "inf": np.inf}[self.what]
+        return maps, scores
+
+    def decide(self, score: float) -> dict[str, Any]:
+        return self.inner.decide(score)
+
+
+@pytest.mark.parametrize("what", ["nan", "inf", "map"])
+def test_a_non_finite_map_or_score_is_an_error_never_a_decision(predictor, synth_root, what) -> None:
+    app = create_app(PoisonedPredictor(predictor, what), warmup=False)
+    white = png_bytes(np.full((64, 64, 3), 255, np.uint8))
+    good = sample_images(synth_root)["good"].read_bytes()
+    with serve_in_thread(app) as url:
+        r = httpx.post(f"{url}/predict", params={"overlay": "true", "mask": "true"},
+                       files={"file": ("white.png", white, "image/png")}, timeout=60)
+        assert r.status_code == 500 and "OK" not in r.text
+        assert "white.png" in strict_loads(r.text)["detail"] and "NaN or infinite" in r.text
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 503
+        health = strict_loads(h.text)
+        assert health["status"] == "unhealthy" and health["non_finite_outputs"] == 1
+
+        r = httpx.post(f"{url}/predict/batch", files=[("files", ("good.png", good, "image/png")),
+                                                       ("files", ("white.png", white, "image/png"))], timeout=60)
+        assert r.status_code == 200
+        out = strict_loads(r.text)
+        ok, bad = out["results"]
+        assert ok["decision"] in ("OK", "NOK") and math.isfinite(ok["score"])
+        assert bad["status"] == 500 and "decision" not in bad and "score" not in bad and "OK" not in json.dumps(bad)
+        assert out["n_errors"] == 1 and out["n_ok"] + out["n_nok"] == 1
+        assert httpx.get(f"{url}/health").status_code == 503  # that forward pass had a non-finite image too
+
+        r = httpx.post(f"{url}/predict", files={"file": ("good.png", good, "image/png")}, timeout=60)
+        assert r.status_code == 200 and strict_loads(r.text)["decision"] in ("OK", "NOK")
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 200 and strict_loads(h.text)["status"] == "ok"  # a finite pass clears it
+        assert strict_loads(h.text)["non_finite_outputs"] == 2
+
+
+def test_a_model_that_is_not_finite_on_a_grey_image_does_not_start(predictor, checkpoint, monkeypatch,
+                                                                   capsys) -> None:
+    import asyncio
+
+    from nferd.cli import main
+    broken = PoisonedPredictor(predictor, "map", which="all")
+    with pytest.raises(ModelOutputError, match="not serving"):
+        self_check(broken)
+    self_check(predictor)  # a sound model passes
+    app = create_app(broken)
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pytest.fail("the app started with a model that gives NaN")
+
+    with pytest.raises(ModelOutputError, match="not serving"):
+        asyncio.run(start())
+    # `nferd serve`: one line naming the problem, no traceback, and it never listens
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, *a, **k: broken))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn was started"))
+    assert main(["serve", "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "not serving" in err and "NaN or infinite" in err and "Traceback" not in err
+
+
+def test_a_response_holding_nan_is_a_strict_json_500(predictor) -> None:
+    class NanCalibration(PoisonedPredictor):
+        def __init__(self) -> None:
+            super().__init__(predictor, "nan")
+            self.calibration = {**predictor.calibration, "pixel_median": float("nan")}
+
+    with serve_in_thread(create_app(NanCalibration(), warmup=False)) as url:
+        r = httpx.get(f"{url}/metadata")
+    assert r.status_code == 500 and "NaN or Infinity at calibration.pixel_median" in strict_loads(r.text)["detail"]
+
+
+def test_serve_passes_the_image_memory_budget_and_refuses_zero(checkpoint, monkeypatch, capsys) -> None:
+    import nferd.deploy.serve as serve
+    from nferd.cli import main
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(serve, "run", lambda *a, **k: seen.update(k))
+    assert main(["serve", "--checkpoint", str(checkpoint), "--max-image-memory-mb", "256"]) == 0
+    assert seen["max_image_memory_bytes"] == 256 * 1024 * 1024
+    capsys.readouterr()
+    seen.clear()
+    try:
+        code = main(["serve", "--checkpoint", str(checkpoint), "--max-image-memory-mb", "0"])
+    except SystemExit as e:  # argparse's own exit, where main does not turn it into a status
+        code = e.code
+    assert code == 2 and "--max-image-memory-mb" in capsys.readouterr().err and seen == {}  # never served
+
+
+def test_health_and_metadata(server, checkpoint, predictor, synth_root) -> None:
+    assert post_image(server, sample_images(synth_root)["good"]).status_code == 200
     h = httpx.get(f"{server}/health")
-    assert h.status_code == 200 and h.json()["status"] == "ok"
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["problem"] is None
+    mem = h.json()["image_memory"]
+    assert mem["limit_bytes"] == 1024 * 1024 * 1024 and mem["reserved_bytes"] == 0
+    assert 0 < mem["peak_reserved_bytes"] <= mem["limit_bytes"]  # the image above reserved memory
     r = httpx.get(f"{server}/metadata")
     assert r.status_code == 200
     m = r.json()
@@ -283,6 +430,7 @@ def test_health_and_metadata(server, checkpoint, predictor) -> None:
     assert {k: m["calibration"][k] for k in flat} == pytest.approx(flat)
     assert m["calibration"]["fitted_set"] == predictor.calibration["fitted_set"]
     assert m["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and m["limits"]["max_queue"] == 16
+    assert m["limits"]["max_image_memory_bytes"] == 1024 * 1024 * 1024
     assert str(checkpoint.parent) not in r.text  # no server paths leak
 
 

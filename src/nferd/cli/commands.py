@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ..engine import jsonio
+from ..engine.safe_io import write_text
 from .options import CLIError, model_config_from
 
 
@@ -58,7 +59,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import model_info
     info = model_info(_model_config(args), args.teacher_weights or "random")
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(jsonio.dumps(info, indent=2))
     else:
         for k, v in info["params"].items():
             print(f"{k:>14}: {v / 1e6:8.3f} M")
@@ -88,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     lead = round_robin or not ddp.launched() or ddp.env_rank() == 0  # prints and writes the summary
     for cat in cats:
         out = Path(args.out) / cat if (args.category == "all" and cat) else Path(args.out)
+        if args.resume and _report_finished(out, args, lead):
+            continue
         train_set = _datasets(args, cat, "train", mcfg.image_size)
         cal_set = _validation_set(args, cat, mcfg.image_size)
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -107,12 +110,32 @@ def cmd_train(args: argparse.Namespace) -> int:
                                sync_bn=getattr(args, "sync_bn", False))
         if not lead:  # DDP: rank 0 reports, writes and tests
             continue
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_text(out / "train_summary.json", jsonio.dumps(summary, indent=2, default=str))
+        loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
         print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
-              f"final loss {summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}")
+              f"final loss {loss}; checkpoint {summary['checkpoint']}")
+        cal = summary.get("calibration") or {}
+        if cal.get("warning"):
+            print(f"nferd: warning: {cal['warning']}", file=sys.stderr)
         if args.test:
             _test_one(model, args, cat, out / "test", {"checkpoint": str(out), **summary})
     return 0
+
+
+def _report_finished(out: Path, args: argparse.Namespace, lead: bool) -> bool:
+    """``--resume`` on a run that already finished: say so and touch nothing (True), else False."""
+    from ..engine.train import finished_run
+    meta = finished_run(out, args.epochs)
+    if meta is None:
+        return False
+    if lead:
+        epochs = meta.get("epoch")
+        longer = (f"; it was trained for {epochs} epochs, more than --epochs {args.epochs}: train into another "
+                  "--out for a shorter run") if epochs != args.epochs else ""
+        test = f"; test it with `nferd test --checkpoint {out}`" if args.test else ""
+        print(f"{out}: training finished earlier ({epochs} epochs, {out / 'model.safetensors'}): nothing to resume, "
+              f"nothing changed{longer}{test}")
+    return True
 
 
 def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info: dict[str, Any]) -> dict:  # type: ignore[no-untyped-def]
@@ -254,7 +277,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     test_set = _datasets(args, cats[0], "test", model.config.image_size)
     report = diagnose(model, test_set, device=args.device)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(jsonio.dumps(report, indent=2))
         return 0
     print("bank     spread  top-K gap  entropy  top-1 distinct  most common top-1")
     for r in report["retrieval"]:
@@ -320,7 +343,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
                     recall=args.recall)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(jsonio.dumps(res, indent=2))
     else:
         for k, v in res.items():
             print(f"{k}: {v}")
@@ -339,12 +362,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           ("127.0.0.1", "localhost", "::1") else ""))
     run(args.checkpoint, args.host, args.port, device=args.device, precision=args.precision,
         log_level=args.log_level, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_queue=args.max_queue, max_batch_files=args.max_batch_files)
+        max_queue=args.max_queue, max_batch_files=args.max_batch_files,
+        max_image_memory_bytes=int(args.max_image_memory_mb * 1024 * 1024))
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..engine.calibration import calibrate
+    import warnings
+    from ..engine.calibration import CalibrationWarning, calibrate, describe_guarantee
     from ..engine.checkpoint import load_checkpoint, update_metadata
     from ..data.datasets import FolderDataset, MVTecDataset
     folders = [d for d in (args.normal_dir, args.abnormal_dir) if d]
@@ -353,7 +378,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                        "--data ROOT --category C (ROOT/C/validation)")
     if args.data and not args.category:
         raise CLIError("--data needs --category: the validation images are read from ROOT/CATEGORY/validation")
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint, check_calibration=False)  # refitting repairs a broken one
     size = model.config.image_size
     if args.data:
         ds = MVTecDataset(args.data, args.category, "validation", size)
@@ -365,13 +390,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         ds = FolderDataset(None, "test", size, test_normal_dir=args.normal_dir, test_abnormal_dir=args.abnormal_dir,
                            mask_dir=args.mask_dir)
         ds.calibration_source = "validation folders: " + ", ".join(str(d) for d in folders)
-    cal = calibrate(model, ds, args.false_alarm_rate, args.device, args.precision, args.batch_size)
+    with warnings.catch_warnings():  # a too-small set is reported below, in the calibration's own words
+        warnings.simplefilter("ignore", CalibrationWarning)
+        cal = calibrate(model, ds, args.false_alarm_rate, args.device, args.precision, args.batch_size)
     counts = cal["fitted_set"]
     previous = meta.get("calibration")
     update_metadata(args.checkpoint, calibration=cal)
     print(f"calibration ({cal['method']}, {cal['n_images']} images from {cal['source']}): image threshold "
           f"{cal['image_threshold']:.5f}, pixel threshold {cal['pixel_threshold']:.5f}"
-          + (f" (was {previous['image_threshold']:.5f} / {previous['pixel_threshold']:.5f})" if previous else ""))
+          + (f" (was {previous['image_threshold']:.5f} / {previous['pixel_threshold']:.5f})"
+             if previous and all(isinstance(previous.get(k), (int, float))
+                                 for k in ("image_threshold", "pixel_threshold")) else ""))
+    if cal["method"] == "normal_bound":
+        print(describe_guarantee(cal))
+        if "warning" in cal:
+            print(f"nferd: warning: {cal['warning']}", file=sys.stderr)
     if cal["method"] == "validation_f1":
         print(f"on this set: {counts['false_alarms']} of {counts['good']} good images flagged, {counts['misses']} of "
               f"{counts['defective']} defective images missed (image F1 {cal['image_f1']:.4f})")

@@ -1,20 +1,25 @@
-"""Entry point of the ``nferd`` command: parse, dispatch to the verb, turn bad input into one line."""
+"""Entry point of the ``nferd`` command: parse, check, dispatch to the verb, turn bad input into one line."""
 
 from __future__ import annotations
 
 import sys
 
 from . import commands
-from .options import CLIError
+from .options import CLIError, preflight
 from .parser import build_parser, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``nferd`` command; returns the exit status (2: bad input, reported in one line)."""
     try:
-        args = parse_args(argv)
+        try:
+            args = parse_args(argv)
+        except SystemExit as e:  # --help / --version (0), or a bad option already reported in one line (2)
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         if args.command is None:
             build_parser().print_help()
             return 1
+        preflight(args)  # every check that can fail before any work starts
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except CLIError as e:
         print(f"nferd: error: {e}", file=sys.stderr)

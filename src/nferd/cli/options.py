@@ -1,8 +1,18 @@
-"""Options shared by several verbs (model, data) and the error type whose message is the whole story."""
+"""Options shared by several verbs (model, data), the validating types every numeric option is
+parsed with, the checks run before any work starts, and the error type whose message is the whole story.
+
+The types raise ``argparse.ArgumentTypeError`` with the allowed range; ``parser.parse_args``
+applies them to config-file values too, so a bad value reads the same from either place.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 
@@ -10,12 +20,135 @@ class CLIError(Exception):
     """An error whose message is the whole story: printed without a traceback."""
 
 
-def on_off(v: str) -> bool:
-    if v.lower() in ("on", "true", "1", "yes"):
+def on_off(v: str | bool) -> bool:
+    if isinstance(v, bool):  # a config file's true / false
+        return v
+    if str(v).lower() in ("on", "true", "1", "yes"):
         return True
-    if v.lower() in ("off", "false", "0", "no"):
+    if str(v).lower() in ("off", "false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, got '{v}'")
+
+
+class IntRange:
+    """An integer in [lo, hi] (either end optional), optionally a multiple of ``multiple``."""
+
+    def __init__(self, lo: int | None = None, hi: int | None = None, multiple: int | None = None) -> None:
+        self.lo, self.hi, self.multiple = lo, hi, multiple
+        self.__name__ = "integer"
+
+    def describe(self) -> str:
+        what = f"a multiple of {self.multiple}" if self.multiple else "an integer"
+        if self.lo is not None and self.hi is not None:
+            return f"{what} from {self.lo} to {self.hi}"
+        if self.lo is not None:
+            return f"{what} >= {self.lo}"
+        return f"{what} <= {self.hi}" if self.hi is not None else what
+
+    def __call__(self, v: Any) -> int:
+        try:
+            if isinstance(v, (bool, float)):  # YAML true / 2.5: not an integer, as '2.5' on the command line
+                raise ValueError
+            n = int(str(v).strip())
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {v}") from None
+        if (self.lo is not None and n < self.lo) or (self.hi is not None and n > self.hi) or \
+                (self.multiple and n % self.multiple):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {v}")
+        return n
+
+    def __repr__(self) -> str:
+        return f"IntRange({self.describe()})"
+
+
+class FloatRange:
+    """A finite number between ``lo`` and ``hi``; ``lo_open`` / ``hi_open`` exclude the ends."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.__name__ = "number"
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return "a number " + " and ".join(parts) if parts else "a finite number"
+
+    def __call__(self, v: Any) -> float:
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            x = float(str(v).strip())
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {v}") from None
+        bad = not math.isfinite(x)
+        if self.lo is not None:
+            bad = bad or x < self.lo or (self.lo_open and x == self.lo)
+        if self.hi is not None:
+            bad = bad or x > self.hi or (self.hi_open and x == self.hi)
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {v}")
+        return x
+
+    def __repr__(self) -> str:
+        return f"FloatRange({self.describe()})"
+
+
+positive_int = IntRange(1)
+non_negative_int = IntRange(0)
+seed_int = IntRange(0, 2**32 - 1)  # NumPy's seed range
+port_int = IntRange(1, 65535)
+# The teacher downsamples by 32, so the side is a multiple of 32; every feature map, bank and anomaly
+# map grows with its square, so the side is bounded: a typo fails here, not in a terabyte allocation.
+MAX_IMAGE_SIZE = 4096
+image_size_int = IntRange(64, MAX_IMAGE_SIZE, multiple=32)
+bank_size_int = IntRange(2)  # one bank image is masked out for its own image during training
+positive_float = FloatRange(0, lo_open=True)
+fraction_open = FloatRange(0, 1, lo_open=True, hi_open=True)  # a rate that must be neither 0 nor 1
+holdout_fraction = FloatRange(0, 1, hi_open=True)
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda)(:(\d+))?")
+
+
+def device(v: Any) -> str:
+    """A device string (auto, cpu, cuda, cuda:N, mps) that this machine has."""
+    s = str(v).strip().lower()
+    m = _DEVICE.fullmatch(s)
+    if m is None or (m.group(2) and m.group(1) != "cuda"):
+        raise argparse.ArgumentTypeError(f"must be {DEVICES}, got '{v}'")
+    if m.group(1) == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"'{v}' asks for a CUDA GPU, but torch sees none on this machine: "
+                                             "use cpu (or auto)")
+        n = torch.cuda.device_count()
+        if m.group(3) is not None and int(m.group(3)) >= n:
+            raise argparse.ArgumentTypeError(f"'{v}': torch sees {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    if m.group(1) == "mps":
+        import torch
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError(f"'{v}' asks for an Apple GPU (MPS), which torch does not see here: "
+                                             "use cpu (or auto)")
+    return s
+
+
+def seed_list(v: Any) -> str:
+    """Seeds separated by commas (``0,1,2``, or a list in a config file), each from 0 to 2**32 - 1."""
+    text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    items = [x for x in text.replace(" ", "").split(",") if x]
+    try:
+        if not items:
+            raise argparse.ArgumentTypeError("")
+        for x in items:
+            seed_int(x)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be seeds separated by commas, each {seed_int.describe()}, "
+                                         f"got '{v}'") from None
+    return ",".join(items)
 
 
 def stage_list(v: str | int | list[int]) -> tuple[int, ...]:
@@ -31,6 +164,11 @@ def stage_list(v: str | int | list[int]) -> tuple[int, ...]:
     return stages
 
 
+IMAGE_SIZE_HELP = (f"input side in pixels: a multiple of 32 (the teacher downsamples by 32) from 64 to "
+                   f"{MAX_IMAGE_SIZE} (memory grows with the square of the side, so a larger value is a typo, "
+                   "not a model that fits; default 256)")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     from ..models.hafm import FUSIONS
     from ..models.bank import RECALLS
@@ -42,18 +180,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "the paper uses wide_resnet50_2)")
     g.add_argument("--teacher-weights", default=None, metavar="PATH",
                    help="local .pth/.safetensors teacher weights instead of downloading them")
-    g.add_argument("--image-size", type=int, default=256)
+    g.add_argument("--image-size", type=image_size_int, default=256, metavar="PX",
+                   help=IMAGE_SIZE_HELP)
     g.add_argument("--bank", type=on_off, default=True, metavar="on|off", help="normal feature banks")
     g.add_argument("--recall", default=None, choices=RECALLS,
                    help="patch (default): each position recalls its nearest normal positions, keyed by the "
                         "input's teacher features; map: the paper's whole-map recall keyed by the student's map")
     g.add_argument("--fusion", default="hafm", choices=FUSIONS)
-    g.add_argument("--n-bank", type=int, default=None, help="normal images per bank (N)")
-    g.add_argument("--top-k", type=int, default=None, help="recalled entries per query (K)")
-    g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the recall weights")
-    g.add_argument("--patch-limit", type=int, default=None,
+    g.add_argument("--n-bank", type=bank_size_int, default=None, help="normal images per bank (N >= 2; default 64)")
+    g.add_argument("--top-k", type=positive_int, default=None,
+                   help="recalled entries per query (1 <= K <= N - 1; default 4)")
+    g.add_argument("--temperature", type=positive_float, default=None,
+                   help="softmax temperature of the recall weights (> 0; default 0.01)")
+    g.add_argument("--patch-limit", type=positive_int, default=None,
                    help="patch recall: bank positions searched per bank (a seeded random subset); lower is "
-                        "cheaper (default 16384)")
+                        "cheaper (>= 1; default 16384)")
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
                         "the student through as RD4AD does (default: 1,2,3)")
@@ -73,7 +214,78 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             kw[name] = v
     if not args.bank and "fusion" not in getattr(args, "_explicit", set()):
         kw["fusion"] = "none"  # --bank off alone means RD4AD
-    return ModelConfig(**kw)
+    if kw["bank"]:  # the one cross-option range, named by its options rather than ModelConfig's fields
+        n_bank, top_k = kw.get("n_bank", ModelConfig.n_bank), kw.get("top_k", ModelConfig.top_k)
+        if not 1 <= top_k <= n_bank - 1:
+            raise CLIError(f"argument --top-k: must be an integer from 1 to --n-bank - 1 = {n_bank - 1} (one bank "
+                           f"image is masked out for its own image during training), got {top_k}")
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:
+        raise CLIError(f"model options: {e}") from e
+
+
+def writable_folder(path: str | Path, option: str) -> None:
+    """Fail before any work when ``path`` cannot become a folder nferd writes into: it is a file, or
+    the nearest existing folder above it refuses a new entry (permissions, read-only file system)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{option} '{path}' is a file, not a folder")
+    probe = p
+    while not probe.exists():
+        if probe.is_symlink():
+            raise CLIError(f"{option} '{path}': '{probe}' is a symbolic link to nothing")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{option} '{path}': '{probe}' is a file, not a folder")
+    try:  # os.access alone says yes to root on a read-only mount's parent, or in /proc
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError
+        os.rmdir(tempfile.mkdtemp(prefix=".nferd-write-check-", dir=probe))
+    except OSError as e:
+        why = "no permission" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise CLIError(f"{option} '{path}': cannot write in the folder '{probe}' ({why})") from None
+
+
+def writable_file(path: str | Path, option: str) -> None:
+    """``writable_folder`` for the folder of an output file that is not itself a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{option} '{path}' is a folder; name the file to write")
+    writable_folder(p.parent, option)
+
+
+# output folders (dest -> flag) each verb writes into, checked before any work
+_OUTPUT_FOLDERS = {"demo": ("out",), "synth": ("out",), "train": ("out", "feature_cache_dir"), "test": ("out",),
+                   "predict": ("out",)}
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Checks that need more than one option or the file system, run after parsing and before
+    any work: the model config's cross-option ranges, input files named by an option, and that
+    every output folder can be written (so a run never fails on its last step)."""
+    cmd = getattr(args, "command", None)
+    if hasattr(args, "n_bank"):  # verbs with the model options
+        model_config_from(args)
+    weights = getattr(args, "teacher_weights", None)
+    if weights not in (None, "random") and not Path(weights).is_file():
+        raise CLIError(f"argument --teacher-weights: no file '{weights}'")
+    for dest in _OUTPUT_FOLDERS.get(cmd, ()):
+        if getattr(args, dest, None):
+            writable_folder(getattr(args, dest), "--" + dest.replace("_", "-"))
+    if cmd == "export":
+        writable_file(args.out, "--out")
+    if cmd == "calibrate" and Path(args.checkpoint).exists():  # the thresholds are written into the checkpoint
+        ckpt = Path(args.checkpoint)
+        writable_folder(ckpt if ckpt.is_dir() else ckpt.parent, "--checkpoint")
+    if cmd == "benchmark":
+        if args.action == "run":
+            writable_folder(args.results, "--results")
+            writable_folder(args.work, "--work")
+        elif not args.check:
+            writable_file(args.docs, "--docs")
+            if Path(args.readme).is_file():
+                writable_file(args.readme, "--readme")
 
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:

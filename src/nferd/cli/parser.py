@@ -10,11 +10,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from ..deploy.onnx_format import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..models.nferd import DEFAULT_TEACHER
+from ..models.teacher import teacher_names
 from ..version import __version__
-from .options import CLIError, add_data_options, add_model_options, on_off
+from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_model_options, device,
+                      fraction_open, holdout_fraction, image_size_int, non_negative_int, on_off, port_int,
+                      positive_float, positive_int, seed_int, seed_list)
+
+DEVICE_HELP = f"{DEVICES} (default auto: cuda when torch sees a GPU, else cpu)"
 
 EXAMPLES = {
     "demo": "nferd demo --out runs/demo",
@@ -40,8 +46,15 @@ EXAMPLES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``nferd: error: argument --X: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"nferd: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nferd", description="NFERD anomaly detection: train on normal images, "
+    ap = Parser(prog="nferd", description="NFERD anomaly detection: train on normal images, "
                                  "find and localise defects.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
     ap.add_argument("--version", action="version", version=f"nferd {__version__}")
@@ -55,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("demo", "generate the embedded synthetic dataset, train NFERD on it, test, and write overlays")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=40, help="training epochs (>= 1; default 40)")
+    p.add_argument("--seed", type=seed_int, default=0, help="0 to 2**32 - 1 (default 0)")
 
     p = cmd("synth", "write the embedded synthetic inspection dataset in MVTec layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=60)
+    p.add_argument("--seed", type=seed_int, default=0, help="0 to 2**32 - 1 (default 0)")
+    p.add_argument("--n-train", type=positive_int, default=60, help="normal training images (>= 1; default 60)")
 
     p = cmd("info", "parameter counts and forward GFLOPs of a model configuration")
     add_model_options(p)
@@ -72,20 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_data_options(p)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=0.005)
+    g.add_argument("--epochs", type=positive_int, default=200, help="training epochs (>= 1; default 200)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="images per optimiser step (>= 1; default 16)")
+    g.add_argument("--lr", type=positive_float, default=0.005, help="Adam learning rate (> 0; default 0.005)")
     g.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
                    help="constant (RD4AD's recipe) or cosine: the lr falls to 0 over the epochs, so the last "
                         "epoch, which is the model, is not a snapshot of a noisy walk (default constant)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0, help="0 to 2**32 - 1 (default 0)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--holdout", type=float, default=0.1,
+    g.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    g.add_argument("--holdout", type=holdout_fraction, default=0.1,
                    help="fraction of training images kept out for calibration when the data has no "
-                        "validation/good folder (default 0.1)")
-    g.add_argument("--false-alarm-rate", type=float, default=0.01, help="calibration target on normal images")
-    g.add_argument("--checkpoint-every", type=int, default=10)
+                        "validation/good folder (>= 0 and < 1; default 0.1)")
+    g.add_argument("--false-alarm-rate", type=fraction_open, default=0.01,
+                   help="calibration target on normal images (> 0 and < 1; default 0.01)")
+    g.add_argument("--checkpoint-every", type=positive_int, default=10,
+                   help="epochs between resumable checkpoints (>= 1; default 10)")
     g.add_argument("--feature-cache-dir", default=None, help="keep teacher features in memory-mapped files here")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the dense modules (needs a C++ compiler on CPU; first epoch pays the compile)")
@@ -100,15 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     add_data_options(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--report", action="store_true",
                    help="also write OUT/report.html: metrics, ROC/PRO curves, score histogram and a gallery of "
                         "misses and false alarms, images embedded (needs matplotlib: nferd[report])")
-    p.add_argument("--report-gallery", type=int, default=4, metavar="K",
+    p.add_argument("--report-gallery", type=non_negative_int, default=4, metavar="K",
                    help="gallery entries per group: K lowest-scored defective, K highest-scored good, "
-                        "K highest-scored defective images (default 4)")
+                        "K highest-scored defective images (>= 0; default 4)")
 
     p = cmd("predict", "score new images: decision, anomaly map, mask and overlay per image")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder or .safetensors (torch backend)")
@@ -117,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="FILE.onnx", help="the exported model for --backend onnx")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
     p.add_argument("--map-format", default="npy", choices=["npy", "png16"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--fresh", action="store_true",
                    help="discard the progress of an interrupted run in --out and score every image again "
@@ -135,17 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="ROOT", help="instead of the folders: ROOT/CATEGORY/validation "
                    "of an MVTec-style dataset (MVTec 3D-AD and LOCO ship one)")
     p.add_argument("--category", default=None)
-    p.add_argument("--false-alarm-rate", type=float, default=0.01,
-                   help="target on good images when the set holds no defects (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--false-alarm-rate", type=fraction_open, default=0.01,
+                   help="target on good images when the set holds no defects (> 0 and < 1; default 0.01)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
 
     p = cmd("diagnose", "retrieval health of the normal feature banks (spread, entropy, diversity, ablations)")
     p.add_argument("--checkpoint", required=True)
     add_data_options(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
 
     p = cmd("export", "export a checkpoint's whole inference graph (map, blur and score included) for deployment")
     p.add_argument("--checkpoint", required=True)
@@ -154,21 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", action="store_true",
                    help="take uint8 N x H x W x 3 RGB images of any size and resize in the graph (as nferd's loader "
                         "does) instead of float N x 3 x S x S images in [0, 1]")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 17 to 20)")
+    p.add_argument("--opset", type=IntRange(MIN_OPSET, MAX_OPSET), default=None,
+                   help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET}; default {DEFAULT_OPSET})")
     p.add_argument("--no-check", action="store_true",
                    help="skip running the exported file against the PyTorch model on random images")
 
     p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"default {DEFAULT_TEACHER}")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
+    p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--bank", type=on_off, default=True, metavar="on|off")
     p.add_argument("--recall", default="patch", choices=["patch", "map"], help="bank recall to time (default patch)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's dense modules")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
-    p.add_argument("--train-steps", type=int, default=6)
-    p.add_argument("--infer-iters", type=int, default=10)
+    p.add_argument("--train-steps", type=positive_int, default=6, help="timed training steps (>= 1; default 6)")
+    p.add_argument("--infer-iters", type=positive_int, default=10,
+                   help="timed batch-1 inferences (>= 1; default 10)")
     p.add_argument("--json", action="store_true")
 
     p = cmd("benchmark", "run a grid of trainings and tests into result files (run), or render their tables (render)")
@@ -177,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run: dataset root (repeat for several)")
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
     p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, rd4ad)")
-    p.add_argument("--seeds", default="0", help="run: seeds, comma-separated (default 0)")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"default {DEFAULT_TEACHER}")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--threads", type=int, default=None, help="run: torch threads (default: all cores)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seeds", type=seed_list, default="0",
+                   help="run: seeds, comma-separated, each 0 to 2**32 - 1 (default 0)")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
+    p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
+    p.add_argument("--epochs", type=positive_int, default=200, help="run: training epochs (>= 1; default 200)")
+    p.add_argument("--threads", type=positive_int, default=None, help="run: torch threads (>= 1; default: all cores)")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--results", default="benchmarks/results", help="result files (default benchmarks/results)")
     p.add_argument("--work", default="runs/benchmark", help="run: checkpoints of the runs (default runs/benchmark)")
     p.add_argument("--docs", default="docs/results.md", help="render: the results page to write")
@@ -194,13 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the "
                    "network: there is no authentication)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--port", type=port_int, default=8000, help="1 to 65535 (default 8000)")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file (default 20 MiB)")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests allowed to wait while one is processed; more get 503 (default 16)")
-    p.add_argument("--max-batch-files", type=int, default=16, help="files per POST /predict/batch (default 16)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0,
+                   help="largest accepted file in MiB (> 0; default 20)")
+    p.add_argument("--max-queue", type=non_negative_int, default=16,
+                   help="requests allowed to wait while one is processed; more get 503 (>= 0; default 16)")
+    p.add_argument("--max-batch-files", type=positive_int, default=16,
+                   help="files per POST /predict/batch (>= 1; default 16)")
+    p.add_argument("--max-image-memory-mb", type=positive_float, default=1024.0,
+                   help="memory in MiB for decoding images, shared by all requests in flight; a request that "
+                        "does not fit waits in the queue (> 0; default 1024)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
@@ -221,6 +244,13 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CLIError(f"config file '{path}' must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _text(v: Any) -> str:
+    """A config-file value for a text option (a path, a name): numbers become text, nothing else does."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise argparse.ArgumentTypeError(f"must be text, got {v!r}")
+    return str(v)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -247,17 +277,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise CLIError(f"config file '{config}' has unknown option(s): {', '.join(unknown)}")
         for k, v in cfg.items():
             action = actions[k]
-            if action.type is not None and v is not None and not isinstance(v, bool):
+            flag = max((o for o in action.option_strings if o.startswith("--")), key=len, default=action.dest)
+            where = f" (in config file '{config}')"
+            if action.nargs == 0 and isinstance(action.const, bool):  # store_true / store_false
+                if not isinstance(v, bool):
+                    raise CLIError(f"argument {flag}: must be true or false, got {v!r}{where}")
+            elif v is not None:
                 try:
                     # a list is one value per element only for an option that takes several
-                    # (nargs); otherwise it is the option's one value (bank-stages: [2, 3])
-                    several = isinstance(v, list) and action.nargs not in (None, "?")
-                    v = [action.type(x) for x in v] if several else action.type(v)
+                    # (nargs, or repeated); otherwise it is the option's one value (bank-stages: [2, 3])
+                    multi = action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction)
+                    convert = action.type or _text
+                    if multi:
+                        v = [convert(x) for x in (v if isinstance(v, list) else [v])]
+                    else:
+                        v = convert(v)
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                    raise CLIError(f"config file '{config}': bad value {v!r} for '{k}': {e}") from e
+                    # the message a bad value on the command line gets, and where this one came from
+                    raise CLIError(f"argument {flag}: {e}{where}") from e
             if action.choices is not None and v not in action.choices:
-                raise CLIError(f"config file '{config}': '{k}' must be one of {', '.join(map(str, action.choices))}, "
-                               f"got {v!r}")
+                raise CLIError(f"argument {flag}: must be one of {', '.join(map(str, action.choices))}, "
+                               f"got {v!r}{where}")
             action.default, action.required = v, False
         explicit |= set(cfg)
     args = parser.parse_args(argv)

@@ -23,7 +23,6 @@ The TorchScript-based exporter is used (``dynamo=False``): the dynamo exporter n
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.calibration import check_calibration
+from ..engine.jsonio import dumps
 from ..models.nferd import NFERD
 from .onnx_format import (DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, MIN_OPSET, ONNX_FORMAT, ONNX_VERSION,  # noqa: F401
                           OUTPUT_NAMES)
@@ -154,7 +155,8 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     """Write the fp32 eval-mode inference graph of ``model`` to ``path`` (one self-contained .onnx file).
 
     ``calibration`` (from the checkpoint) is stored so decisions can be made from the file alone.
-    The model itself is not modified (a CPU fp32 copy is exported).
+    The model itself is not modified (a CPU fp32 copy is exported). NaN or infinite weights or
+    calibration values are refused: the file would decide nothing the runtime could trust.
     """
     import onnx
 
@@ -165,6 +167,11 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"ONNX output file must end in .onnx, got '{path}'")
+    check_calibration(calibration)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"refusing to export a model with non-finite values in {bad[0]}"
+                         + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(model).cpu().float().eval()
     m = m.to(memory_format=torch.contiguous_format)
@@ -193,7 +200,7 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
         del proto.metadata_props[:]
         for k, v in meta.items():
             entry = proto.metadata_props.add()
-            entry.key, entry.value = k, json.dumps(v)
+            entry.key, entry.value = k, dumps(v, nulls=False)
         proto.doc_string = (f"nferd {'NFERD' if m.config.bank else 'RD4AD'} ({m.config.teacher}, {s} px): "
                             "images -> anomaly_map, score")
         onnx.checker.check_model(proto)

@@ -3,7 +3,9 @@
 ``OnnxPredictor`` has ``Predictor``'s public API (``maps``, ``decide``, ``predict_paths``,
 ``calibration``, ``size``), so ``predict_to_folder`` and the CLI use either. Everything it needs
 (image size, calibration, input kind) is read from the file's metadata written by ``export_onnx``;
-no PyTorch model is built. Needs ``onnxruntime`` (``pip install nferd[onnx]``).
+no PyTorch model is built. Loading fails closed: a file whose weights (initializers) or calibration
+hold NaN or infinite values is refused, and an image whose map or score is not finite gets an
+error instead of a decision. Needs ``onnxruntime`` and ``onnx`` (``pip install nferd[onnx]``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.calibration import check_calibration
 from .onnx_format import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .predict import BasePredictor
 
@@ -22,7 +25,8 @@ INSTALL_HINT = "pip install nferd[onnx]"
 
 
 class OnnxModelError(ValueError):
-    """An .onnx file is missing, unreadable, or not an nferd export this version understands."""
+    """An .onnx file is missing, unreadable, not an nferd export this version understands, or holds NaN
+    or infinite weights or calibration values."""
 
 
 def require_onnxruntime():  # type: ignore[no-untyped-def]
@@ -59,7 +63,37 @@ def read_onnx_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     if int(meta.get("version", 0)) > ONNX_VERSION:
         raise OnnxModelError(f"'{path}' has nferd ONNX format version {meta['version']}, newer than this nferd "
                              f"reads ({ONNX_VERSION}): upgrade nferd")
+    try:
+        check_calibration(meta.get("calibration"))
+    except ValueError as e:
+        raise OnnxModelError(f"'{path}' has an unusable calibration: {e}. Its decisions cannot be trusted: "
+                             "export it again from a sound checkpoint") from e
     return meta
+
+
+def check_weights(path: str | Path) -> None:
+    """Refuse an .onnx file whose initializers (the weights, banks and folded constants) hold NaN or
+    infinite values, naming the first such tensor (the graph would score images NaN, which a plain
+    ``>`` reads as OK)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as e:
+        raise ImportError(f"checking an ONNX model's weights needs the onnx package, which is not installed: "
+                          f"{INSTALL_HINT}") from e
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # the protobuf parser raises its own classes
+        raise OnnxModelError(f"cannot read ONNX model '{path}': {type(e).__name__}: {e}") from e
+    bad = []
+    for t in proto.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad.append(t.name)
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise OnnxModelError(f"ONNX model '{path}' has non-finite values in {bad[0]}{more}: it is broken, export "
+                             "it again from a sound checkpoint or restore a copy")
 
 
 class OnnxPredictor(BasePredictor):
@@ -70,13 +104,17 @@ class OnnxPredictor(BasePredictor):
         self.metadata = metadata
         self.path = None if path is None else Path(path)
         self.size = int(metadata["image_size"])
+        check_calibration(metadata.get("calibration"))
         self.calibration = metadata.get("calibration")
         self.preprocess = bool(metadata.get("preprocess", False))
         self.config = metadata.get("model", {})
 
     @classmethod
     def from_file(cls, path: str | Path, threads: int | None = None) -> OnnxPredictor:
-        """Open ``path`` on the CPU execution provider; ``threads`` defaults to the cores available."""
+        """Open ``path`` on the CPU execution provider; ``threads`` defaults to the cores available.
+
+        Refuses (``OnnxModelError``) a file whose weights or calibration hold NaN or infinite values.
+        """
         ort = require_onnxruntime()
         p = Path(path)
         if not p.is_file():
@@ -88,7 +126,9 @@ class OnnxPredictor(BasePredictor):
         except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
             raise OnnxModelError(f"cannot load ONNX model '{p}': {type(e).__name__}: {e}. The file is damaged or "
                                  "not an ONNX model; re-export it with `nferd export`") from e
-        return cls(session, read_onnx_metadata(session, p), p)
+        meta = read_onnx_metadata(session, p)
+        check_weights(p)
+        return cls(session, meta, p)
 
     def maps(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (maps N x S x S, scores N) as NumPy.

@@ -7,11 +7,14 @@ resized back to each image's own size for the saved map, mask and overlay.
 ``predict_to_folder`` records every finished image in ``OUT/progress/rank-R.jsonl`` (appended
 and flushed per image), so a run that stops early is continued by running it again; under
 torchrun each process scores its own share of the batches and rank 0 writes the summary.
+
+Every output file is written through ``engine.safe_io``: never through a symbolic link planted
+in the output folder, and text cells of ``summary.csv`` that a spreadsheet would run as a
+formula are neutralised.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import json
@@ -27,8 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..engine import distributed as ddp
-from ..engine.calibration import display_range, normalize
+from ..engine import jsonio
+from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
 from ..engine.device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
+from ..engine.safe_io import make_dir, open_append, save_image, save_npy, write_dict_csv, write_text
 from ..data.images import ImageLoadError, is_image_file, list_images, load_image
 from ..models.nferd import NFERD
 from .visualize import overlay
@@ -84,14 +89,28 @@ class BasePredictor:
         return self.maps(torch.stack(images))
 
     def decide(self, score: float) -> dict[str, Any]:
-        if self.calibration is None:
-            return {"score": score, "normalized_score": None, "decision": None}
-        ns = float(normalize(score, self.calibration))
-        return {"score": score, "normalized_score": ns,
-                "decision": "NOK" if score > self.calibration["image_threshold"] else "OK"}
+        """Score, normalised score and decision ('OK', 'NOK', or None without calibration) of one image.
+
+        Fails closed: a NaN or infinite score or threshold raises ``NonFiniteError``, never OK.
+        """
+        dec = decision(score, self.calibration)
+        ns = None if self.calibration is None else float(normalize(score, self.calibration))
+        return {"score": score, "normalized_score": ns, "decision": dec}
+
+    def image_result(self, path: Path, amap: np.ndarray, score: float) -> dict[str, Any]:
+        """One image's result, or an error row (``path``, ``error``) when its map or score is not finite."""
+        bad = int(np.size(amap) - np.count_nonzero(np.isfinite(amap)))
+        if bad:
+            return {"path": str(path), "error": f"the anomaly map has {bad} non-finite values (NaN or infinite), so "
+                                                "no decision can be made (a broken model or checkpoint)"}
+        try:
+            return {"path": str(path), "map": amap, **self.decide(score)}
+        except NonFiniteError as e:
+            return {"path": str(path), "error": str(e)}
 
     def predict_paths(self, paths: list[Path], batch_size: int = 16) -> Iterator[dict[str, Any]]:
-        """Yield one result dict per path (``error`` set for files that could not be read)."""
+        """Yield one result dict per path (``error`` set for files that could not be read and for images
+        whose map or score is NaN or infinite: those get no decision)."""
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             loaded: dict[Path, torch.Tensor] = {}
@@ -109,8 +128,7 @@ class BasePredictor:
                 if p in errors:
                     yield {"path": str(p), "error": errors[p]}
                 else:
-                    m, s = results[p]
-                    yield {"path": str(p), "map": m, **self.decide(s)}
+                    yield self.image_result(p, *results[p])
 
 
 class Predictor(BasePredictor):
@@ -122,6 +140,7 @@ class Predictor(BasePredictor):
         self.model = place(model.eval(), self.device)
         self.amp = autocast_dtype(self.device, precision)
         self.runner = inference_copy(self.model, self.amp)  # weights pre-cast for autocast
+        check_calibration(calibration)
         self.calibration = calibration
         self.size = model.config.image_size
 
@@ -157,17 +176,17 @@ def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, A
     vmin, vmax = display_range(calibration, amap)
     row = {k: v for k, v in result.items() if k != "map"}
     if map_format == "npy":
-        np.save(out_dir / "maps" / f"{stem}.npy", amap.astype(np.float32))
+        save_npy(out_dir / "maps" / f"{stem}.npy", amap.astype(np.float32))
     else:
         scaled = np.clip((amap - vmin) / (vmax - vmin), 0, 1) * 65535
-        Image.fromarray(scaled.astype(np.uint16)).save(out_dir / "maps" / f"{stem}.png")
+        save_image(out_dir / "maps" / f"{stem}.png", Image.fromarray(scaled.astype(np.uint16)))
     mask = None
     if calibration is not None:
         mask = amap > calibration["pixel_threshold"]
-        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "masks" / f"{stem}.png")
+        save_image(out_dir / "masks" / f"{stem}.png", Image.fromarray((mask * 255).astype(np.uint8)))
         row["defect_area_px"] = int(mask.sum())
         row["defect_area_fraction"] = float(mask.mean())
-    Image.fromarray(overlay(rgb, amap, vmin, vmax, mask=mask)).save(out_dir / "overlays" / f"{stem}.png")
+    save_image(out_dir / "overlays" / f"{stem}.png", Image.fromarray(overlay(rgb, amap, vmin, vmax, mask=mask)))
     return row
 
 
@@ -247,13 +266,12 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     if ddp.is_main():
         if not resume or old is None:
             shutil.rmtree(prog, ignore_errors=True)
-        prog.mkdir(parents=True, exist_ok=True)
-        (prog / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
-        (prog / "manifest.json.tmp").replace(prog / "manifest.json")
+        make_dir(prog)
+        write_text(prog / "manifest.json", jsonio.dumps(manifest, indent=2))
     ddp.barrier()
     for sub in ("maps", "masks", "overlays"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    prog.mkdir(parents=True, exist_ok=True)
+        make_dir(out / sub)
+    make_dir(prog)
     done = _read_progress(prog)
     ddp.barrier()  # every rank has the same `done` before any rank appends
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -268,9 +286,9 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
         bar = tqdm(total=sum(str(p) not in done for b in mine for p in b), desc="predict", unit="img")
     log_path = prog / f"rank-{rank}.jsonl"
     if log_path.is_file() and log_path.stat().st_size and not log_path.read_bytes().endswith(b"\n"):
-        with log_path.open("a") as f:  # a killed writer left half a line: do not glue the next row to it
+        with open_append(log_path) as f:  # a killed writer left half a line: do not glue the next row to it
             f.write("\n")
-    with log_path.open("a") as log:
+    with open_append(log_path) as log:
         for batch in mine:  # whole batches: an image is scored in the same batch as in any other run
             for res in predictor.predict_paths(batch, batch_size):
                 if res["path"] in done:
@@ -283,7 +301,7 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
                         row = save_outputs(res, out, predictor.calibration, map_format)
                     except OSError as e:
                         row = {"path": res["path"], "error": f"could not write outputs: {e}"}
-                log.write(json.dumps(row) + "\n")
+                log.write(jsonio.dumps(row) + "\n")
                 log.flush()
                 if bar is not None:
                     bar.update(1)
@@ -298,11 +316,8 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     rows = [finished[str(p)] for p in paths]
     ddp.barrier()  # every rank has read the rows before rank 0 removes them
     if ddp.is_main():
-        (out / "summary.json").write_text(json.dumps(rows, indent=2))
+        write_text(out / "summary.json", jsonio.dumps(rows, indent=2))
         cols = ["path", "score", "normalized_score", "decision", "defect_area_px", "defect_area_fraction", "error"]
-        with (out / "summary.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        write_dict_csv(out / "summary.csv", cols, rows)  # text cells that start like a formula are neutralised
         shutil.rmtree(prog, ignore_errors=True)
     return rows

@@ -9,6 +9,9 @@ Memory stays bounded on big test sets: :func:`prepare_category` reduces one cate
 results (all its anomaly maps) to curves, scores and a few downsampled thumbnails, so a
 ``--category all`` report holds one category's maps at a time. The PRO curve comes from the binned
 code of :mod:`nferd.metrics`, the same thresholds as the reported AUPRO.
+
+Decisions fail closed: an image whose score (or gallery map) is NaN or infinite is shown as ERROR,
+never OK, and is left out of the curves and the histogram.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -26,8 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..engine.calibration import display_range, normalize
+from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
 from ..engine.evaluate import METRIC_KEYS
+from ..engine.jsonio import dumps
 from ..data.images import ImageLoadError, load_image
 from ..metrics import pro_curve
 from .visualize import overlay
@@ -116,17 +119,29 @@ def _gallery_indices(scores: np.ndarray, labels: np.ndarray, k: int) -> list[tup
             + [("detection", int(i)) for i in rest[:k]])
 
 
+def _decision(score: float, cal: dict[str, Any] | None) -> str | None:
+    """'OK' / 'NOK' at the calibrated threshold, None without calibration, 'ERROR' (never OK) for a
+    NaN or infinite score or threshold."""
+    try:
+        return decision(float(score), cal)
+    except NonFiniteError:
+        return "ERROR"
+
+
 def _gallery_entry(kind: str, i: int, prep: Mapping[str, Any], maps: Any, masks: Any,
                    vrange: tuple[float, float], thumb_px: int) -> dict[str, Any]:
     score, label, cal = float(prep["scores"][i]), int(prep["labels"][i]), prep["calibration"]
     entry: dict[str, Any] = {"kind": kind, "index": i, "path": prep["paths"][i], "score": score,
                              "label": label, "defect_type": prep["defect_types"][i]}
-    if cal is not None:
-        entry["normalized_score"] = float(normalize(score, cal))
-        entry["decision"] = "NOK" if score > cal["image_threshold"] else "OK"
-    if maps is None:
+    amap = None if maps is None else np.asarray(maps[i], dtype=np.float32)
+    dec = "ERROR" if amap is not None and not np.isfinite(amap).all() else _decision(score, cal)
+    if dec is not None:
+        entry["decision"] = dec
+        entry["normalized_score"] = None if dec == "ERROR" else float(normalize(score, cal))  # type: ignore[arg-type]
+    if dec == "ERROR":
+        entry["problem"] = "non-finite score or anomaly map (NaN or infinite): no decision, the model is broken"
+    if amap is None or dec == "ERROR":
         return entry
-    amap = np.asarray(maps[i], dtype=np.float32)
     hw = _thumb_hw(amap.shape, thumb_px)
     rgb, problem = _image_rgb(entry["path"], hw)
     small = _resize(amap, hw)
@@ -173,12 +188,17 @@ def prepare_category(data: Mapping[str, Any], calibration: dict[str, Any] | None
     if not (scores.size == labels.size == len(data["paths"])):
         raise ValueError(f"report data: {scores.size} scores, {labels.size} labels, {len(data['paths'])} paths")
     cal = data.get("calibration") or calibration
+    try:
+        check_calibration(cal)
+    except ValueError as e:
+        raise ReportError(f"unusable calibration, no decisions can be shown: {e}") from e
     maps = data.get("maps")
     masks = data.get("masks") if data.get("has_masks", True) else None
     out: dict[str, Any] = {"prepared": True, "metrics": dict(data["metrics"]), "scores": scores, "labels": labels,
                            "paths": [str(p) for p in data["paths"]], "calibration": cal, "fpr_limit": fpr_limit,
                            "defect_types": list(data.get("defect_types") or [""] * scores.size)}
-    out["roc"] = roc_curve(labels, scores)[:2] if 0 < labels.sum() < labels.size else None
+    ok = np.isfinite(scores)  # non-finite scores are errors: shown as such, kept out of the curves
+    out["roc"] = roc_curve(labels[ok], scores[ok])[:2] if 0 < labels[ok].sum() < ok.sum() else None
     out["pro"] = None
     if maps is not None and masks is not None and 0 < np.count_nonzero(masks) < np.asarray(masks).size:
         fpr, pro = pro_curve(maps, masks)
@@ -202,7 +222,8 @@ def _roc_plot(name: str, prep: dict[str, Any]) -> str:
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
     cal = prep["calibration"]
     if cal is not None:
-        s, y = prep["scores"], prep["labels"]
+        ok = np.isfinite(prep["scores"])
+        s, y = prep["scores"][ok], prep["labels"][ok]
         nok = s > cal["image_threshold"]
         ax.plot([nok[y == 0].mean()], [nok[y == 1].mean()], "o", c="tab:red", label="calibrated threshold")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (good images)",
@@ -225,9 +246,10 @@ def _pro_plot(name: str, prep: dict[str, Any]) -> str:
 
 
 def _histogram_plot(name: str, prep: dict[str, Any]) -> str:
-    s, y = prep["scores"], prep["labels"]
+    ok = np.isfinite(prep["scores"])
+    s, y = prep["scores"][ok], prep["labels"][ok]
     cal = prep["calibration"]
-    lo, hi = float(s.min()), float(s.max())
+    lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 1.0)
     if cal is not None:
         lo, hi = min(lo, cal["image_threshold"]), max(hi, cal["image_threshold"])
     edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, int(np.clip(2 * np.sqrt(s.size), 10, 50)) + 1)
@@ -295,6 +317,8 @@ def _metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 def _decision_html(entry: Mapping[str, Any]) -> str:
     if "decision" not in entry:
         return ""
+    if entry["decision"] == "ERROR":
+        return ' &middot; <span class="nok">ERROR</span> (no decision)'
     wrong = (entry["decision"] == "OK") == (entry["label"] == 1)
     tag = " (miss)" if wrong and entry["label"] == 1 else " (false alarm)" if wrong else ""
     cls = "nok" if entry["decision"] == "NOK" else "ok"
@@ -335,14 +359,16 @@ def _threshold_html(prep: dict[str, Any]) -> str:
     cal = prep["calibration"]
     if cal is None:
         return '<p class="note">The checkpoint has no calibration: no decision threshold to show.</p>'
-    s, y = prep["scores"], prep["labels"]
-    nok = s > cal["image_threshold"]
-    n_good, n_bad = int((y == 0).sum()), int((y == 1).sum())
+    y = prep["labels"]
+    dec = np.array([_decision(s, cal) for s in prep["scores"]], dtype=object)
+    n_good, n_bad, n_err = int((y == 0).sum()), int((y == 1).sum()), int((dec == "ERROR").sum())
     desc = ", ".join(f"{k} {_fmt(cal[k])}" for k in ("method", "image_threshold", "pixel_threshold",
-                                                      "false_alarm_rate", "n_images") if k in cal)
-    return (f'<p class="threshold">At the calibrated threshold: <b>{int(nok[y == 0].sum())} of {n_good}</b> good '
-            f"images flagged (false alarms), <b>{int((~nok[y == 1]).sum())} of {n_bad}</b> defective images "
-            f'passed (misses).<br><span class="note">calibration: {desc}</span></p>')
+                                                      "false_alarm_rate", "confidence", "false_alarm_bound",
+                                                      "n_images") if k in cal)
+    errors = (f" <b>{n_err}</b> images have a NaN or infinite score: ERROR, no decision." if n_err else "")
+    return (f'<p class="threshold">At the calibrated threshold: <b>{int((dec[y == 0] == "NOK").sum())} of {n_good}'
+            f"</b> good images flagged (false alarms), <b>{int((dec[y == 1] == 'OK').sum())} of {n_bad}</b> "
+            f"defective images passed (misses).{errors}<br><span class=\"note\">calibration: {desc}</span></p>")
 
 
 def _scores_table(name: str, prep: dict[str, Any]) -> str:
@@ -350,7 +376,7 @@ def _scores_table(name: str, prep: dict[str, Any]) -> str:
     order = np.argsort(-prep["scores"], kind="stable")
     rows = []
     for i in order:
-        dec = ("NOK" if prep["scores"][i] > cal["image_threshold"] else "OK") if cal is not None else ""
+        dec = _decision(prep["scores"][i], cal) or ""
         rows.append(f'<tr data-index="{i}" data-label="{prep["labels"][i]}" data-score="{float(prep["scores"][i])!r}">'
                     f"<td>{_e('/'.join(Path(prep['paths'][i]).parts[-2:]))}</td>"
                     f"<td>{'defective' if prep['labels'][i] else 'good'}</td><td>{prep['scores'][i]:.6g}</td>"
@@ -378,7 +404,7 @@ def _category_html(name: str, prep: dict[str, Any]) -> str:
 def _run_html(run_info: Mapping[str, Any]) -> str:
     flat = [(k, v) for k, v in run_info.items() if not isinstance(v, (dict, list))]
     items = "".join(f"<li>{_e(k)}: {_fmt(v)}</li>" for k, v in flat)
-    full = _e(json.dumps(dict(run_info), indent=2, default=str))
+    full = _e(dumps(dict(run_info), indent=2, default=str))
     return f'<ul class="run">{items}</ul><details><summary>run details</summary><pre>{full}</pre></details>'
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import jsonio
+
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "neon")
 
@@ -159,7 +161,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     path = run.result_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.write_text(jsonio.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(path)
     return result
 
@@ -202,8 +204,8 @@ def summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS
     for k in sorted(groups):
         g = groups[k]
         cells = [f"{k[0]} / {k[1]}", f"{k[2]} ({k[3]} px)", str(k[4]), k[5], str(len(g))]
-        cells += [_mean_spread([r["metrics"][m] for r in g]) if all(m in r["metrics"] for r in g) else "–"
-                  for m in metrics]
+        cells += [_mean_spread([r["metrics"][m] for r in g])
+                  if all(isinstance(r["metrics"].get(m), (int, float)) for r in g) else "–" for m in metrics]
         cells.append(f"{statistics.mean(r['timing']['inference_ms_per_image'] for r in g):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

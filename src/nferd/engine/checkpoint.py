@@ -5,6 +5,10 @@ metadata as ``config.json``) or a single ``.safetensors`` file. The file's heade
 the authority: format and version, model config, teacher name and weight hash, normalisation,
 calibration and the training config. The teacher's weights are included by default, so a
 checkpoint runs on a machine that has neither the network nor the teacher file. Never pickle.
+
+A checkpoint whose weights or calibration hold NaN or infinite values is refused when it is read
+(and a calibration like that is never written): such a model scores a defective part NaN, and
+``score > threshold`` is False for NaN, which would pass it as OK.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from safetensors.torch import save_file
 
 from ..version import __version__
 from ..models.nferd import NFERD, ModelConfig
+from .calibration import check_calibration
+from .jsonio import NonFiniteJSONError, dumps, write_json
 
 FORMAT = "nferd-checkpoint"
 VERSION = 1
@@ -28,7 +34,8 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, of another format or version, or does not fit its config."""
+    """A checkpoint is missing, of another format or version, does not fit its config, or holds NaN or
+    infinite weights or calibration values."""
 
 
 def weights_file(path: str | Path) -> Path:
@@ -37,13 +44,21 @@ def weights_file(path: str | Path) -> Path:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, then rename: never a half-written file.
+
+    The metadata is strict JSON with a valid calibration; a NaN or infinite value in it is refused.
+    """
+    _check_header(metadata, path, writing=True)
+    try:
+        header = dumps(metadata, nulls=False)
+    except NonFiniteJSONError as e:
+        raise CheckpointError(f"refusing to write checkpoint '{path}': its metadata entry {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={"nferd": json.dumps(metadata)})
+                  metadata={"nferd": header})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,14 +98,15 @@ def save_checkpoint(path: str | Path, model: NFERD, extra: dict[str, Any] | None
 def write_config_json(out: Path, meta: dict[str, Any]) -> None:
     """The readable copy of a folder checkpoint's metadata, replaced atomically."""
     if out.name == WEIGHTS_NAME:
-        tmp = out.parent / "config.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(out.parent / "config.json")
+        write_json(out.parent / "config.json", meta, nulls=False)
 
 
 def update_metadata(path: str | Path, **changes: Any) -> dict[str, Any]:
-    """Replace top-level metadata entries (e.g. ``calibration``) of a checkpoint, weights untouched."""
-    meta = read_metadata(path)
+    """Replace top-level metadata entries (e.g. ``calibration``) of a checkpoint, weights untouched.
+
+    The old calibration is not checked, so a broken one can be replaced; the new metadata is.
+    """
+    meta = read_metadata(path, check=False)
     meta.update(changes)
     out = weights_file(path)
     with safe_open(str(out), framework="pt") as sf:
@@ -100,7 +116,29 @@ def update_metadata(path: str | Path, **changes: Any) -> dict[str, Any]:
     return meta
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def _check_header(meta: dict[str, Any], f: str | Path, writing: bool = False) -> None:
+    """A calibration that decisions cannot rest on (NaN, infinite, no image threshold) is an error."""
+    try:
+        check_calibration(meta.get("calibration"))
+    except ValueError as e:
+        if writing:
+            raise CheckpointError(f"refusing to write checkpoint '{f}' with an unusable calibration: {e}") from e
+        raise CheckpointError(f"checkpoint '{f}' has an unusable calibration: {e}. Its decisions cannot be trusted: "
+                              "restore a copy, or train it again") from e
+
+
+def check_finite(tensors: dict[str, torch.Tensor], f: str | Path) -> None:
+    """Refuse NaN or infinite weights, naming the first tensor that holds them."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"checkpoint '{f}' has non-finite values in {bad[0]}{more}: it is broken, train it "
+                              "again or restore a copy")
+
+
+def read_metadata(path: str | Path, check: bool = True) -> dict[str, Any]:
+    """The checkpoint's header metadata, checked for format and version and (``check``) for a usable
+    calibration."""
     f = weights_file(path)
     if not f.is_file():
         raise CheckpointError(f"no checkpoint at '{path}' (looked for {f}). Pass the folder written by "
@@ -115,13 +153,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if meta.get("version", 0) > VERSION:
         raise CheckpointError(f"'{f}' has checkpoint format version {meta['version']}, newer than this nferd "
                               f"({__version__}, reads version {VERSION}): upgrade nferd.")
+    if check:
+        _check_header(meta, f)
     return meta
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    teacher_weights: str | None = None) -> tuple[NFERD, dict[str, Any]]:
-    """Rebuild the model from its metadata and load the weights strictly."""
-    meta = read_metadata(path)
+                    teacher_weights: str | None = None, check_calibration: bool = True) -> tuple[NFERD, dict[str, Any]]:
+    """Rebuild the model from its metadata and load the weights strictly; NaN or infinite weights or
+    calibration values are refused (``CheckpointError``). ``check_calibration=False`` is for
+    refitting the thresholds of a model whose stored calibration is unusable."""
+    meta = read_metadata(path, check=check_calibration)
     try:
         config = ModelConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as e:
@@ -140,6 +182,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if missing or unexpected or wrong:
         raise CheckpointError(f"checkpoint '{f}' does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shapes {sorted(wrong)[:5]}")
+    check_finite(tensors, f)
     model.load_state_dict(tensors, strict=has_teacher)
     if has_teacher:
         model.teacher.weights_sha256 = meta["teacher"].get("weights_sha256")
@@ -157,6 +200,8 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> 
             if k.startswith("optimizer."):
                 _, pid, name = k.split(".", 2)
                 state.setdefault(int(pid), {})[name] = sf.get_tensor(k)
+    check_finite({f"optimizer.{pid}.{name}": v for pid, s in state.items() for name, v in s.items()},
+                 weights_file(path))
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     # The file holds contiguous tensors; give each moment buffer its parameter's layout again
     # (channels-last convolution weights): the fused Adam kernel walks parameter, gradient and

@@ -1,14 +1,15 @@
 """Evaluation: batched inference over a test set, the field's metrics, and result files.
 
 Maps are computed at the model's resolution (RD4AD protocol); everything up to the blurred map
-and the image score runs on the model's device, in bf16 where the hardware has it.
+and the image score runs on the model's device, in bf16 where the hardware has it. A model that
+scores any test image NaN or infinite is refused (``NonFiniteError``), since no metric or decision
+means anything then; a metric that cannot be computed is written as ``null`` (strict JSON).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import safe_io
 from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
+from .finite import require_finite
+from .jsonio import write_json
 from ..metrics import compute_metrics
 from ..models.nferd import NFERD
 
@@ -55,8 +59,9 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
 
 def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of ``model`` on a labelled test set, and the raw inference results (see :func:`infer`,
-    plus ``has_masks``)."""
+    plus ``has_masks``). Raises ``NonFiniteError`` when a score or map is NaN or infinite."""
     res = infer(model, dataset, **kw)
+    require_finite(res["scores"], res["maps"], res["paths"], what="test images")
     has_masks = getattr(dataset, "has_masks", True)
     metrics = compute_metrics(res["scores"], res["labels"],
                               res["maps"] if has_masks else None, res["masks"] if has_masks else None)
@@ -67,22 +72,22 @@ def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float
 
 
 def write_results(out_dir: str | Path, rows: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> Path:
-    """``results.json`` (mean metrics at top level, per category, run info) + Markdown and CSV tables."""
+    """``results.json`` (mean metrics at top level, per category, run info; strict JSON, a metric that
+    cannot be computed is ``null``) + Markdown and CSV tables."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mean = {k: float(np.nanmean([r[k] for r in rows.values() if k in r])) for k in METRIC_KEYS
-            if any(k in r for r in rows.values())}
+    with warnings.catch_warnings():  # every category NaN: the mean is NaN too, written as null
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k: float(np.nanmean([r[k] for r in rows.values() if k in r])) for k in METRIC_KEYS
+                if any(k in r for r in rows.values())}
     obj = {**mean, "categories": rows, "run": run_info}
-    (out / "results.json").write_text(json.dumps(obj, indent=2, default=str))
+    write_json(out / "results.json", obj, default=str)
     keys = [k for k in METRIC_KEYS if k in mean]
     lines = ["| category | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in [*rows.items(), ("mean", mean)]:
         lines.append(f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys) + " |")
     info = ", ".join(f"{k}: {v}" for k, v in run_info.items() if not isinstance(v, dict))
-    (out / "results.md").write_text("\n".join(lines) + f"\n\n{info}\n")
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["category", *keys])
-        for name, r in [*rows.items(), ("mean", mean)]:
-            w.writerow([name, *(r.get(k, "") for k in keys)])
+    safe_io.write_text(out / "results.md", "\n".join(lines) + f"\n\n{info}\n")
+    safe_io.write_csv(out / "results.csv", ["category", *keys],  # a category name cannot run as a formula
+                      ([name, *(r.get(k, "") for k in keys)] for name, r in [*rows.items(), ("mean", mean)]))
     return out / "results.json"

@@ -28,14 +28,20 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from . import distributed as ddp
+from . import jsonio
 from .calibration import calibrate
-from .checkpoint import load_optimizer_state, read_metadata, save_checkpoint, weights_file
+from .checkpoint import (WEIGHTS_NAME, load_checkpoint, load_optimizer_state, read_metadata, save_checkpoint,
+                         weights_file)
 from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
+from .safe_io import open_append, remove_stale_temps, write_text
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig, config_from_dict
 
 LAST = "last.safetensors"
+LOG = "train_log.jsonl"
+# files of a run folder that are written through a temporary file (``NAME.<random>.tmp``)
+RUN_FILES = (LAST, WEIGHTS_NAME, "config.json", "train_summary.json", LOG)
 
 
 def make_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
@@ -73,6 +79,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule '{self.lr_schedule}'; choose one of: {', '.join(LR_SCHEDULES)}")
+        checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("lr", math.isfinite(self.lr) and self.lr > 0, "> 0"),
+                  ("beta1", 0 <= self.beta1 < 1, ">= 0 and < 1"), ("beta2", 0 <= self.beta2 < 1, ">= 0 and < 1"),
+                  ("seed", 0 <= self.seed < 2**32, "from 0 to 2**32 - 1"),
+                  ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+                  ("holdout", 0 <= self.holdout < 1, ">= 0 and < 1"),
+                  ("false_alarm_rate", 0 < self.false_alarm_rate < 1, "> 0 and < 1"),
+                  ("threads", self.threads is None or self.threads >= 1, ">= 1 (or None)")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -164,8 +181,11 @@ class Trainer:
         self.feature_seconds = time.perf_counter() - t0
 
     def resume(self) -> bool:
-        """Continue from ``out/last.safetensors`` if present; returns True when it did."""
+        """Continue from ``out/last.safetensors`` if present; returns True when it did. Temporary files
+        that a killed run's atomic writes left behind are removed first."""
         last = self.out / LAST
+        if self.main and self.out.is_dir():
+            remove_stale_temps(self.out, RUN_FILES)
         if not self.last_exists():
             return False
         meta = read_metadata(last)
@@ -238,7 +258,8 @@ class Trainer:
         log, tb, bar = None, None, None
         if self.main:  # rank 0 alone writes files (every process in a single-process run)
             self.out.mkdir(parents=True, exist_ok=True)
-            log = (self.out / "train_log.jsonl").open("a")
+            truncate_log(self.out / LOG, self.start_epoch)  # epochs a killed run logged after its checkpoint
+            log = open_append(self.out / LOG)
             tb = _tensorboard(self.out)
         if self.progress and self.main:
             from tqdm import tqdm
@@ -249,7 +270,7 @@ class Trainer:
             rec = self.train_epoch(epoch)
             history.append(rec)
             if log is not None:
-                log.write(json.dumps(rec) + "\n")
+                log.write(jsonio.dumps(rec) + "\n")
                 log.flush()
             if tb is not None:
                 tb.add_scalar("loss", rec["loss"], rec["epoch"])
@@ -274,8 +295,9 @@ class Trainer:
             tb.close()
         summary = {"epochs_run": len(history), "train_seconds": time.perf_counter() - t_start,
                    "feature_seconds": self.feature_seconds,
-                   "final_loss": history[-1]["loss"] if history else None}
-        if history and history[-1]["epoch"] == self.config.epochs and self.main:
+                   "final_loss": history[-1]["loss"] if history else _logged_loss(self.out / LOG)}
+        # the last epoch is done (also when a run was killed after its last checkpoint, before the model)
+        if self.start_epoch + len(history) == self.config.epochs and self.main:
             summary["calibration"] = self.calibrate()
             meta = self._meta(self.config.epochs, summary["calibration"])
             meta["train_seconds"] = summary["train_seconds"] + self.prior_seconds
@@ -290,6 +312,45 @@ class Trainer:
 
     def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration, **self.extra_meta}
+
+
+def truncate_log(path: Path, epochs: int) -> None:
+    """Keep the records of epochs 1 to ``epochs`` of a training log, one per epoch (the latest), so
+    that a resumed run appends each later epoch once; a half-written last line is dropped."""
+    if path.is_symlink() or not path.is_file():
+        return  # nothing to keep (a link is refused when the log is opened)
+    text = path.read_text(errors="replace")
+    records: dict[int, str] = {}
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+            epoch = int(rec["epoch"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        if 1 <= epoch <= epochs:
+            records[epoch] = line
+    kept = "".join(records[e] + "\n" for e in sorted(records))
+    if kept != text:
+        write_text(path, kept)
+
+
+def _logged_loss(path: Path) -> float | None:
+    """The loss of the last epoch in a training log (a run resumed after its last epoch trains none)."""
+    try:
+        return float(json.loads(path.read_text().splitlines()[-1])["loss"])
+    except (OSError, IndexError, ValueError, TypeError, KeyError):
+        return None
+
+
+def finished_run(out_dir: str | Path, epochs: int | None = None) -> dict[str, Any] | None:
+    """The metadata of ``out_dir/model.safetensors`` when a run in ``out_dir`` finished (its model is
+    written only after the last epoch and calibration) with at least ``epochs`` epochs, else None:
+    a finished run asked for more epochs is continued from its last checkpoint."""
+    f = Path(out_dir) / WEIGHTS_NAME
+    if not f.is_file():
+        return None
+    meta = read_metadata(f)
+    return meta if epochs is None or int(meta.get("epoch") or 0) >= epochs else None
 
 
 def _tensorboard(out: Path):  # type: ignore[no-untyped-def]
@@ -309,7 +370,14 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     When ``calibration_set`` is None, ``train_config.holdout`` of the training images are kept
     out for calibration. ``distributed`` / ``sync_bn``: see ``Trainer`` (None = DDP when
     launched by torchrun with more than one process; rank 0 then writes the checkpoint).
+    ``resume`` on a run that already finished its ``train_config.epochs`` (``out_dir/model.safetensors``
+    written) trains nothing and writes nothing: it returns the saved model and a summary with
+    ``finished`` True. A finished run asked for more epochs continues from its last checkpoint.
     """
+    if resume and finished_run(out_dir, train_config.epochs) is not None:  # nothing to do, and nothing in out_dir changes
+        model, meta = load_checkpoint(out_dir)
+        return model, {"finished": True, "epochs_run": 0, "epoch": meta.get("epoch"),
+                       "calibration": meta.get("calibration"), "checkpoint": str(weights_file(out_dir))}
     torch.manual_seed(train_config.seed)
     np.random.seed(train_config.seed)
     if calibration_set is None and train_config.holdout > 0:

@@ -1,0 +1,73 @@
+"""Strict JSON for every file nferd writes: no ``NaN`` or ``Infinity``, which strict parsers reject.
+
+Python's ``json`` writes non-finite floats as the bare words ``NaN`` and ``Infinity`` by default.
+``dumps`` either turns them into ``null`` (``nulls=True``, for values where null is a legitimate
+"absent": a metric that cannot be computed, a loss that diverged) or refuses them with the key
+path named (``nulls=False``, for values that must never be missing, e.g. a checkpoint's
+calibration). NumPy scalars are written as the numbers they hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["NonFiniteJSONError", "dumps", "finite_or_none", "write_json"]
+
+
+class NonFiniteJSONError(ValueError):
+    """A value that must be written is NaN or infinite."""
+
+
+def finite_or_none(obj: Any, nulls: bool = True, _where: str = "") -> Any:
+    """``obj`` with NumPy scalars as Python numbers and non-finite floats as None (``nulls``) or refused."""
+    if isinstance(obj, np.generic) and not isinstance(obj, (np.str_, np.bytes_)):
+        obj = obj.item()
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        if nulls:
+            return None
+        raise NonFiniteJSONError(f"{_where or 'value'} is {obj}, which JSON cannot hold")
+    if isinstance(obj, Mapping):
+        return {k: finite_or_none(v, nulls, f"{_where}.{k}" if _where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v, nulls, f"{_where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def dumps(obj: Any, *, indent: int | None = None, default: Callable[[Any], Any] | None = None,
+          nulls: bool = True, sort_keys: bool = False) -> str:
+    """``json.dumps`` that never writes ``NaN``/``Infinity`` (see the module docstring for ``nulls``)."""
+    return json.dumps(finite_or_none(obj, nulls), indent=indent, default=default, allow_nan=False,
+                      sort_keys=sort_keys)
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None,
+               nulls: bool = True) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` through a fresh temporary file renamed onto it, so a reader
+    never sees half of it and a link planted at either name is replaced, never written through."""
+    path = Path(path)
+    text = dumps(obj, indent=indent, default=default, nulls=nulls)
+    while True:  # O_EXCL: a new file, never a link planted under the temporary name; mode as umask allows
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n" if indent is not None else text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
