@@ -114,9 +114,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
         print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
               f"final loss {loss}; checkpoint {summary['checkpoint']}")
-        cal = summary.get("calibration") or {}
-        if cal.get("warning"):
-            print(f"nferd: warning: {cal['warning']}", file=sys.stderr)
         if args.test:
             _test_one(model, args, cat, out / "test", {"checkpoint": str(out), **summary})
     return 0

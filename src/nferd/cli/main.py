@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from . import commands
 from .options import CLIError, preflight
 from .parser import build_parser, parse_args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    """nferd's own warnings as one line for the user; other libraries' as Python prints them."""
+    if category.__module__.startswith("nferd"):
+        print(f"nferd: warning: {message}", file=sys.stderr)
+    else:
+        _default_show(message, category, filename, lineno, file, line)
+
+
+_default_show = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     """Run one ``nferd`` command; returns the exit status (2: bad input, reported in one line)."""
     try:
         try:
