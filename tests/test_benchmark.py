@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from nferd.cli import main
-from nferd.engine.benchmark import (README_END, README_START, Run, load_results, render_readme,
-                                    render_results_doc, run_grid, summary_table)
+from nferd.engine.benchmark import (README_END, README_START, Run, load_calibration_results, load_results,
+                                    render_readme, render_results_doc, run_grid, summary_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = ("date", "git_commit", "nferd_version", "torch_version", "cpu_model", "cpu_flags", "threads",
@@ -65,8 +65,10 @@ def test_committed_results_carry_provenance_and_match_the_readme_and_docs() -> N
     for r in rows:
         missing = [k for k in PROVENANCE if not r["provenance"].get(k)]
         assert not missing, f"{r['dataset']}/{r['category']}/{r['model']} seed {r['seed']}: no {missing}"
-    assert (ROOT / "docs" / "results.md").read_text() == render_results_doc(rows)
+    calibration = load_calibration_results(ROOT / "benchmarks" / "calibration")
+    assert (ROOT / "docs" / "results.md").read_text() == render_results_doc(rows, calibration)
     readme = (ROOT / "README.md").read_text()
     assert render_readme(readme, rows) == readme
-    assert main(["benchmark", "render", "--check", "--results", str(results), "--docs",
+    assert main(["benchmark", "render", "--check", "--results", str(results),
+                 "--calibration", str(ROOT / "benchmarks" / "calibration"), "--docs",
                  str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md")]) == 0

@@ -176,6 +176,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         metrics, raw = evaluate(model, test_set, batch_size=args.batch_size, device=args.device,
                                 precision=args.precision)
         rows[cat or "folder"] = metrics
+        if meta.get("calibration"):
+            metrics["at_threshold"] = _at_threshold(raw, meta["calibration"])
         if report:  # reduced now, so only one category's maps are held at a time
             t1 = time.perf_counter()
             sections[cat or "folder"] = prepare_category({**raw, "metrics": metrics}, meta.get("calibration"),
@@ -183,9 +185,18 @@ def cmd_test(args: argparse.Namespace) -> int:
             report_seconds += time.perf_counter() - t1
         del raw
         _print_metrics(cat or "folder", metrics)
+        if "at_threshold" in metrics:
+            a = metrics["at_threshold"]
+            print(f"at the calibrated threshold: {a['false_alarms']} of {a['good']} good images flagged "
+                  f"({a['false_alarm_rate']:.1%}), {a['misses']} of {a['defective']} defective missed"
+                  + (f"; calibration bound {a['false_alarm_bound']:.1%} at {a['confidence']:.0%} confidence from "
+                     f"{a['n_images']} normal images" if a.get("false_alarm_bound") is not None else ""))
         run = {"checkpoint": str(args.checkpoint), "teacher": meta["teacher"]["name"], "model": meta["model"],
                "epochs": meta.get("epoch"), "train_seconds": meta.get("train_seconds"), "train": meta.get("train")}
     run["eval_seconds"] = time.perf_counter() - t0 - report_seconds
+    from ..engine.benchmark import provenance
+    from ..engine.device import resolve_device
+    run["provenance"] = provenance(torch_threads(), str(resolve_device(args.device)))
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
     if report:
@@ -194,6 +205,23 @@ def cmd_test(args: argparse.Namespace) -> int:
         path = write_report(args.out, sections, run)
         print(f"report: {path} ({report_seconds + time.perf_counter() - t1:.1f} s)")
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _at_threshold(raw: dict[str, Any], cal: dict[str, Any]) -> dict[str, Any]:
+    """Decisions on the test split at the checkpoint's calibrated threshold, next to the
+    false-alarm bound the calibration promised (when it was fitted on normal images only)."""
+    from ..engine.calibration import decision_counts
+    c = decision_counts(raw["scores"], raw["labels"], cal)
+    return {**c, "false_alarm_rate": c["false_alarms"] / c["good"] if c["good"] else None,
+            "miss_rate": c["misses"] / c["defective"] if c["defective"] else None,
+            "method": cal.get("method"), "false_alarm_target": cal.get("false_alarm_rate"),
+            "confidence": cal.get("confidence"), "false_alarm_bound": cal.get("false_alarm_bound"),
+            "n_images": cal.get("n_images")}
 
 
 def _onnx_predictor(model: str | None):  # type: ignore[no-untyped-def]
@@ -410,14 +438,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from ..engine.benchmark import Run, load_results, model_presets, render_readme, render_results_doc, run_grid
+    from ..engine.benchmark import (Run, load_calibration_results, load_results, model_presets, render_readme,
+                                    render_results_doc, run_grid)
     results = Path(args.results)
     if args.action == "render":
         rows = load_results(results)
         if not rows:
             raise CLIError(f"no result files under '{results}': run `nferd benchmark run` first")
         docs, readme = Path(args.docs), Path(args.readme)
-        outputs = {docs: render_results_doc(rows)}
+        outputs = {docs: render_results_doc(rows, load_calibration_results(Path(args.calibration)))}
         if readme.is_file():
             outputs[readme] = render_readme(readme.read_text(), rows)
         if args.check:

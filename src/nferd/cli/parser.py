@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/benchmark", help="run: checkpoints of the runs (default runs/benchmark)")
     p.add_argument("--docs", default="docs/results.md", help="render: the results page to write")
     p.add_argument("--readme", default="README.md", help="render: README whose results table is replaced")
+    p.add_argument("--calibration", default="benchmarks/calibration",
+                   help="render: folder of `nferd test` results at calibrated thresholds (default benchmarks/calibration)")
     p.add_argument("--check", action="store_true", help="render: only say whether the pages match the result files "
                    "(exit 1 when they do not)")
 

@@ -211,6 +211,13 @@ def summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS
     return "\n".join(lines)
 
 
+def short_commit(commit: str | None) -> str:
+    """A commit for a table: 12 hex digits, marked when the tree had uncommitted changes."""
+    if not commit:
+        return "?"
+    return commit[:12] + (" (modified)" if commit.endswith("+dirty") else "")
+
+
 def provenance_table(rows: list[dict[str, Any]]) -> str:
     head = ["result file", "date", "commit", "CPU", "flags", "threads", "precision", "torch", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -218,7 +225,7 @@ def provenance_table(rows: list[dict[str, Any]]) -> str:
         p = r["provenance"]
         name = f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep-seed{r['seed']}"
         train_s = r["timing"].get("train_seconds")
-        lines.append("| " + " | ".join([name, p["date"][:10], (p.get("git_commit") or "?")[:12], p["cpu_model"],
+        lines.append("| " + " | ".join([name, p["date"][:10], short_commit(p.get("git_commit")), p["cpu_model"],
                                          " ".join(p["cpu_flags"]), str(p["threads"]), p.get("precision", "?"), p["torch_version"],
                                          f"{train_s:.0f}" if train_s else "–"]) + " |")
     return "\n".join(lines)
@@ -228,7 +235,45 @@ README_START = "<!-- results:start (rendered by `nferd benchmark render`; do not
 README_END = "<!-- results:end -->"
 
 
-def render_results_doc(rows: list[dict[str, Any]]) -> str:
+def load_calibration_results(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``results.json`` files of ``nferd test`` runs under ``folder``, named by their folder."""
+    folder = Path(folder)
+    return [(str(p.parent.relative_to(folder)), json.loads(p.read_text())) for p in sorted(folder.rglob("results.json"))]
+
+
+def calibration_table(results: list[tuple[str, dict[str, Any]]]) -> str:
+    """Per ``nferd test`` run: the calibration's promise (false-alarm bound at its confidence, from
+    n normal images) next to what the test split showed at that threshold."""
+    head = ["run", "normal images", "target", "bound (confidence)", "false alarms on test good",
+            "misses on test defective", "date", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in results:
+        prov = res.get("run", {}).get("provenance", {})
+        for cat, m in res.get("categories", {}).items():
+            a = m.get("at_threshold")
+            if not a:
+                continue
+            bound = (f"{a['false_alarm_bound']:.1%} ({a['confidence']:.0%})" if a.get("false_alarm_bound") is not None
+                     else "–")
+            target = f"{a['false_alarm_target']:.1%}" if a.get("false_alarm_target") is not None else "–"
+            lines.append("| " + " | ".join([name, str(a.get("n_images", "–")), target, bound,
+                                             f"{a['false_alarms']} / {a['good']}", f"{a['misses']} / {a['defective']}",
+                                             prov.get("date", "?")[:10], short_commit(prov.get("git_commit"))]) + " |")
+    return "\n".join(lines)
+
+
+def render_results_doc(rows: list[dict[str, Any]], calibration: list[tuple[str, dict[str, Any]]] | None = None) -> str:
+    extra = [] if not calibration else [
+        "## Decisions at the calibrated threshold",
+        "",
+        "`nferd test` on checkpoints whose thresholds were fitted by `nferd calibrate` on held-out normal",
+        "images only (the training hold-out, or the dataset's `validation/good`): the bound is the",
+        "false-alarm rate the calibration guarantees at its confidence for that many normal images; the",
+        "test split shows what happened at that threshold. Result files in `benchmarks/calibration/`.",
+        "",
+        calibration_table(calibration),
+        "",
+    ]
     return "\n".join([
         "# Results",
         "",
@@ -249,6 +294,7 @@ def render_results_doc(rows: list[dict[str, Any]]) -> str:
         "",
         provenance_table(rows),
         "",
+        *extra,
     ])
 
 
