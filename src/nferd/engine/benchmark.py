@@ -84,12 +84,13 @@ def provenance(threads: int, device: str, argv: list[str] | None = None) -> dict
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree this package runs from (``+dirty`` with local changes)."""
-    src = Path(__file__).resolve().parent
+    """The commit of the source tree this package runs from (``+dirty`` when the package's own
+    files have uncommitted changes; results and docs written beside it do not count)."""
+    src = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=src,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
