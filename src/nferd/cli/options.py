@@ -202,13 +202,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="flat (RD4AD's code, default) or pixel (the paper's per-position formula)")
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"],
                    help="per-stage maps summed (RD4AD's evaluation, default) or multiplied (anomalib's option)")
+    g.add_argument("--bank-distance-weight", default=None, type=FloatRange(0), metavar="W",
+                   help="add the banks' nearest-normal distance to the map with this weight, both standardised on "
+                        "held-out normal images (patch recall; with --fusion none the student is RD4AD's); "
+                        "default 0 (off)")
 
 
 def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..models.nferd import ModelConfig
     kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
                           "fusion": args.fusion}
-    for name in ("recall", "n_bank", "top_k", "temperature", "patch_limit", "bank_stages", "loss", "map_combine"):
+    for name in ("recall", "n_bank", "top_k", "temperature", "patch_limit", "bank_stages", "loss", "map_combine",
+                 "bank_distance_weight"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

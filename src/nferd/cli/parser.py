@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None, metavar="ROOT",
                    help="run: dataset root (repeat for several)")
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
-    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, rd4ad)")
+    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, rd4ad, rd4ad_bankdist)")
     p.add_argument("--seeds", type=seed_list, default="0",
                    help="run: seeds, comma-separated, each 0 to 2**32 - 1 (default 0)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")

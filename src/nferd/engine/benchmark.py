@@ -29,11 +29,14 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
 
 
 def model_presets(teacher: str, image_size: int) -> dict[str, Any]:
-    """The models a benchmark compares, by name: NFERD as shipped, and RD4AD in the same code."""
+    """The models a benchmark compares, by name: NFERD as shipped, RD4AD in the same code, and
+    RD4AD with the bank's evidence in its map."""
     from ..models.nferd import ModelConfig
     return {
         "nferd": ModelConfig(teacher=teacher, image_size=image_size),
         "rd4ad": ModelConfig(teacher=teacher, image_size=image_size, bank=False, fusion="none"),
+        # RD4AD's student, and the bank's nearest-normal distance added to its map
+        "rd4ad_bankdist": ModelConfig(teacher=teacher, image_size=image_size, fusion="none", bank_distance_weight=0.25),
     }
 
 

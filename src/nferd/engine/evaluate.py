@@ -57,6 +57,34 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
             "masks": np.concatenate(masks), "paths": paths, "defect_types": types, "seconds": seconds}
 
 
+@torch.no_grad()
+def fit_map_norm(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | torch.device = "auto",
+                 precision: str = "auto") -> list[float]:
+    """Mean and standard deviation, over every pixel of ``dataset`` (normal images, never the test
+    split), of the student's and the bank's blurred maps; stored in ``model.map_norm`` so that the
+    two enter the anomaly map on one scale. Returns [mean_s, std_s, mean_d, std_d]."""
+    if not hasattr(model, "map_norm"):
+        raise ValueError("this model has no bank distance in its map (bank_distance_weight is 0)")
+    device = resolve_device(device) if isinstance(device, str) else device
+    amp = autocast_dtype(device, precision)
+    model = place(model.eval(), device)
+    sums = torch.zeros(2, 3, dtype=torch.float64)  # per term: count, sum, sum of squares
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images = channels_last(batch["image"].to(device))
+        with autocast(device, amp):
+            t, s = model(images)
+        for row, m in zip(sums, model.term_maps(t, s, tuple(images.shape[-2:]))):
+            m = m.double().cpu()
+            row += torch.stack([torch.tensor(float(m.numel()), dtype=torch.float64), m.sum(), (m * m).sum()])
+    mean = sums[:, 1] / sums[:, 0]
+    std = (sums[:, 2] / sums[:, 0] - mean ** 2).clamp_min(0).sqrt()
+    if not bool(torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError("cannot standardise the anomaly map: its terms do not vary on these normal images")
+    values = [float(mean[0]), float(std[0]), float(mean[1]), float(std[1])]
+    model.map_norm.copy_(torch.tensor(values))
+    return values
+
+
 def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of ``model`` on a labelled test set, and the raw inference results (see :func:`infer`,
     plus ``has_masks``). Raises ``NonFiniteError`` when a score or map is NaN or infinite."""

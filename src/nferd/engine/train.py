@@ -305,10 +305,25 @@ class Trainer:
         return summary
 
     def calibrate(self) -> dict[str, Any] | None:
+        if self.model.config.bank_distance_weight > 0:
+            self.fit_map_norm()
         if self.calibration_set is None or len(self.calibration_set) < 2:
             return None
         return calibrate(self.model, self.calibration_set, self.config.false_alarm_rate, self.device,
                          self.config.precision)
+
+    def fit_map_norm(self) -> None:
+        """Standardise the map's two terms on held-out normal images, or, without any, on the
+        training images that are not in the bank (a bank image would find itself at distance 0)."""
+        from .evaluate import fit_map_norm
+        images = self.calibration_set
+        if images is None or len(images) < 2:
+            in_bank = set(next(iter(self.model.banks.values())).ids.tolist())
+            images = Subset(self.train_set, [i for i in range(len(self.train_set)) if i not in in_bank])
+        if len(images) < 2:
+            raise ValueError("the bank distance in the map needs normal images outside the bank to standardise it: "
+                             "hold some out (--holdout) or lower --n-bank")
+        fit_map_norm(self.model, images, device=self.device, precision=self.config.precision)
 
     def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration, **self.extra_meta}

@@ -208,6 +208,21 @@ class PatchBank(NormalFeatureBank):
         value = value.transpose(1, 2).reshape(b, rows.shape[1], h, w)
         return Recall(self.proj(value), top, slot[idx], wts)
 
+    def nearest_distance(self, query: Tensor) -> Tensor:
+        """1 - the cosine of each query position with its nearest searched bank position
+        (B x 1 x H x W on the bank's grid, fp32): how far the input is from every normal
+        feature the bank holds, PatchCore's evidence, without the student."""
+        query = self.on_grid(query)
+        b, c, h, w = query.shape
+        keys = self.searched()[2]
+        with torch.autocast(query.device.type, enabled=False):
+            q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
+            if torch.jit.is_tracing():  # export: one batched product keeps a free batch axis
+                top = (q @ keys.t()).amax(dim=2)
+            else:
+                top = torch.stack([search_blocked(q[j], keys, 1)[0][:, 0] for j in range(b)])
+        return (1 - top).view(b, 1, h, w)
+
     def _search_per_sample(self, q: Tensor, keys: Tensor, k: int, slot: Tensor,
                            exclude_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         """Top-K bank rows per query position, one sample at a time (memory HW x P, not B x HW x P);

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..version import __version__
-from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, image_score
+from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, combine_stages, image_score
 from .bank import BANKS, RECALLS, NormalFeatureBank, Recall
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
@@ -82,6 +82,10 @@ class ModelConfig:
         map_combine: per-stage maps summed (RD4AD's evaluation) or multiplied.
         blur_sigma: Gaussian smoothing of the anomaly map, in pixels.
         bank_stages: teacher stages (1 = finest) that get a bank and its fusion.
+        bank_distance_weight: weight of the banks' own evidence in the anomaly map: each
+            position's distance to its nearest normal bank position (patch recall), added to the
+            student's map after both are standardised on held-out normal images; 0 turns it off.
+            With ``fusion="none"`` the student is RD4AD's and the bank only scores.
     """
 
     teacher: str = DEFAULT_TEACHER
@@ -97,6 +101,7 @@ class ModelConfig:
     map_combine: str = "sum"
     blur_sigma: float = 4.0
     bank_stages: tuple[int, ...] = (1, 2, 3)
+    bank_distance_weight: float = 0.0
 
     def __post_init__(self) -> None:
         def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -117,6 +122,10 @@ class ModelConfig:
             raise ValueError(f"patch_limit must be >= 1, got {self.patch_limit}")
         if self.blur_sigma < 0:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        if not (0 <= self.bank_distance_weight < float("inf")):
+            raise ValueError(f"bank_distance_weight must be a finite number >= 0, got {self.bank_distance_weight}")
+        if self.bank_distance_weight > 0 and not (self.bank and self.recall == "patch"):
+            raise ValueError("the bank distance in the map needs the bank with patch recall (--bank on --recall patch)")
         if not self.bank and self.fusion != "none":
             raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or --fusion none for RD4AD")
         self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
@@ -185,6 +194,8 @@ class NFERD(nn.Module):
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
         self.blur = GaussianBlur(config.blur_sigma)
+        if config.bank_distance_weight > 0:  # mean and std of the student's and the bank's blurred maps on normals
+            self.register_buffer("map_norm", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.last_recalls: list[Recall | None] = [None, None, None]
 
     # ----------------------------------------------------------------- banks
@@ -197,7 +208,7 @@ class NFERD(nn.Module):
     def fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
         """The map ``x`` entering the decoder stage that rebuilds teacher stage ``i``, with the
         normal features recalled by bank ``i`` fused in (unchanged for a stage without a bank)."""
-        if str(i) not in self.banks:
+        if str(i) not in self.banks or self.config.fusion == "none":  # no fusion: the bank only scores
             return self.fusions[i](x)
         bank: NormalFeatureBank = self.banks[str(i)]
         recall = bank(teacher_feats[i] if bank.keyed_by_teacher else x, exclude_ids)
@@ -229,8 +240,25 @@ class NFERD(nn.Module):
                      size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
         """Blurred anomaly maps (B x 1 x H x W) and image scores (B) from both feature lists."""
         size = size or (self.config.image_size, self.config.image_size)
-        maps = self.blur(anomaly_map(teacher_feats, student_feats, size, self.config.map_combine))
+        raw = anomaly_map(teacher_feats, student_feats, size, self.config.map_combine)
+        if self.config.bank_distance_weight > 0:
+            mu_s, sd_s, mu_d, sd_d = self.map_norm
+            raw = (raw - mu_s) / sd_s + self.config.bank_distance_weight * (
+                self.bank_distance(teacher_feats, size) - mu_d) / sd_d
+        maps = self.blur(raw)  # linear: standardising before or after the blur is the same
         return maps, image_score(maps)
+
+    def bank_distance(self, teacher_feats: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """Unblurred map at ``size`` of each position's distance to its nearest normal bank
+        position, summed over the banks."""
+        return combine_stages([bank.nearest_distance(teacher_feats[int(i)]) for i, bank in self.banks.items()], size)
+
+    @torch.no_grad()
+    def term_maps(self, teacher_feats: list[Tensor], student_feats: list[Tensor],
+                  size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The blurred student map and bank-distance map, unstandardised (for fitting ``map_norm``)."""
+        s = self.blur(anomaly_map(teacher_feats, student_feats, size, self.config.map_combine))
+        return s, self.blur(self.bank_distance(teacher_feats, size))
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,111 @@
+"""The banks' nearest-normal distance as a term of the anomaly map: the formula against a brute-force
+search, its standardisation on normal images, training and checkpoints, and the ONNX graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nferd import MVTecDataset, ModelConfig, TrainConfig, load_checkpoint, train
+from nferd.engine.evaluate import fit_map_norm
+from nferd.models.anomaly_map import anomaly_map
+from nferd.models.nferd import NFERD
+
+CAT = "synthetic_tiles"
+
+
+def filled(weight: float = 0.5, fusion: str = "none", teacher_weights: str | None = "random") -> NFERD:
+    """A small model with filled banks (random teacher by default: fast, and enough for the formulas)."""
+    torch.manual_seed(0)
+    m = NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2, fusion=fusion, bank_distance_weight=weight),
+              teacher_weights=teacher_weights)
+    with torch.no_grad():
+        m.fill_banks(m.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
+    return m.eval()
+
+
+def test_the_option_needs_the_patch_bank_and_a_sane_weight() -> None:
+    with pytest.raises(ValueError, match="patch recall"):
+        ModelConfig(bank=False, fusion="none", bank_distance_weight=0.5)
+    with pytest.raises(ValueError, match="patch recall"):
+        ModelConfig(recall="map", bank_distance_weight=0.5)
+    with pytest.raises(ValueError, match="bank_distance_weight"):
+        ModelConfig(bank_distance_weight=-1.0)
+    assert not hasattr(NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2), teacher_weights="random"), "map_norm")
+
+
+def test_map_is_the_standardised_student_map_plus_the_weighted_nearest_normal_distance() -> None:
+    m = filled(weight=0.5)
+    m.map_norm.copy_(torch.tensor([0.3, 2.0, 0.1, 0.5]))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        t, s = m(x)
+        got, score = m.anomaly_maps(t, s, (64, 64))
+        student = anomaly_map(t, s, (64, 64))
+        dist = 0
+        for i, bank in m.banks.items():  # brute force: every searched bank row, plain cosine
+            q = F.interpolate(t[int(i)], size=bank.out_size, mode="bilinear", align_corners=False)
+            rows = bank.maps.permute(0, 2, 3, 1).reshape(-1, bank.maps.shape[1])[bank.patch_index]
+            cos = F.cosine_similarity(q.permute(0, 2, 3, 1).unsqueeze(3), rows.view(1, 1, 1, *rows.shape), dim=4)
+            d = (1 - cos.amax(3)).unsqueeze(1)
+            dist = dist + F.interpolate(d, size=(64, 64), mode="bilinear", align_corners=True)
+        want = m.blur((student - 0.3) / 2.0 + 0.5 * (dist - 0.1) / 0.5)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(score, want.flatten(1).amax(1), atol=1e-4)
+
+
+def test_the_student_is_rd4ads_when_the_bank_only_scores() -> None:
+    """With fusion none the recall is not computed and the student maps are RD4AD's."""
+    m = filled(weight=0.5)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        t, s = m(x)
+        rd = m.decoder(m.ocbe(t))
+    assert all(torch.equal(a, b) for a, b in zip(s, rd))
+    assert m.last_recalls == [None, None, None]
+
+
+def test_standardisation_gives_each_term_mean_zero_and_unit_spread_on_its_normal_images(synth_root: Path) -> None:
+    m = filled(weight=1.0)
+    normals = MVTecDataset(synth_root, CAT, "train", 64)
+    values = fit_map_norm(m, normals, device="cpu", precision="fp32")
+    assert m.map_norm.tolist() == pytest.approx(values)
+    terms = [[], []]
+    with torch.no_grad():
+        for i in range(len(normals)):
+            t, s = m(normals[i]["image"][None])
+            for k, term in enumerate(m.term_maps(t, s, (64, 64))):
+                terms[k].append(term)
+    for k in range(2):
+        z = (torch.cat(terms[k]) - values[2 * k]) / values[2 * k + 1]
+        assert abs(float(z.mean())) < 1e-4 and float(z.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_training_fits_the_standardisation_and_the_checkpoint_keeps_it(synth_root: Path, tmp_path: Path) -> None:
+    ds = MVTecDataset(synth_root, CAT, "train", 64)
+    cfg = ModelConfig(image_size=64, n_bank=4, top_k=2, fusion="none", bank_distance_weight=0.25)
+    model, summary = train(ds, cfg, TrainConfig(epochs=1, batch_size=4, holdout=0.25, device="cpu"), tmp_path / "ck",
+                           progress=False)
+    norm = model.map_norm.tolist()
+    assert norm != [0.0, 1.0, 0.0, 1.0] and all(np.isfinite(norm)) and norm[1] > 0 and norm[3] > 0
+    back, meta = load_checkpoint(tmp_path / "ck")
+    assert back.map_norm.tolist() == pytest.approx(norm)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(back.predict(x)[0], model.eval().predict(x)[0], atol=1e-5)
+    assert meta["calibration"]["image_threshold"] == pytest.approx(summary["calibration"]["image_threshold"])
+
+
+def test_the_exported_graph_computes_the_same_map(tmp_path: Path) -> None:
+    """ONNX Runtime against PyTorch, with the ImageNet teacher (a random teacher's near-zero features
+    make any two fp32 implementations of the cosine disagree)."""
+    pytest.importorskip("onnxruntime")
+    from nferd.deploy.export import check_export, export_onnx
+    m = filled(weight=0.5, teacher_weights=None)
+    m.map_norm.copy_(torch.tensor([0.3, 2.0, 0.1, 0.5]))
+    path = export_onnx(m, tmp_path / "m.onnx")
+    report = check_export(m, path)
+    assert report["ok"], report
