@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import jsonio
-from ..engine.safe_io import write_text
+from ..engine.safe_io import write_json
 from .options import CLIError, model_config_from
 
 
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                sync_bn=getattr(args, "sync_bn", False))
         if not lead:  # DDP: rank 0 reports, writes and tests
             continue
-        write_text(out / "train_summary.json", jsonio.dumps(summary, indent=2, default=str))
+        write_json(out / "train_summary.json", summary, default=str)
         loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
         print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
               f"final loss {loss}; checkpoint {summary['checkpoint']}")
@@ -194,9 +194,10 @@ def cmd_test(args: argparse.Namespace) -> int:
         run = {"checkpoint": str(args.checkpoint), "teacher": meta["teacher"]["name"], "model": meta["model"],
                "epochs": meta.get("epoch"), "train_seconds": meta.get("train_seconds"), "train": meta.get("train")}
     run["eval_seconds"] = time.perf_counter() - t0 - report_seconds
+    import torch
     from ..engine.benchmark import provenance
     from ..engine.device import resolve_device
-    run["provenance"] = provenance(torch_threads(), str(resolve_device(args.device)))
+    run["provenance"] = provenance(torch.get_num_threads(), str(resolve_device(args.device)))
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
     if report:
@@ -205,11 +206,6 @@ def cmd_test(args: argparse.Namespace) -> int:
         path = write_report(args.out, sections, run)
         print(f"report: {path} ({report_seconds + time.perf_counter() - t1:.1f} s)")
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def _at_threshold(raw: dict[str, Any], cal: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..engine import distributed as ddp
 from ..engine import jsonio
 from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
 from ..engine.device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
-from ..engine.safe_io import make_dir, open_append, save_image, save_npy, write_dict_csv, write_text
+from ..engine.safe_io import make_dir, open_append, save_image, save_npy, write_dict_csv, write_json
 from ..data.images import ImageLoadError, is_image_file, list_images, load_image
 from ..models.nferd import NFERD
 from .visualize import overlay
@@ -267,7 +267,7 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
         if not resume or old is None:
             shutil.rmtree(prog, ignore_errors=True)
         make_dir(prog)
-        write_text(prog / "manifest.json", jsonio.dumps(manifest, indent=2))
+        write_json(prog / "manifest.json", manifest)
     ddp.barrier()
     for sub in ("maps", "masks", "overlays"):
         make_dir(out / sub)
@@ -316,7 +316,7 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     rows = [finished[str(p)] for p in paths]
     ddp.barrier()  # every rank has read the rows before rank 0 removes them
     if ddp.is_main():
-        write_text(out / "summary.json", jsonio.dumps(rows, indent=2))
+        write_json(out / "summary.json", rows)
         cols = ["path", "score", "normalized_score", "decision", "defect_area_px", "defect_area_fraction", "error"]
         write_dict_csv(out / "summary.csv", cols, rows)  # text cells that start like a formula are neutralised
         shutil.rmtree(prog, ignore_errors=True)

@@ -55,6 +55,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..version import __version__
 from ..engine.calibration import display_range
+from ..engine.jsonio import NonFiniteJSONError, finite_or_none
 from ..data.images import _image_tensor
 from .predict import _resize_map
 from .visualize import overlay
@@ -125,18 +126,6 @@ def strict_json(content: Any) -> bytes:
     """JSON without NaN or Infinity (which strict parsers reject): raises ValueError instead."""
     return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
-
-def non_finite_path(obj: Any, where: str = "") -> str | None:
-    """Where in ``obj`` the first NaN or infinite float is (``calibration.pixel_median``), or None."""
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else (where or "the value")
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        found = non_finite_path(v, f"{where}.{k}" if where and isinstance(k, str) else
-                                f"{where}[{k}]" if where else str(k))
-        if found:
-            return found
-    return None
 
 
 try:
@@ -642,9 +631,10 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
         """JSON that strict parsers accept: content holding NaN or Infinity becomes a 500 error instead."""
 
         def __init__(self, content: Any, status_code: int = 200, **kw: Any) -> None:
-            bad = non_finite_path(content)
-            if bad is not None:
-                content, status_code = {"detail": f"the answer would hold NaN or Infinity at {bad}, which no "
+            try:
+                finite_or_none(content, nulls=False)
+            except NonFiniteJSONError as e:
+                content, status_code = {"detail": f"the answer would hold NaN or Infinity at {e.where}, which no "
                                                   "decision may rest on and strict JSON cannot hold"}, 500
             super().__init__(content, status_code, **kw)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import jsonio
+from . import safe_io
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "neon")
@@ -164,9 +164,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     }
     path = run.result_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(jsonio.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    safe_io.write_json(path, result, default=str)
     return result
 
 

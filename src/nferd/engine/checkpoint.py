@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from ..version import __version__
 from ..models.nferd import NFERD, ModelConfig
 from .calibration import check_calibration
-from .jsonio import NonFiniteJSONError, dumps, write_json
+from .jsonio import NonFiniteJSONError, dumps
+from .safe_io import write_json
 
 FORMAT = "nferd-checkpoint"
 VERSION = 1

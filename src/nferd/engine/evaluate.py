@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 from . import safe_io
 from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
 from .finite import require_finite
-from .jsonio import write_json
 from ..metrics import compute_metrics
 from ..models.nferd import NFERD
 
@@ -109,7 +108,7 @@ def write_results(out_dir: str | Path, rows: dict[str, dict[str, Any]], run_info
         mean = {k: float(np.nanmean([r[k] for r in rows.values() if k in r])) for k in METRIC_KEYS
                 if any(k in r for r in rows.values())}
     obj = {**mean, "categories": rows, "run": run_info}
-    write_json(out / "results.json", obj, default=str)
+    safe_io.write_json(out / "results.json", obj, default=str)
     keys = [k for k in METRIC_KEYS if k in mean]
     lines = ["| category | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in [*rows.items(), ("mean", mean)]:

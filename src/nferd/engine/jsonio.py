@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["NonFiniteJSONError", "dumps", "finite_or_none", "write_json"]
+__all__ = ["NonFiniteJSONError", "dumps", "finite_or_none"]
 
 
 class NonFiniteJSONError(ValueError):
-    """A value that must be written is NaN or infinite."""
+    """A value that must be written is NaN or infinite; ``where`` is its key path (``calibration.x``)."""
+
+    def __init__(self, where: str, value: float) -> None:
+        super().__init__(f"{where} is {value}, which JSON cannot hold")
+        self.where = where
 
 
 def finite_or_none(obj: Any, nulls: bool = True, _where: str = "") -> Any:
@@ -35,7 +36,7 @@ def finite_or_none(obj: Any, nulls: bool = True, _where: str = "") -> Any:
             return obj
         if nulls:
             return None
-        raise NonFiniteJSONError(f"{_where or 'value'} is {obj}, which JSON cannot hold")
+        raise NonFiniteJSONError(_where or "the value", obj)
     if isinstance(obj, Mapping):
         return {k: finite_or_none(v, nulls, f"{_where}.{k}" if _where else str(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -48,26 +49,3 @@ def dumps(obj: Any, *, indent: int | None = None, default: Callable[[Any], Any] 
     """``json.dumps`` that never writes ``NaN``/``Infinity`` (see the module docstring for ``nulls``)."""
     return json.dumps(finite_or_none(obj, nulls), indent=indent, default=default, allow_nan=False,
                       sort_keys=sort_keys)
-
-
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None,
-               nulls: bool = True) -> Path:
-    """Write ``obj`` as strict JSON to ``path`` through a fresh temporary file renamed onto it, so a reader
-    never sees half of it and a link planted at either name is replaced, never written through."""
-    path = Path(path)
-    text = dumps(obj, indent=indent, default=default, nulls=nulls)
-    while True:  # O_EXCL: a new file, never a link planted under the temporary name; mode as umask allows
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n" if indent is not None else text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -65,8 +65,9 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any, **kw: Any) -> Path:
-    """``obj`` as indented JSON, atomically (strict: ``kw`` goes to ``jsonio.dumps``, e.g. ``default=str``)."""
-    return write_text(path, jsonio.dumps(obj, indent=2, **kw))
+    """``obj`` as indented strict JSON, atomically (``kw`` goes to ``jsonio.dumps``: ``default=str``,
+    ``nulls=False`` to refuse a non-finite value instead of writing null)."""
+    return write_text(path, jsonio.dumps(obj, indent=2, **kw) + "\n")
 
 
 def neutralize_cell(value: Any) -> Any:
