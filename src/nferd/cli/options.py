@@ -182,11 +182,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="local .pth/.safetensors teacher weights instead of downloading them")
     g.add_argument("--image-size", type=image_size_int, default=256, metavar="PX",
                    help=IMAGE_SIZE_HELP)
-    g.add_argument("--bank", type=on_off, default=True, metavar="on|off", help="normal feature banks")
+    g.add_argument("--bank", type=on_off, default=True, metavar="on|off",
+                   help="normal feature banks (off: RD4AD)")
     g.add_argument("--recall", default=None, choices=RECALLS,
                    help="patch (default): each position recalls its nearest normal positions, keyed by the "
-                        "input's teacher features; map: the paper's whole-map recall keyed by the student's map")
-    g.add_argument("--fusion", default="hafm", choices=FUSIONS)
+                        "input's teacher features; map: the paper's whole-map recall keyed by the student's map "
+                        "(implies --fusion hafm)")
+    g.add_argument("--fusion", default=None, choices=FUSIONS,
+                   help="none (default with the patch recall): the bank scores through the map and the student is "
+                        "RD4AD's; hafm (the paper; default with --recall map), cbam, add or concat fuse the recall "
+                        "into the student at every banked stage (the defaults then become --bank-stages 1,2,3 and "
+                        "--bank-distance-weight 0)")
     g.add_argument("--n-bank", type=bank_size_int, default=None, help="normal images per bank (N >= 2; default 64)")
     g.add_argument("--top-k", type=positive_int, default=None,
                    help="recalled entries per query (1 <= K <= N - 1; default 4)")
@@ -196,29 +202,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="patch recall: bank positions searched per bank (a seeded random subset); lower is "
                         "cheaper (>= 1; default 16384)")
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
-                   help="teacher stages (1 = finest) that get a bank and its fusion; the others pass "
-                        "the student through as RD4AD does (default: 1,2,3)")
+                   help="teacher stages (1 = finest) that get a bank (and its fusion); the others pass "
+                        "the student through as RD4AD does (default: 1,2; 1,2,3 with a fusion)")
     g.add_argument("--loss", default=None, choices=["flat", "pixel"],
                    help="flat (RD4AD's code, default) or pixel (the paper's per-position formula)")
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"],
                    help="per-stage maps summed (RD4AD's evaluation, default) or multiplied (anomalib's option)")
     g.add_argument("--bank-distance-weight", default=None, type=FloatRange(0), metavar="W",
-                   help="add the banks' nearest-normal distance to the map with this weight, both standardised on "
-                        "held-out normal images (patch recall; with --fusion none the student is RD4AD's); "
-                        "default 0 (off)")
+                   help="weight of the banks' nearest-normal distance in the map, both terms standardised on "
+                        "held-out normal images (patch recall; default 0.5, 0 with a fusion; 0 turns it off)")
 
 
 def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..models.nferd import ModelConfig
-    kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank,
-                          "fusion": args.fusion}
-    for name in ("recall", "n_bank", "top_k", "temperature", "patch_limit", "bank_stages", "loss", "map_combine",
-                 "bank_distance_weight"):
+    kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank}
+    for name in ("recall", "fusion", "n_bank", "top_k", "temperature", "patch_limit", "bank_stages", "loss",
+                 "map_combine", "bank_distance_weight"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
-    if not args.bank and "fusion" not in getattr(args, "_explicit", set()):
-        kw["fusion"] = "none"  # --bank off alone means RD4AD
     if kw["bank"]:  # the one cross-option range, named by its options rather than ModelConfig's fields
         n_bank, top_k = kw.get("n_bank", ModelConfig.n_bank), kw.get("top_k", ModelConfig.top_k)
         if not 1 <= top_k <= n_bank - 1:

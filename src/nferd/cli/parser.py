@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None, metavar="ROOT",
                    help="run: dataset root (repeat for several)")
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
-    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, rd4ad, rd4ad_bankdist)")
+    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, nferd_fusion, nferd_paper, rd4ad)")
     p.add_argument("--seeds", type=seed_list, default="0",
                    help="run: seeds, comma-separated, each 0 to 2**32 - 1 (default 0)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
@@ -264,7 +264,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     command = next((a for a in argv if a in commands), None)
     config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or \
         next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     if command is not None and config:
         sub = commands[command]
         cfg = load_config_file(config)
@@ -272,7 +271,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         flag_dest = {o.lstrip("-").replace("-", "_"): a.dest for a in sub._actions for o in a.option_strings
                      if o.startswith("--")}
         cfg = {flag_dest.get(k, k): v for k, v in cfg.items()}
-        explicit |= {flag_dest[k] for k in explicit if k in flag_dest}
         actions = {a.dest: a for a in sub._actions}
         unknown = sorted(set(cfg) - set(actions))
         if unknown:
@@ -301,7 +299,4 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 raise CLIError(f"argument {flag}: must be one of {', '.join(map(str, action.choices))}, "
                                f"got {v!r}{where}")
             action.default, action.required = v, False
-        explicit |= set(cfg)
-    args = parser.parse_args(argv)
-    args._explicit = explicit
-    return args
+    return parser.parse_args(argv)

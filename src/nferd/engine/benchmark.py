@@ -29,15 +29,9 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
 
 
 def model_presets(teacher: str, image_size: int) -> dict[str, Any]:
-    """The models a benchmark compares, by name: NFERD as shipped, RD4AD in the same code, and
-    RD4AD with the bank's evidence in its map."""
-    from ..models.nferd import ModelConfig
-    return {
-        "nferd": ModelConfig(teacher=teacher, image_size=image_size),
-        "rd4ad": ModelConfig(teacher=teacher, image_size=image_size, bank=False, fusion="none"),
-        # RD4AD's student, and the bank's nearest-normal distance added to its map
-        "rd4ad_bankdist": ModelConfig(teacher=teacher, image_size=image_size, fusion="none", bank_distance_weight=0.25),
-    }
+    """The models a benchmark compares, by name: the designs of ``nferd.models.nferd.PRESETS``."""
+    from ..models.nferd import PRESETS, ModelConfig
+    return {name: ModelConfig.preset(name, teacher=teacher, image_size=image_size) for name in PRESETS}
 
 
 @dataclass(frozen=True)
@@ -143,6 +137,9 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     t0 = time.perf_counter()
     if weights_file(out).is_file():  # trained before, its result file lost: test only
         model, meta = load_checkpoint(out)
+        if model.config != mcfg:
+            raise ValueError(f"{out} holds a model trained with another configuration than preset '{run.model}' "
+                             f"has today: move it away (or pass another --work folder) and run again")
         summary = {"train_seconds": meta.get("train_seconds"), "feature_seconds": None}
     else:
         model, summary = train(train_set, mcfg, tcfg, out, calibration_set=cal_set,

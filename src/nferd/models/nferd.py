@@ -1,12 +1,14 @@
-"""The NFERD network: frozen teacher -> OCBE -> reverse student, with normal feature banks fused in.
+"""The NFERD network: frozen teacher -> OCBE -> reverse student, with normal feature banks.
 
 ``ModelConfig`` holds every architectural choice (JSON-serialisable, saved with checkpoints).
 With ``bank=False`` and ``fusion="none"`` the model is exactly RD4AD (Deng & Li, CVPR 2022):
-same modules, same outputs, so NFERD's gain is measured in one code base.
+same modules, same outputs, so the bank's gain is measured in one code base.
 
-At each banked teacher stage i (1 = finest), the bank's recall is fused into the map that
-enters the decoder stage rebuilding stage i; a stage without a bank passes the student through
-as RD4AD does.
+The banks' evidence enters in one of two places. By default it enters the anomaly map: each
+position's distance to its nearest normal bank position (stages 1 and 2) is added to the
+student's map, both standardised on held-out normal images. With a fusion module (the paper's
+design) the bank's recall at each banked stage i (1 = finest) is fused into the map that enters
+the decoder stage rebuilding stage i. ``PRESETS`` names the designs a user picks between.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ DEFAULT_TEACHER = "efficientnet_lite0"
 LAST_VERSION_WITH_READINGS = "0.1.0"
 # Options of earlier versions that no longer exist, with the value that behaves as today's model.
 _LEGACY_NEUTRAL = {"weighting": "softmax", "patch_sampling": "random", "student_act": "auto", "student_width": None}
+# What a saved config that lacks a field meant: the defaults of nferd 0.2.0 and earlier, whose
+# default design fused the recall at every stage and had no bank distance in its map.
+_SAVED_DEFAULTS = {"fusion": "hafm", "bank_stages": [1, 2, 3], "bank_distance_weight": 0.0}
 
 
 def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
@@ -53,6 +58,8 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
         else:
             removed.append(f"bank reading '{reading}'")
     d.pop("rebuild_key_stages", None)  # used by reading G only
+    for key, value in _SAVED_DEFAULTS.items():
+        d.setdefault(key, value)
     for key, neutral in _LEGACY_NEUTRAL.items():
         if key in d and d.pop(key) != neutral:
             removed.append(f"{key}")
@@ -65,7 +72,8 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class ModelConfig:
-    """Architecture and scoring options; the defaults are the measured choices.
+    """Architecture and scoring options; the defaults are the measured choices (``PRESETS``
+    names the other designs).
 
     Args:
         teacher: frozen ImageNet backbone (``nferd.models.teacher.teacher_names()``).
@@ -77,15 +85,18 @@ class ModelConfig:
         n_bank, top_k, temperature: bank images N, recalled entries K, softmax temperature.
         patch_limit: bank positions searched per bank by the patch recall (lower is cheaper).
         fusion: ``hafm`` (channel and spatial attention in parallel), ``cbam`` (in series),
-            ``add``, ``concat``, or ``none`` (RD4AD).
+            ``add``, ``concat``, or ``none`` (RD4AD's student). Default: ``none``, or ``hafm``
+            with the map recall.
         loss: ``flat`` (RD4AD's code) or ``pixel`` (the paper's per-position formula).
         map_combine: per-stage maps summed (RD4AD's evaluation) or multiplied.
         blur_sigma: Gaussian smoothing of the anomaly map, in pixels.
-        bank_stages: teacher stages (1 = finest) that get a bank and its fusion.
+        bank_stages: teacher stages (1 = finest) that get a bank (and its fusion, if any).
+            Default: 1, 2 when the bank scores through the map, else 1, 2, 3.
         bank_distance_weight: weight of the banks' own evidence in the anomaly map: each
             position's distance to its nearest normal bank position (patch recall), added to the
             student's map after both are standardised on held-out normal images; 0 turns it off.
-            With ``fusion="none"`` the student is RD4AD's and the bank only scores.
+            Default: 0.5 with the patch recall and no fusion (the student is then RD4AD's and
+            the bank only scores), else 0.
     """
 
     teacher: str = DEFAULT_TEACHER
@@ -96,14 +107,22 @@ class ModelConfig:
     top_k: int = 4
     temperature: float = 0.01
     patch_limit: int = 16384
-    fusion: str = "hafm"
+    fusion: str | None = None
     loss: str = "flat"
     map_combine: str = "sum"
     blur_sigma: float = 4.0
-    bank_stages: tuple[int, ...] = (1, 2, 3)
-    bank_distance_weight: float = 0.0
+    bank_stages: tuple[int, ...] | None = None
+    bank_distance_weight: float | None = None
 
     def __post_init__(self) -> None:
+        scores_by_map = self.bank and self.recall == "patch" and self.fusion in (None, "none")
+        if self.fusion is None:  # the paper's recall only makes sense fused
+            self.fusion = "hafm" if self.bank and self.recall == "map" else "none"
+        if self.bank_stages is None:  # a fusion at every stage; the map's distance at the two finest
+            self.bank_stages = (1, 2) if scores_by_map else (1, 2, 3)
+        if self.bank_distance_weight is None:
+            self.bank_distance_weight = 0.5 if scores_by_map else 0.0
+
         def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
             if value not in choices:
                 raise ValueError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
@@ -140,7 +159,28 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A saved config (checkpoint or result file), of this or an earlier version."""
         return config_from_dict(cls, upgrade_config(d), "model")
+
+    @classmethod
+    def preset(cls, name: str, **options: Any) -> "ModelConfig":
+        """The design ``name`` of ``PRESETS``, with ``options`` (teacher, image size, ...) on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **options})
+
+
+# The designs a user chooses between, as the ModelConfig fields that pick them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # RD4AD's student; the banks' nearest-normal distance (stages 1 and 2) added to its map.
+    "nferd": {},
+    # The recall fused into the student at every stage by HAFM, keyed per position.
+    "nferd_fusion": {"fusion": "hafm"},
+    # The paper as written: whole-map recall keyed by the student's map, fused by HAFM.
+    "nferd_paper": {"recall": "map"},
+    # RD4AD (Deng & Li, CVPR 2022) in the same code: no bank.
+    "rd4ad": {"bank": False},
+}
 
 
 @dataclass(frozen=True)
