@@ -28,6 +28,26 @@ def filled(weight: float = 0.5, fusion: str = "none", teacher_weights: str | Non
     return m.eval()
 
 
+def test_the_default_scores_with_the_two_finest_banks_and_rd4ads_student() -> None:
+    cfg = ModelConfig(image_size=64, n_bank=4, top_k=2)
+    assert (cfg.fusion, cfg.bank_stages, cfg.bank_distance_weight) == ("none", (1, 2), 0.5)
+    m = NFERD(cfg, teacher_weights="random")
+    assert sorted(m.banks) == ["0", "1"] and hasattr(m, "map_norm")
+    # a fusion, the paper's recall or no bank turn the distance off and bank every stage
+    for kw in ({"fusion": "hafm"}, {"recall": "map"}, {"bank": False}):
+        c = ModelConfig(**kw)
+        assert c.bank_distance_weight == 0 and c.bank_stages == (1, 2, 3), kw
+    assert ModelConfig(recall="map").fusion == "hafm"
+    assert ModelConfig(fusion="hafm", bank_distance_weight=0.25).bank_distance_weight == 0.25
+
+
+def test_a_config_saved_without_the_newer_fields_keeps_its_old_meaning() -> None:
+    old = {k: v for k, v in ModelConfig(fusion="hafm").to_dict().items()
+           if k not in ("fusion", "bank_stages", "bank_distance_weight")}
+    assert ModelConfig.from_dict(old) == ModelConfig(fusion="hafm", bank_stages=(1, 2, 3), bank_distance_weight=0.0)
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+
+
 def test_the_option_needs_the_patch_bank_and_a_sane_weight() -> None:
     with pytest.raises(ValueError, match="patch recall"):
         ModelConfig(bank=False, fusion="none", bank_distance_weight=0.5)
@@ -35,7 +55,8 @@ def test_the_option_needs_the_patch_bank_and_a_sane_weight() -> None:
         ModelConfig(recall="map", bank_distance_weight=0.5)
     with pytest.raises(ValueError, match="bank_distance_weight"):
         ModelConfig(bank_distance_weight=-1.0)
-    assert not hasattr(NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2), teacher_weights="random"), "map_norm")
+    assert not hasattr(NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2, bank_distance_weight=0),
+                             teacher_weights="random"), "map_norm")
 
 
 def test_map_is_the_standardised_student_map_plus_the_weighted_nearest_normal_distance() -> None:

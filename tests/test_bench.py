@@ -22,10 +22,11 @@ def test_bench_reports_every_figure_with_a_paired_reference() -> None:
     for key in ("train_images_per_s", "infer_latency_ms_b1", "infer_latency_ms_b1_p95", "infer_images_per_s",
                 "peak_rss_mib", "gflops_achieved", "peak_gflops_matmul", "speedup_train", "speedup_latency_b1"):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
-    cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, bank=True, fusion="hafm", recall="patch")
+    cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64)  # the default design
     assert res["gflops_per_image"] == pytest.approx(model_info(cfg)["gflops"], rel=1e-9)
     assert res["gflops_achieved"] == pytest.approx(res["gflops_per_image"] * res["infer_images_per_s"])
-    assert res["recall"] == "patch" and res["bank"] is True
+    assert res["recall"] == "patch" and res["bank"] is True and res["fusion"] == "none"
+    assert res["design"] == cfg.describe()
     ref = res["reference"]
     assert ref["precision"] == "torch.float32" and ref["infer_images_per_s"] == pytest.approx(
         1000 / ref["infer_latency_ms_b1"])  # the reference infers one image at a time

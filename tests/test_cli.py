@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nferd.cli import main
 from nferd.cli.options import CLIError
@@ -90,12 +91,31 @@ def test_diagnose_reports_retrieval_health(trained, capsys) -> None:
     assert main(["diagnose", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
                  "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert [r["bank"] for r in rep["retrieval"]] == ["layer1", "layer2", "layer3"]
+    # the default's banks (layer1, layer2) only score: their nearest match, no recall
+    assert [r["bank"] for r in rep["retrieval"]] == ["layer1", "layer2"]
+    assert all(-1 <= r["top1_similarity_mean"] <= 1 and "topk_gap" not in r for r in rep["retrieval"])
     assert set(rep["metrics"]) == {"bank", "random", "mean", "zero"}
-    assert list(rep["stages"]) == ["layer1", "layer2", "layer3", "model"]
+    assert list(rep["stages"]) == ["layer1", "layer2", "layer3", "model", "student", "bank distance"]
     # the model row is the model's own map, scored as `nferd test` scores it (its fast path rounds apart)
     assert rep["stages"]["model"]["pixel_auroc"] == pytest.approx(rep["metrics"]["bank"]["pixel_auroc"], abs=1e-4)
     assert all(0 <= r["defect_matched_share"] <= 1 for r in rep["retrieval"])
+    assert main(["diagnose", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles"]) == 0
+    assert "only scores the map" in capsys.readouterr().out
+
+
+def test_diagnose_reports_the_recall_of_a_fused_bank(trained) -> None:
+    from nferd.cli.diagnose import diagnose
+    from nferd.data.datasets import MVTecDataset
+    from nferd.models.nferd import NFERD, ModelConfig
+    data, _ = trained
+    torch.manual_seed(0)
+    model = NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2, fusion="hafm"), teacher_weights="random")
+    with torch.no_grad():
+        model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
+    rep = diagnose(model, MVTecDataset(data, "synthetic_tiles", "test", 64))
+    assert [r["bank"] for r in rep["retrieval"]] == ["layer1", "layer2", "layer3"]
+    assert all(r["recall"] == "patch" and 0 <= r["weight_entropy"] <= 1 for r in rep["retrieval"])
+    assert list(rep["stages"]) == ["layer1", "layer2", "layer3", "model"]
 
 
 def test_diagnose_reads_one_pass_as_the_separate_reports_read_theirs(trained) -> None:
@@ -108,7 +128,7 @@ def test_diagnose_reads_one_pass_as_the_separate_reports_read_theirs(trained) ->
     model, _ = load_checkpoint(ckpt)  # fresh: evaluate() moved the first to channels_last (other kernels)
     assert rep["stages"] == stage_localisation(model, ds)
     assert rep["retrieval"] == retrieval_stats(model, ds)
-    rd = dataclasses.replace(model.config, bank=False, fusion="none")
+    rd = dataclasses.replace(model.config, bank=False, fusion="none", bank_distance_weight=0.0)
     from nferd.models.nferd import NFERD
     with pytest.raises(ValueError, match="no bank"):
         diagnose(NFERD(rd, teacher=model.teacher), ds)

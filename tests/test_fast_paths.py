@@ -55,7 +55,7 @@ def test_bf16_maps_agree_with_fp32(synth_root) -> None:
 def test_compiled_model_computes_the_eager_maps_and_keeps_its_weight_names() -> None:
     from nferd.engine.device import compile_dense
     torch.manual_seed(0)
-    model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2)).eval()
+    model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, fusion="hafm")).eval()
     with torch.no_grad():
         model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
         for f in model.fusions:
@@ -88,14 +88,16 @@ def test_heap_trim_waits_for_resident_memory_to_creep(monkeypatch) -> None:
     assert not dev.release_free_memory()
 
 
-def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once() -> None:
+@pytest.mark.parametrize("fusion", ["none", "hafm"])
+def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once(fusion: str) -> None:
     from nferd.engine.device import inference_copy
     torch.manual_seed(0)
-    model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2))
+    model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, fusion=fusion))
     with torch.no_grad():
         model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
     for f in model.fusions:
-        f.scale.data.fill_(0.5)
+        if hasattr(f, "scale"):
+            f.scale.data.fill_(0.5)
     model.eval()
     runner = inference_copy(model, torch.bfloat16)
     assert inference_copy(model, None) is model  # fp32: nothing to cast

@@ -81,7 +81,7 @@ def test_fusion_variants_keep_shapes_and_pass_gradients(recall: str, fusion: str
 
 def test_hafm_scale_gets_gradient_from_zero() -> None:
     torch.manual_seed(0)
-    m = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2),
+    m = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, fusion="hafm"),
                      teacher_weights="random"))
     t, s = m(torch.rand(2, 3, 64, 64), exclude_ids=torch.tensor([0, 1]))
     distillation_loss(t, s).backward()
@@ -144,7 +144,11 @@ def test_flat_loss_is_the_whole_map_cosine_with_its_gradient(layouts: tuple[str,
 
 def test_info_counts_and_bank_cost_within_ten_percent() -> None:
     rd = model_info(ModelConfig(teacher="wide_resnet50_2", bank=False, fusion="none"))
-    nf = model_info(ModelConfig(teacher="wide_resnet50_2"))
+    nf = model_info(ModelConfig(teacher="wide_resnet50_2", fusion="hafm"))
+    default = model_info(ModelConfig(teacher="wide_resnet50_2"))
+    # the default bank only scores: RD4AD's trainable parameters exactly, plus the search of two banks
+    assert default["params"]["trainable"] == rd["params"]["trainable"] and default["params"]["fusion"] == 0
+    assert rd["gflops"] < default["gflops"] < nf["gflops"]
     for key in ("teacher", "ocbe", "decoder", "bank", "fusion", "trainable"):
         assert key in rd["params"] and key in nf["params"]
     assert abs(rd["params"]["ocbe"] - 58.9e6) < 0.1e6  # RD4AD's OCBE without conv4/bn4
@@ -163,8 +167,9 @@ def test_bank_stages_leave_the_other_stages_as_rd4ad(tmp_path) -> None:
     full model for the stages that keep theirs, and a checkpoint that comes back with the same maps."""
     from nferd.engine.checkpoint import load_checkpoint, save_checkpoint
     torch.manual_seed(0)
-    full = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2), teacher_weights="random")
-    part = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2,
+    full = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, fusion="hafm"),
+                 teacher_weights="random")
+    part = filled(NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, fusion="hafm",
                                     bank_stages=[3, 2]), teacher_weights="random"))
     assert part.config.bank_stages == (2, 3) and part.config.to_dict()["bank_stages"] == [2, 3]
     assert sorted(part.banks) == ["1", "2"]
@@ -237,7 +242,8 @@ def test_each_recall_is_keyed_by_its_own_query(recall: str) -> None:
     """Patch recall searches by the input's teacher map of the bank's stage; map recall by the
     student's map entering the fused decoder stage."""
     torch.manual_seed(0)
-    m = filled(NFERD(ModelConfig(image_size=64, recall=recall, n_bank=4, top_k=2), teacher_weights="random")).eval()
+    m = filled(NFERD(ModelConfig(image_size=64, recall=recall, fusion="hafm", n_bank=4, top_k=2),
+                     teacher_weights="random")).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         t, s = m(x)
@@ -264,7 +270,8 @@ def old_metadata(model: NFERD, **changes) -> dict:
 def test_checkpoints_of_the_kept_readings_still_load(tmp_path, reading: str, recall: str) -> None:
     from nferd.engine.checkpoint import load_checkpoint, save_checkpoint, update_metadata
     torch.manual_seed(0)
-    m = filled(NFERD(ModelConfig(image_size=64, recall=recall, n_bank=4, top_k=2), teacher_weights="random")).eval()
+    m = filled(NFERD(ModelConfig(image_size=64, recall=recall, fusion="hafm", n_bank=4, top_k=2),
+                     teacher_weights="random")).eval()
     save_checkpoint(tmp_path / "old", m)
     update_metadata(tmp_path / "old", model=old_metadata(m, reading=reading))
     back, _ = load_checkpoint(tmp_path / "old")

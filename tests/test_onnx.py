@@ -60,7 +60,10 @@ def exported(trained, tmp_path_factory) -> Path:
 
 
 def bank_model(synth_root: Path, **kw) -> NFERD:
-    """Untrained model whose banks hold real teacher maps and whose fusion is switched fully on."""
+    """Untrained model whose banks hold real teacher maps and whose fusion (HAFM unless ``kw`` says
+    otherwise) is switched fully on."""
+    if kw.get("bank", True):
+        kw.setdefault("fusion", "hafm")
     torch.manual_seed(0)
     model = NFERD(ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, **kw)).eval()
     train = sorted((synth_root / CAT / "train" / "good").glob("*.png"))[:4]

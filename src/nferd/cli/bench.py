@@ -192,12 +192,11 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
-              recall: str = "patch") -> dict[str, Any]:
+              recall: str = "patch", fusion: str | None = None) -> dict[str, Any]:
     dev = resolve_device(device)
     torch.set_num_threads(default_threads())
     torch.manual_seed(0)
-    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, fusion="hafm" if bank else "none",
-                      recall=recall)
+    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, recall=recall, fusion=fusion)
     model = _bench_model(cfg)
     gflops = forward_gflops(model, image_size)
     if dev.type == "cuda":
@@ -209,7 +208,8 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
     infer_ips = batch_size / statistics.median(bb)
     res: dict[str, Any] = {"teacher": teacher, "image_size": image_size, "batch_size": batch_size,
                            "device": str(dev), "threads": torch.get_num_threads(), "bank": bank,
-                           "recall": cfg.recall if bank else None, "compile": compile,
+                           "recall": cfg.recall if bank else None, "fusion": cfg.fusion,
+                           "design": cfg.describe(), "compile": compile,
                            "train_images_per_s": batch_size / statistics.median(train_t),
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,

@@ -1,8 +1,9 @@
-"""What each ``nferd`` sub-command does (argument parsing lives in cli.py)."""
+"""What each ``nferd`` sub-command does (argument parsing lives in parser.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -100,8 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
                            compile=args.compile)
         if lead:
-            print(f"training {'NFERD' if mcfg.bank else 'RD4AD'} ({mcfg.teacher}, {mcfg.recall} recall, "
-                  f"fusion {mcfg.fusion}) on {cat or args.data}: {len(train_set)} images, {args.epochs} epochs"
+            print(f"training {mcfg.describe()} ({mcfg.teacher} teacher) on {cat or args.data}: "
+                  f"{len(train_set)} images, {args.epochs} epochs"
                   + (f", {ddp.env_world_size()} processes" if ddp.launched() and not round_robin else ""))
         data_meta = {"data": {"root": str(args.data), "category": cat, "format": args.data_format}}
         model, summary = train(train_set, mcfg, tcfg, out, teacher_weights=args.teacher_weights,
@@ -300,8 +301,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.json:
         print(jsonio.dumps(report, indent=2))
         return 0
-    print("bank     spread  top-K gap  entropy  top-1 distinct  most common top-1")
+    recalled = [r for r in report["retrieval"] if "top1_similarity_mean" not in r]
+    if recalled:
+        print("bank     spread  top-K gap  entropy  top-1 distinct  most common top-1")
+    else:
+        print("bank     top-1 similarity (mean, std): the bank only scores the map, nothing is recalled")
     for r in report["retrieval"]:
+        if "top1_similarity_mean" in r:
+            print(f"{r['bank']:<8} {r['top1_similarity_mean']:.4f}  {r['top1_similarity_std']:.4f}")
+            continue
         print(f"{r['bank']:<8} {r['similarity_spread_per_image']:.4f}  {r['topk_gap']:.4f}     "
               f"{r['weight_entropy']:.3f}    {r['top1_distinct']:>3}/{r['n_bank']:<3}        "
               f"{r['top1_most_common_share']:.0%}"
@@ -344,7 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         resume = False
         for f in ("last.safetensors", "model.safetensors", "train_log.jsonl"):
             (ckpt / f).unlink(missing_ok=True)
-    print(f"[2/3] training NFERD ({mcfg.teacher} teacher, {mcfg.recall} recall) for {args.epochs} epochs")
+    print(f"[2/3] training {mcfg.describe()} ({mcfg.teacher} teacher) for {args.epochs} epochs")
     model, summary = train(train_set, mcfg, tcfg, ckpt, resume=resume)
     metrics, _ = evaluate(model, test_set)
     write_results(out / "test", {cat_dir.name: metrics}, {"teacher": mcfg.teacher, "epochs": args.epochs,
@@ -362,7 +370,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
                     args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
-                    recall=args.recall)
+                    recall=args.recall, fusion=args.fusion)
     if args.json:
         print(jsonio.dumps(res, indent=2))
     else:
@@ -434,8 +442,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from ..engine.benchmark import (Run, load_calibration_results, load_results, model_presets, render_readme,
-                                    render_results_doc, run_grid)
+    from ..engine.benchmark import (Run, load_calibration_results, load_results, model_presets, render_method_doc,
+                                    render_readme, render_results_doc, run_grid)
     results = Path(args.results)
     if args.action == "render":
         rows = load_results(results)
@@ -445,6 +453,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         outputs = {docs: render_results_doc(rows, load_calibration_results(Path(args.calibration)))}
         if readme.is_file():
             outputs[readme] = render_readme(readme.read_text(), rows)
+        method, screen = Path(args.method), Path(args.screen)
+        if method.is_file():
+            outputs[method] = render_method_doc(method.read_text(), rows,
+                                                json.loads(screen.read_text()) if screen.is_file() else None)
         if args.check:
             stale = [str(p) for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
             if stale:

@@ -1,11 +1,14 @@
 """Retrieval health of the normal feature banks: does the bank recall per image, or act as a template?
 
-A bank is doing its job only if (1) the similarities it ranks are spread out, (2) its weights
+A fused bank is doing its job only if (1) the similarities it ranks are spread out, (2) its weights
 are not uniform, (3) different images recall different maps, and (4) replacing the bank by
 random maps, or zeroing it, costs accuracy. This module measures all four, and two things that
 say where a bank helps or hurts localisation: each stage's map scored alone, and how many
 positions inside ground-truth defects find a bank match as close as a normal position's (those
-get nearly their own features back, so the student can rebuild the defect).
+get nearly their own features back, so the student can rebuild the defect). A bank that only
+scores (the default, ``fusion="none"``) has no recall to rank: its report is the top-1 similarity
+and the defect-matched share (positions where it finds no evidence), and the stage report adds
+the student's map and the bank's distance map, each alone.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class _TestPass:
     normal_image: np.ndarray  # B: label 0
     recalls: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # per bank
     defect: dict[int, np.ndarray] = field(default_factory=dict)  # patch banks: positions touching a defect
-    stage_maps: list[np.ndarray] = field(default_factory=list)  # layer1..3 alone, then the model's map
+    stage_maps: dict[str, np.ndarray] = field(default_factory=dict)  # layer1..3 alone, the model's map, ...
     masks: np.ndarray | None = None
 
 
@@ -61,7 +64,9 @@ def _test_pass(model: NFERD, dataset: Dataset, recalls: bool, stages: bool, batc
     idxs: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
     ws: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
     defect: dict[int, list[np.ndarray]] = {int(i): [] for i in model.banks}
-    maps: list[list[np.ndarray]] = [[], [], [], []]
+    scoring = model.config.fusion == "none"  # the banks are searched for the map, never recalled
+    terms = ("student", "bank distance") if model.config.bank_distance_weight > 0 else ()
+    maps: dict[str, list[np.ndarray]] = {name: [] for name in (*STAGES, "model", *terms)}
     masks, normal_img = [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
         images = batch["image"].to(dev)
@@ -70,27 +75,35 @@ def _test_pass(model: NFERD, dataset: Dataset, recalls: bool, stages: bool, batc
         normal_img.append(np.asarray(batch["label"]) == 0)
         if stages:
             size = tuple(images.shape[-2:])
-            for i in range(3):  # one stage through the model's own map code
-                maps[i].append(model.blur(anomaly_map([t[i]], [s[i]], size))[:, 0].cpu().numpy())
-            maps[3].append(model.anomaly_maps(t, s, size)[0][:, 0].cpu().numpy())
+            found = {name: anomaly_map([t[i]], [s[i]], size) for i, name in enumerate(STAGES)}
+            if terms:
+                found.update({"student": anomaly_map(t, s, size), "bank distance": model.bank_distance(t, size)})
+            for name, m in found.items():  # each alone, blurred like the model's own map
+                maps[name].append(model.blur(m)[:, 0].float().cpu().numpy())
+            maps["model"].append(model.anomaly_maps(t, s, size)[0][:, 0].float().cpu().numpy())
             masks.append((batch["mask"][:, 0] > 0.5).numpy())
         if not recalls:
             continue
         for i, r in enumerate(model.last_recalls):
-            if r is None:  # a stage without a bank (--bank-stages)
+            if scoring and str(i) in model.banks:  # the top-1 similarity the map's distance came from
+                top1 = 1 - model.banks[str(i)].nearest_distance(t[i]).flatten(1)
+                sims[i].append(top1.unsqueeze(-1).cpu().numpy())
+            elif r is None:  # a stage without a bank (--bank-stages)
                 continue
-            sims[i].append(r.similarity.float().cpu().numpy())
-            idxs[i].append(r.indices.cpu().numpy())
-            ws[i].append(r.weights.float().cpu().numpy())
-            if r.similarity.ndim == 3 and _has_masks(dataset):
+            else:
+                sims[i].append(r.similarity.float().cpu().numpy())
+                idxs[i].append(r.indices.cpu().numpy())
+                ws[i].append(r.weights.float().cpu().numpy())
+            if (scoring or r.similarity.ndim == 3) and _has_masks(dataset):  # per-position banks
                 grid = model.banks[str(i)].out_size
                 defect[i].append((F.adaptive_max_pool2d(batch["mask"].float(), grid) > 0.5).flatten(1).numpy())
     out = _TestPass(np.concatenate(normal_img))
     if recalls:
-        out.recalls = {i: (np.concatenate(sims[i]), np.concatenate(idxs[i]), np.concatenate(ws[i])) for i in sims}
+        out.recalls = {i: (np.concatenate(sims[i]), np.concatenate(idxs[i]) if idxs[i] else None,
+                           np.concatenate(ws[i]) if ws[i] else None) for i in sims}
         out.defect = {i: np.concatenate(d) for i, d in defect.items() if d}
     if stages:
-        out.stage_maps = [np.concatenate(m) for m in maps]
+        out.stage_maps = {name: np.concatenate(m) for name, m in maps.items()}
         out.masks = np.concatenate(masks)
     return out
 
@@ -100,17 +113,21 @@ def _retrieval_report(model: NFERD, run: _TestPass) -> list[dict[str, Any]]:
     for key, bank in model.banks.items():
         i = int(key)
         s, ix, w = run.recalls[i]
-        out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
+        if ix is None:  # a bank that only scores: its nearest match, no recall
+            out.append({"top1_similarity_mean": float(s.mean()), "top1_similarity_std": float(s.std())})
+        else:
+            out.append(_patch_stats(s, ix, w) if s.ndim == 3 else _image_stats(s, ix, w))
         if i in run.defect:
             out[-1]["defect_matched_share"] = defect_matched_share(s[..., 0], run.defect[i], run.normal_image)
-        out[-1] = {"bank": STAGES[i], "n_bank": int(bank.size), "recall": bank.recall, **out[-1]}
+        out[-1] = {"bank": STAGES[i], "n_bank": int(bank.size),
+                   "recall": bank.recall if ix is not None else "none (scores the map)", **out[-1]}
     return out
 
 
 def _stage_report(run: _TestPass) -> dict[str, dict[str, float]]:
     gt = run.masks
     return {name: {"pixel_auroc": float(auroc(m.ravel(), gt.ravel())), "aupro": float(aupro(m, gt))}
-            for name, m in zip((*STAGES, "model"), run.stage_maps)}
+            for name, m in run.stage_maps.items()}
 
 
 def retrieval_stats(model: NFERD, dataset: Dataset, **kw: Any) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..deploy.onnx_format import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from ..models.hafm import FUSIONS
 from ..models.nferd import DEFAULT_TEACHER
 from ..models.teacher import teacher_names
 from ..version import __version__
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--bank", type=on_off, default=True, metavar="on|off")
     p.add_argument("--recall", default="patch", choices=["patch", "map"], help="bank recall to time (default patch)")
+    p.add_argument("--fusion", default=None, choices=FUSIONS,
+                   help="fuse the recall into the student (hafm: the paper's design); default none with the patch "
+                        "recall (the bank scores the map), hafm with --recall map")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's dense modules")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
     p.add_argument("--train-steps", type=positive_int, default=6, help="timed training steps (>= 1; default 6)")
@@ -205,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/benchmark", help="run: checkpoints of the runs (default runs/benchmark)")
     p.add_argument("--docs", default="docs/results.md", help="render: the results page to write")
     p.add_argument("--readme", default="README.md", help="render: README whose results table is replaced")
+    p.add_argument("--method", default="docs/method.md",
+                   help="render: method page whose comparison with RD4AD (and rescoring screen) is replaced")
+    p.add_argument("--screen", default="benchmarks/screens/map_terms.json",
+                   help="render: rescoring screen of the map's terms (written by benchmarks/map_terms.py)")
     p.add_argument("--calibration", default="benchmarks/calibration",
                    help="render: folder of `nferd test` results at calibrated thresholds (default benchmarks/calibration)")
     p.add_argument("--check", action="store_true", help="render: only say whether the pages match the result files "

@@ -297,10 +297,80 @@ def render_results_doc(rows: list[dict[str, Any]], calibration: list[tuple[str, 
     ])
 
 
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with what lies between its ``start`` and ``end`` markers replaced by ``body``."""
+    if start not in text or end not in text:
+        raise ValueError(f"no '{start}' ... '{end}' markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + start + "\n" + body + "\n" + end + tail
+
+
 def render_readme(readme: str, rows: list[dict[str, Any]]) -> str:
     """The README with the table between its results markers replaced by the rendered one."""
     if README_START not in readme or README_END not in readme:
         raise ValueError("README has no results markers")
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return head + README_START + "\n" + summary_table(rows) + "\n" + README_END + tail
+    return replace_between(readme, README_START, README_END, summary_table(rows))
+
+
+def versus_table(rows: list[dict[str, Any]], baseline: str = "rd4ad",
+                 metrics: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")) -> str:
+    """Each model against ``baseline`` trained with the same seeds: per metric the mean of the
+    per-seed differences, with the smallest and largest of them (both > 0: ahead on every seed)."""
+    groups: dict[tuple, dict[str, dict[int, dict[str, float]]]] = {}
+    for r in rows:
+        k = (r["dataset"], r["category"], r["teacher"], r["image_size"], r["epochs"])
+        groups.setdefault(k, {}).setdefault(r["model"], {})[r["seed"]] = r["metrics"]
+    head = ["dataset / category", "model", "seeds", *(f"Δ {m}" for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in sorted(groups):
+        base = groups[k].get(baseline)
+        if not base:
+            continue
+        for model in sorted(groups[k]):
+            seeds = sorted(set(groups[k][model]) & set(base))
+            if model == baseline or not seeds:
+                continue
+            cells = [f"{k[0]} / {k[1]}", model, ",".join(map(str, seeds))]
+            for m in metrics:
+                d = [groups[k][model][s][m] - base[s][m] for s in seeds]
+                cells.append(f"{statistics.mean(d):+.4f} ({min(d):+.4f} … {max(d):+.4f})" if len(d) > 1
+                             else f"{d[0]:+.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def screen_table(screen: dict[str, Any], metrics: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")) -> str:
+    """A rescoring screen (``benchmarks/map_terms.py``): per mix and category, the mean over the
+    screened checkpoints."""
+    cats = sorted({(r["dataset"], r["category"]) for r in screen["runs"]})
+    head = ["weight", "bank stages", *(f"{d} / {c} ({sum(1 for r in screen['runs'] if (r['dataset'], r['category']) == (d, c))} seeds)"
+                                      for d, c in cats)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, mix in screen["mixes"].items():
+        cells = [f"{mix['weight']:g}" if mix["stages"] else "0 (student map alone)",
+                 ",".join(map(str, mix["stages"])) or "–"]
+        for d, c in cats:
+            runs = [r for r in screen["runs"] if (r["dataset"], r["category"]) == (d, c)]
+            cells.append(" / ".join(f"{statistics.mean(r['mixes'][name][m] for r in runs):.4f}" for m in metrics))
+        lines.append("| " + " | ".join(cells) + " |")
+    p = screen["provenance"]
+    lines += ["", f"*Screened {p['date'][:10]} at commit {short_commit(p.get('git_commit'))} on {p['cpu_model']} "
+                  f"({p.get('precision', '?')}, {p['threads']} thread): `{p['command']}`.*"]
+    return "\n".join(lines)
+
+
+VERSUS_START = "<!-- versus-rd4ad:start (rendered by `nferd benchmark render`; do not edit) -->"
+VERSUS_END = "<!-- versus-rd4ad:end -->"
+SCREEN_START = "<!-- map-terms:start (rendered by `nferd benchmark render`; do not edit) -->"
+SCREEN_END = "<!-- map-terms:end -->"
+
+
+def render_method_doc(text: str, rows: list[dict[str, Any]], screen: dict[str, Any] | None) -> str:
+    """The method page with its comparison with RD4AD (and the rescoring screen, if there is one)
+    replaced by the rendered tables; a page without the markers is returned unchanged."""
+    if VERSUS_START in text:
+        text = replace_between(text, VERSUS_START, VERSUS_END, versus_table(rows))
+    if screen is not None and SCREEN_START in text:
+        text = replace_between(text, SCREEN_START, SCREEN_END, screen_table(screen))
+    return text

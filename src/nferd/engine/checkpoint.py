@@ -175,6 +175,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     with safe_open(str(f), framework="pt") as sf:
         tensors = {k: sf.get_tensor(k) for k in sf.keys() if not k.startswith("optimizer.")}
     own = model.state_dict()
+    if config.fusion == "none":  # projections that nferd 0.2 saved for banks it never fused
+        tensors = {k: v for k, v in tensors.items() if not (k.startswith("banks.") and k.endswith(".proj.weight"))}
     if not has_teacher:
         own = {k: v for k, v in own.items() if not k.startswith("teacher.")}
     missing = sorted(set(own) - set(tensors))

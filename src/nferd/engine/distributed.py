@@ -363,9 +363,8 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around the whole model: only parameters that require gradients
     (OCBE, decoder, fusions, bank projections; not the frozen teacher) are all-reduced.
 
-    ``static_graph``: the same parameters are used every step, and some configurations leave
-    a few unused (bank projections with ``--fusion none``), which a static graph handles
-    without a per-step search. Buffers are not broadcast every step: the banks and the teacher
+    ``static_graph``: the same parameters are used every step, so DDP need not search for
+    unused ones each step. Buffers are not broadcast every step: the banks and the teacher
     are identical on all ranks already, and BatchNorm statistics are averaged at checkpoints.
     """
     import inspect

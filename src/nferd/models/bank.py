@@ -14,7 +14,8 @@ into the student. Two recalls are implemented, each a class with the same interf
 
 Both project the recalled teacher features with a learnable 1x1 conv to the channels of the
 student map they are fused with. During training an image's own bank entry is masked out, so
-the student cannot learn to copy its target.
+the student cannot learn to copy its target. A bank that is not fused (the default model, whose
+bank only scores through :meth:`PatchBank.nearest_distance`) has no projection.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Recall:
 
 class NormalFeatureBank(nn.Module):
     """Storage shared by both recalls: ``maps`` (N x C x H x W teacher maps on the fusion grid),
-    their training-set ``ids`` and the 1x1 projection to the fusion channels.
+    their training-set ``ids`` and the 1x1 projection to the fusion channels (none when
+    ``out_channels`` is None: a bank that is searched but not fused).
 
     The maps are buffers, so they are saved with the model and used at test time too.
     ``keyed_by_teacher`` says which map the model passes as the query: the input's teacher map
@@ -53,7 +55,7 @@ class NormalFeatureBank(nn.Module):
     recall = ""
     keyed_by_teacher = True
 
-    def __init__(self, n: int, channels: int, out_channels: int, out_size: tuple[int, int], top_k: int = 4,
+    def __init__(self, n: int, channels: int, out_channels: int | None, out_size: tuple[int, int], top_k: int = 4,
                  temperature: float = 0.01) -> None:
         super().__init__()
         if not 1 <= top_k <= n:
@@ -64,7 +66,7 @@ class NormalFeatureBank(nn.Module):
         self.out_size = tuple(out_size)
         self.register_buffer("maps", torch.zeros(n, channels, *self.out_size))
         self.register_buffer("ids", torch.full((n,), -1, dtype=torch.long))
-        self.proj = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.proj = nn.Conv2d(channels, out_channels, 1, bias=False) if out_channels is not None else None
 
     @property
     def size(self) -> int:
@@ -153,7 +155,7 @@ class PatchBank(NormalFeatureBank):
     recall = "patch"
     keyed_by_teacher = True
 
-    def __init__(self, n: int, channels: int, out_channels: int, out_size: tuple[int, int], top_k: int = 4,
+    def __init__(self, n: int, channels: int, out_channels: int | None, out_size: tuple[int, int], top_k: int = 4,
                  temperature: float = 0.01, patch_limit: int = 16384) -> None:
         super().__init__(n, channels, out_channels, out_size, top_k, temperature)
         if patch_limit < 1:

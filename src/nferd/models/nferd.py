@@ -162,6 +162,16 @@ class ModelConfig:
         """A saved config (checkpoint or result file), of this or an earlier version."""
         return config_from_dict(cls, upgrade_config(d), "model")
 
+    def describe(self) -> str:
+        """The design in a few words, for logs: RD4AD, or where NFERD's bank enters."""
+        if not self.bank:
+            return "RD4AD"
+        stages = ",".join(map(str, self.bank_stages))
+        if self.fusion == "none":
+            return f"NFERD, bank distance in the map (stages {stages}, weight {self.bank_distance_weight:g})"
+        extra = f", bank distance weight {self.bank_distance_weight:g}" if self.bank_distance_weight else ""
+        return f"NFERD, {self.recall} recall fused by {self.fusion} (stages {stages}{extra})"
+
     @classmethod
     def preset(cls, name: str, **options: Any) -> "ModelConfig":
         """The design ``name`` of ``PRESETS``, with ``options`` (teacher, image size, ...) on top."""
@@ -229,7 +239,8 @@ class NFERD(nn.Module):
         banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
         for i in banked:
             extra = {"patch_limit": config.patch_limit} if config.recall == "patch" else {}
-            self.banks[str(i)] = BANKS[config.recall](config.n_bank, c[i], targets[i][0], targets[i][1],
+            fused = targets[i][0] if config.fusion != "none" else None  # a bank that only scores needs no projection
+            self.banks[str(i)] = BANKS[config.recall](config.n_bank, c[i], fused, targets[i][1],
                                                       config.top_k, config.temperature, **extra)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
