@@ -265,11 +265,38 @@ def test_mvtec_batches_with_default_collate(mvtec_root: Path) -> None:
     assert batch["defect_type"] == ["good", "good", "hole", "scratch"]
 
 
-def test_mvtec_missing_mask_names_image(mvtec_root: Path) -> None:
+def test_mvtec_partly_masked_split_is_refused_with_the_missing_masks(mvtec_root: Path) -> None:
     (mvtec_root / "cat_a" / "ground_truth" / "scratch" / "001_mask.png").unlink()
     with pytest.raises(DatasetError, match=r"scratch[/\\]001\.png") as info:
         MVTecDataset(mvtec_root, "cat_a", "test")
-    assert "001_mask" in str(info.value)  # says where it looked
+    msg = str(info.value)
+    assert "1 of 3 anomalous images" in msg and "_mask" in msg and "--image-metrics-only" in msg
+    assert "000.png" not in msg  # only the image without a mask is listed
+    ds = MVTecDataset(mvtec_root, "cat_a", "test", image_metrics_only=True)  # masks ignored, labels kept
+    assert not ds.has_masks and ds.labels == [0, 0, 1, 1, 1] and "--image-metrics-only" in ds.no_masks_reason
+    assert all(ds[i]["mask"].sum() == 0 for i in range(len(ds)))
+
+
+def test_mvtec_split_without_ground_truth_is_labels_only(mvtec_root: Path) -> None:
+    import shutil
+    shutil.rmtree(mvtec_root / "cat_a" / "ground_truth")
+    ds = MVTecDataset(mvtec_root, "cat_a", "test")
+    assert not ds.has_masks and ds.labels == [0, 0, 1, 1, 1]
+    assert "3 anomalous images have image labels but no ground-truth masks" in ds.no_masks_reason
+
+
+def test_folder_ok_nok_without_masks_is_labels_only_and_partial_masks_are_refused(tmp_path: Path) -> None:
+    ok, nok, masks = tmp_path / "ok", tmp_path / "nok", tmp_path / "masks"
+    for i in range(2):
+        _save(np.full((30, 40, 3), 90, np.uint8), ok / f"{i}.png")
+        _save(np.full((30, 40, 3), 200, np.uint8), nok / f"{i}.png")
+    ds = FolderDataset(None, "test", 32, test_normal_dir=ok, test_abnormal_dir=nok)
+    assert not ds.has_masks and ds.labels == [0, 0, 1, 1] and "no mask folder given" in ds.no_masks_reason
+    _save_mask(masks / "0.png", (0, 10, 0, 10))
+    with pytest.raises(DatasetError, match=r"1 of 2 anomalous images[\s\S]*nok[/\\]1\.png"):
+        FolderDataset(None, "test", 32, test_normal_dir=ok, test_abnormal_dir=nok, mask_dir=masks)
+    _save_mask(masks / "1_mask.png", (0, 10, 0, 10))
+    assert FolderDataset(None, "test", 32, test_normal_dir=ok, test_abnormal_dir=nok, mask_dir=masks).has_masks
 
 
 def test_mvtec_missing_category_lists_available(mvtec_root: Path) -> None:

@@ -330,13 +330,14 @@ def test_compute_metrics_matches_individual_metrics():
     assert results == {
         "image_auroc": auroc(image_scores, image_labels),
         "image_f1max": f1_max(image_scores, image_labels),
+        "image_ap": average_precision(image_scores, image_labels),
         "pixel_auroc": pixel_auroc(maps, masks),
         "pixel_ap": pixel_ap(maps, masks),
         "aupro": aupro(maps, masks),
     }
     assert all(type(v) is float and 0.0 <= v <= 1.0 for v in results.values())
 
-    assert set(compute_metrics(image_scores, image_labels)) == {"image_auroc", "image_f1max"}
+    assert set(compute_metrics(image_scores, image_labels)) == {"image_auroc", "image_f1max", "image_ap"}
 
 
 def test_compute_metrics_without_defect_pixels_gives_nan():

@@ -432,7 +432,7 @@ def compute_metrics(
     fpr_limit: float = 0.3,
     num_thresholds: int = DEFAULT_NUM_THRESHOLDS,
 ) -> dict[str, float]:
-    """The usual benchmark report: image AUROC and F1-max, plus pixel AUROC, pixel AP and AUPRO.
+    """The usual benchmark report: image AUROC, AP and F1-max, plus pixel AUROC, pixel AP and AUPRO.
 
     Pixel metrics are included when both ``anomaly_maps`` and ``masks`` are given; they are
     computed from a single pass over the pixels. If the masks contain no defect (or no
@@ -443,6 +443,7 @@ def compute_metrics(
     results = {
         "image_auroc": auroc(image_scores, image_labels),
         "image_f1max": f1_max(image_scores, image_labels),
+        "image_ap": average_precision(image_scores, image_labels),
     }
     if anomaly_maps is None:
         return results

@@ -17,10 +17,12 @@ from .options import CLIError, model_config_from
 def _datasets(args: argparse.Namespace, category: str | None, split: str, image_size: int):  # type: ignore[no-untyped-def]
     from ..data.datasets import make_dataset
     kw: dict[str, Any] = {}
+    if split == "test" and getattr(args, "image_metrics_only", False):
+        kw["image_metrics_only"] = True
     if args.data_format == "folder":
         if split == "test":
-            kw = {"test_normal_dir": args.test_normal_dir, "test_abnormal_dir": args.test_abnormal_dir,
-                  "mask_dir": args.mask_dir}
+            kw.update({"test_normal_dir": args.test_normal_dir, "test_abnormal_dir": args.test_abnormal_dir,
+                       "mask_dir": args.mask_dir})
             if not (args.test_normal_dir or args.test_abnormal_dir):
                 raise CLIError("--format folder needs --test-normal-dir and/or --test-abnormal-dir to test")
             return make_dataset("folder", None, None, split, image_size, **kw)
@@ -153,8 +155,11 @@ def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info:
 
 
 def _print_metrics(name: str, m: dict[str, Any]) -> None:
-    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap")
+    keys = ("image_auroc", "image_ap", "image_f1max") + (() if m.get("pixel_metrics_absent") else
+                                                         ("pixel_auroc", "aupro", "pixel_ap"))
     print(f"{name}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m))
+    if m.get("pixel_metrics_absent"):
+        print(f"{name}: pixel metrics absent: {m['pixel_metrics_absent']}")
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -417,7 +422,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print("nferd: warning: a validation folder lies under a 'test' folder; thresholds fitted on the test "
                   "split make its metrics optimistic", file=sys.stderr)
         ds = FolderDataset(None, "test", size, test_normal_dir=args.normal_dir, test_abnormal_dir=args.abnormal_dir,
-                           mask_dir=args.mask_dir)
+                           mask_dir=args.mask_dir, image_metrics_only=args.image_metrics_only)
         ds.calibration_source = "validation folders: " + ", ".join(str(d) for d in folders)
     with warnings.catch_warnings():  # a too-small set is reported below, in the calibration's own words
         warnings.simplefilter("ignore", CalibrationWarning)
@@ -488,5 +493,5 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         for cat in {r.category for r in runs}:
             if not (Path(root) / cat).is_dir():
                 raise CLIError(f"no category '{cat}' under --data '{root}'")
-    run_grid(runs, results, Path(args.work), threads, args.device)
+    run_grid(runs, results, Path(args.work), threads, args.device, image_metrics_only=args.image_metrics_only)
     return 0

@@ -305,3 +305,6 @@ def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--test-normal-dir", default=None, help="folder format: normal test images")
     g.add_argument("--test-abnormal-dir", default=None, help="folder format: defective test images")
     g.add_argument("--mask-dir", default=None, help="folder format: masks matched by file stem")
+    g.add_argument("--image-metrics-only", action="store_true",
+                   help="evaluate on image labels alone, ignoring masks (needed when only some defective test "
+                        "images have one; a test set without any masks gets image metrics anyway)")

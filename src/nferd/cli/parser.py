@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of defective validation images: the thresholds become F1-optimal")
     p.add_argument("--mask-dir", default=None, help="masks of the defective images, matched by file stem "
                    "(without them the pixel threshold comes from the good images)")
+    p.add_argument("--image-metrics-only", action="store_true",
+                   help="ignore the masks (needed when only some defective images have one)")
     p.add_argument("--data", default=None, metavar="ROOT", help="instead of the folders: ROOT/CATEGORY/validation "
                    "of an MVTec-style dataset (MVTec 3D-AD and LOCO ship one)")
     p.add_argument("--category", default=None)
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("benchmark", "run a grid of trainings and tests into result files (run), or render their tables (render)")
     p.add_argument("action", choices=["run", "render"])
+    p.add_argument("--image-metrics-only", action="store_true",
+                   help="run: evaluate on image labels alone, ignoring masks (test sets where only some defective "
+                        "images have one)")
     p.add_argument("--data", action="append", default=None, metavar="ROOT",
                    help="run: dataset root (repeat for several)")
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")

@@ -16,7 +16,12 @@ where the data came from::
 The values are tensors, ints and strs, so torch's default collate batches them.
 Every dataset has ``has_masks``: True when every anomalous sample has a pixel
 mask (the all-zero masks of normal samples are ground truth too), i.e. when
-pixel-level metrics are meaningful.
+pixel-level metrics are meaningful. A test split whose anomalous images have no
+masks at all (people sorted parts OK / NOK, nobody painted masks) is valid: it
+is evaluated on image metrics, and ``no_masks_reason`` says why pixel metrics
+are absent. A split where only some anomalous images have a mask is refused
+with the list of missing masks, unless ``image_metrics_only`` is given (then
+every mask is ignored).
 
 All problems with the data on disk raise :class:`DatasetError` (a ValueError)
 with a message that names the file or folder and says what was expected.
@@ -83,13 +88,29 @@ def _images_in(folder: Path) -> list[Path]:
 class AnomalyDataset(Dataset):
     """A list of :class:`Sample` loaded lazily into the common item dict."""
 
-    def __init__(self, samples: Sequence[Sample], split: str, image_size: ImageSize = 256) -> None:
+    def __init__(self, samples: Sequence[Sample], split: str, image_size: ImageSize = 256,
+                 image_metrics_only: bool = False, where_masks: str = "") -> None:
         if not samples:
             raise DatasetError(f"the {split!r} split has no images")
+        anomalous = [s for s in samples if s.label == 1]
+        missing = [s.path for s in anomalous if not s.mask_paths]
+        self.no_masks_reason: str | None = None
+        if image_metrics_only and anomalous:
+            samples = [Sample(s.path, s.label, s.defect_type) for s in samples]
+            self.no_masks_reason = "image metrics only were asked for (--image-metrics-only): masks ignored"
+        elif missing and len(missing) == len(anomalous):
+            self.no_masks_reason = (f"the {len(anomalous)} anomalous images have image labels but no "
+                                    f"ground-truth masks{where_masks}: pixel metrics need masks")
+        elif missing:
+            shown = "\n  ".join(map(str, missing[:20])) + (f"\n  ... and {len(missing) - 20} more"
+                                                          if len(missing) > 20 else "")
+            raise DatasetError(f"{len(missing)} of {len(anomalous)} anomalous images have no ground-truth mask"
+                               f"{where_masks}:\n  {shown}\nadd their masks, or evaluate on image labels alone with "
+                               f"--image-metrics-only")
         self.samples: list[Sample] = list(samples)
         self.split = split
         self.image_size = image_size
-        self.has_masks: bool = all(s.mask_paths for s in self.samples if s.label == 1)
+        self.has_masks: bool = self.no_masks_reason is None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -175,6 +196,7 @@ class MVTecDataset(AnomalyDataset):
         category: str,
         split: str = "train",
         image_size: ImageSize = 256,
+        image_metrics_only: bool = False,
     ) -> None:
         if split not in self.SPLITS:
             raise DatasetError(f"split must be one of {self.SPLITS}, got {split!r}")
@@ -193,7 +215,10 @@ class MVTecDataset(AnomalyDataset):
                     f"category needs normal images in {split}/{GOOD}/{note}"
                 )
             samples = [Sample(p, 0, GOOD) for p in _images_in(_type_image_folder(good_dir))]
-        super().__init__(samples, split, image_size)
+        gt = self.category_dir / "ground_truth"
+        super().__init__(samples, split, image_size, image_metrics_only,
+                         f" (looked for '{gt}/<defect_type>/<stem>_mask.*', '<stem>.*' or '<stem>/', and "
+                         f"'test/<defect_type>/gt/<stem>.*')")
 
     def _check_category(self) -> None:
         if self.category_dir.is_dir() and any(
@@ -246,21 +271,16 @@ class MVTecDataset(AnomalyDataset):
         image: Path, type_dir: Path, gt_index: dict[str, Path], local_index: dict[str, Path]
     ) -> tuple[Path, ...]:
         stem = image.stem
-        gt_dir = type_dir.parent.parent / "ground_truth" / type_dir.name
         for key in (f"{stem}_mask", stem):
             if key in gt_index:
                 return (gt_index[key],)
-        loco_dir = gt_dir / stem
+        loco_dir = type_dir.parent.parent / "ground_truth" / type_dir.name / stem
         if loco_dir.is_dir() and (masks := list_images(loco_dir)):
             return tuple(masks)
         for key in (stem, f"{stem}_mask"):
             if key in local_index:
                 return (local_index[key],)
-        raise DatasetError(
-            f"no ground-truth mask for anomalous image '{image}'; looked for "
-            f"'{gt_dir}/{stem}_mask.*', '{gt_dir}/{stem}.*', '{loco_dir}/*' and "
-            f"'{type_dir / 'gt'}/{stem}.*' (extensions {_EXT_TEXT})"
-        )
+        return ()  # no mask: the whole split is judged by AnomalyDataset
 
 
 # --------------------------------------------------------------------------- VisA
@@ -372,6 +392,7 @@ class FolderDataset(AnomalyDataset):
         test_normal_dir: str | Path | None = None,
         test_abnormal_dir: str | Path | None = None,
         mask_dir: str | Path | None = None,
+        image_metrics_only: bool = False,
     ) -> None:
         if split not in self.SPLITS:
             raise DatasetError(f"split must be one of {self.SPLITS}, got {split!r}")
@@ -399,7 +420,8 @@ class FolderDataset(AnomalyDataset):
                     Sample(p, 1, abnormal_dir.name, self._masks_for(p, index))
                     for p in _images_in(abnormal_dir)
                 ]
-        super().__init__(samples, split, image_size)
+        where = f" (looked in '{self.mask_dir}')" if self.mask_dir is not None else " (no mask folder given)"
+        super().__init__(samples, split, image_size, image_metrics_only, where)
 
     def _masks_for(self, image: Path, index: dict[str, Path]) -> tuple[Path, ...]:
         if self.mask_dir is None:
@@ -407,10 +429,7 @@ class FolderDataset(AnomalyDataset):
         for key in (image.stem, f"{image.stem}_mask"):
             if key in index:
                 return (index[key],)
-        raise DatasetError(
-            f"no mask for anomalous image '{image}': looked for '{self.mask_dir}/{image.stem}.*' "
-            f"and '{self.mask_dir}/{image.stem}_mask.*' (extensions {_EXT_TEXT})"
-        )
+        return ()  # no mask: the whole split is judged by AnomalyDataset
 
 
 # --------------------------------------------------------------------------- helpers

@@ -310,8 +310,10 @@ def _metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
                         else f'<td data-key="{k}">n/a</td>' for k in keys)
         cells += f"<td>{_fmt(r['n_images'])}</td>" if "n_images" in r else "<td></td>"
         body.append(f'<tr class="{cls}" data-category="{_e(name)}"><td>{_e(name)}</td>{cells}</tr>')
+    notes = "".join(f'<p class="note" data-category="{_e(n)}">{_e(n)}: pixel metrics absent: '
+                    f'{_e(r["pixel_metrics_absent"])}</p>' for n, r in rows.items() if r.get("pixel_metrics_absent"))
     return (f'<table id="metrics"><thead><tr><th>category</th>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
+            f"<tbody>{''.join(body)}</tbody></table>{notes}")
 
 
 def _decision_html(entry: Mapping[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -114,7 +115,7 @@ def cpu_flags() -> list[str]:
 
 
 def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "auto",
-            argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+            argv: list[str] | None = None, progress: bool = True, image_metrics_only: bool = False) -> dict[str, Any]:
     """Train and test one grid cell with the product's code; write and return its result file."""
     import torch
     from ..data.datasets import make_dataset
@@ -145,13 +146,14 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
         model, summary = train(train_set, mcfg, tcfg, out, calibration_set=cal_set,
                                resume=(out / "last.safetensors").is_file(), progress=progress)
     train_wall = time.perf_counter() - t0
-    test_set = make_dataset("auto", root, run.category, "test", run.image_size)
+    test_set = make_dataset("auto", root, run.category, "test", run.image_size, image_metrics_only=image_metrics_only)
     metrics, _ = evaluate(model, test_set, device=device, progress=progress)
     n = metrics["n_images"]
     result = {
         "dataset": run.dataset, "category": run.category, "model": run.model, "teacher": run.teacher,
         "image_size": run.image_size, "epochs": run.epochs, "seed": run.seed,
         "metrics": {k: float(metrics[k]) for k in METRICS if k in metrics},
+        **({"pixel_metrics_absent": metrics["pixel_metrics_absent"]} if "pixel_metrics_absent" in metrics else {}),
         "n_train": len(train_set), "n_test": n,
         "timing": {"train_seconds": summary.get("train_seconds"), "feature_seconds": summary.get("feature_seconds"),
                    "train_wall_seconds": train_wall, "inference_seconds": metrics["inference_seconds"],
@@ -166,16 +168,18 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
 
 
 def run_grid(runs: list[Run], results: Path, work: Path, threads: int, device: str = "auto",
-             log: Callable[[str], None] = print, argv: list[str] | None = None) -> list[Path]:
+             log: Callable[[str], None] = print, argv: list[str] | None = None,
+             image_metrics_only: bool = False) -> list[Path]:
     """Every run of ``runs`` whose result file is missing, in order; returns the files written."""
     todo = [r for r in runs if not r.result_path(results).is_file()]
     log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} done before, {len(todo)} to run")
     written = []
     for i, run in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {run.dataset}/{run.category} {run.key}")
-        res = run_one(run, results, work, threads, device, argv)
+        res = run_one(run, results, work, threads, device, argv, image_metrics_only=image_metrics_only)
         m = res["metrics"]
-        log(f"[{i}/{len(todo)}] " + "  ".join(f"{k} {m[k]:.4f}" for k in METRICS if k in m))
+        log(f"[{i}/{len(todo)}] " + "  ".join(f"{k} {m[k]:.4f}" for k in METRICS if k in m and math.isfinite(m[k]))
+            + (f"  (pixel metrics absent: {res['pixel_metrics_absent']})" if "pixel_metrics_absent" in res else ""))
         written.append(run.result_path(results))
     return written
 
@@ -333,6 +337,10 @@ def versus_table(rows: list[dict[str, Any]], baseline: str = "rd4ad",
                 continue
             cells = [f"{k[0]} / {k[1]}", model, ",".join(map(str, seeds))]
             for m in metrics:
+                if not all(isinstance(g.get(m), (int, float)) for g in (*(groups[k][model][s] for s in seeds),
+                                                                        *(base[s] for s in seeds))):
+                    cells.append("–")
+                    continue
                 d = [groups[k][model][s][m] - base[s][m] for s in seeds]
                 cells.append(f"{statistics.mean(d):+.4f} ({min(d):+.4f} … {max(d):+.4f})" if len(d) > 1
                              else f"{d[0]:+.4f}")

@@ -8,6 +8,7 @@ means anything then; a metric that cannot be computed is written as ``null`` (st
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +24,8 @@ from .finite import require_finite
 from ..metrics import compute_metrics
 from ..models.nferd import NFERD
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap")
+PIXEL_KEYS = ("pixel_auroc", "aupro", "pixel_ap")
 
 
 @torch.no_grad()
@@ -92,10 +94,18 @@ def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float
     has_masks = getattr(dataset, "has_masks", True)
     metrics = compute_metrics(res["scores"], res["labels"],
                               res["maps"] if has_masks else None, res["masks"] if has_masks else None)
+    if not has_masks:  # image labels alone: pixel metrics are absent (null), and the reason is said
+        metrics.update({k: float("nan") for k in PIXEL_KEYS})
+        metrics["pixel_metrics_absent"] = getattr(dataset, "no_masks_reason", None) or "the test set has no masks"
     metrics["n_images"] = int(len(res["scores"]))
     metrics["inference_seconds"] = res["seconds"]
     res["has_masks"] = has_masks  # False: the masks are placeholders, not ground truth (report, callers)
     return metrics, res
+
+
+def _cell(value: Any) -> str:
+    """A metric for a table: 4 decimals, or a dash when it is absent or could not be computed."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
 
 
 def write_results(out_dir: str | Path, rows: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> Path:
@@ -112,9 +122,11 @@ def write_results(out_dir: str | Path, rows: dict[str, dict[str, Any]], run_info
     keys = [k for k in METRIC_KEYS if k in mean]
     lines = ["| category | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in [*rows.items(), ("mean", mean)]:
-        lines.append(f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    notes = [f"{name}: pixel metrics absent: {r['pixel_metrics_absent']}" for name, r in rows.items()
+             if r.get("pixel_metrics_absent")]
     info = ", ".join(f"{k}: {v}" for k, v in run_info.items() if not isinstance(v, dict))
-    safe_io.write_text(out / "results.md", "\n".join(lines) + f"\n\n{info}\n")
+    safe_io.write_text(out / "results.md", "\n".join(lines) + "".join(f"\n\n{n}" for n in notes) + f"\n\n{info}\n")
     safe_io.write_csv(out / "results.csv", ["category", *keys],  # a category name cannot run as a formula
                       ([name, *(r.get(k, "") for k in keys)] for name, r in [*rows.items(), ("mean", mean)]))
     return out / "results.json"
