@@ -84,6 +84,13 @@ def test_upload_shows_decision_and_heatmap(page_server: str, synth_root: Path, t
             assert decision == {"OK": "OK", "NOK": "NOT OK"}[api["decision"]]  # the API's answer, shown
             assert page.inner_text("#fname") == image.name
             assert page.inner_text("#score") == f"{api['score']:.4f}"
+            # the line panel: the last decisions with thumbnails, newest first, and the drift state
+            page.locator("#recent figure").first.wait_for(timeout=30_000)
+            first = page.locator("#recent figure").first
+            assert (first.locator("img").get_attribute("src") or "").startswith("data:image/png;base64,")
+            assert first.get_attribute("class") == api["decision"]
+            assert page.inner_text("#drift") == "unavailable"  # this calibration holds no normal scores
+            assert "nferd calibrate" in page.inner_text("#driftinfo")
             shot = tmp_path / "page.png"
             page.screenshot(path=str(shot), full_page=True)
             overlay_shot = overlay.screenshot()

@@ -426,8 +426,9 @@ def test_health_and_metadata(server, checkpoint, predictor, synth_root) -> None:
     assert m["nferd_version"] == nferd.__version__
     assert m["teacher"]["name"] == "efficientnet_lite0" and m["model"] == meta["model"]
     assert m["image_size"] == 64 and m["decision_available"] is True
-    flat = {k: v for k, v in predictor.calibration.items() if not isinstance(v, dict)}
+    flat = {k: v for k, v in predictor.calibration.items() if not isinstance(v, (dict, list))}
     assert {k: m["calibration"][k] for k in flat} == pytest.approx(flat)
+    assert m["calibration"]["normal_scores"] == pytest.approx(predictor.calibration["normal_scores"])
     assert m["calibration"]["fitted_set"] == predictor.calibration["fitted_set"]
     assert m["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and m["limits"]["max_queue"] == 16
     assert m["limits"]["max_image_memory_bytes"] == 1024 * 1024 * 1024

@@ -26,6 +26,10 @@ it with uvicorn (``nferd serve``). Design choices, and why:
 * Only real images pass: Pillow opens them restricted to PNG/JPEG/BMP/TIFF/WebP (no plug-in that
   shells out), ``verify()`` then a full ``load()``, so non-images get 415 and corrupt or truncated
   ones 400, each with a JSON ``detail`` saying why. Pixel counts are capped before decoding.
+* The line is watched, not only the images: ``GET /metrics`` (Prometheus text format) counts
+  requests, OK / NOK / errors and latencies and histograms the scores, and a drift alarm
+  (``monitor.DriftMonitor``) compares the scores of recent OK parts with the calibration images'
+  scores; it shows in /health, /metrics and on the operator page with the last decisions.
 * Nothing on the server's disk is reachable from a request: the page is a package resource, and
   there is no static-file route. The Swagger UI (/docs) is off because it loads from a CDN; the
   OpenAPI schema stays at /openapi.json.
@@ -57,6 +61,7 @@ from ..version import __version__
 from ..engine.calibration import display_range
 from ..engine.jsonio import NonFiniteJSONError, finite_or_none
 from ..data.images import _image_tensor
+from .monitor import DRIFT_ALPHA, DRIFT_WINDOW, LineMonitor, thumbnail_png
 from .predict import _resize_map
 from .visualize import overlay
 
@@ -107,7 +112,8 @@ class ClientGone(Exception):
 def require_serve_dependencies() -> None:
     """Fail with the install command when the optional web stack is missing."""
     missing = []
-    for mod, pkg in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart")):
+    for mod, pkg in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart"),
+                     ("prometheus_client", "prometheus-client")):
         try:
             __import__(mod)
         except ImportError:
@@ -582,6 +588,33 @@ class BodyLimit:
                 raise
 
 
+class RequestMetrics:
+    """ASGI middleware: count and time the scoring requests by endpoint and status for /metrics.
+    (Plain ASGI, like ``BodyLimit``: Starlette's BaseHTTPMiddleware would hide a client's
+    disconnect from the endpoint, which drops the work of clients that have gone.)"""
+
+    SCORED = ("/predict", "/predict/batch")
+
+    def __init__(self, app: Any, monitor: LineMonitor) -> None:
+        self.app, self.monitor = app, monitor
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.SCORED:
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), [500]
+
+        async def timed_send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            self.monitor.request(scope["path"], status[0], time.perf_counter() - t0)
+
+
 def public_metadata(predictor: Any, metadata: dict[str, Any] | None) -> dict[str, Any]:
     """What /metadata shows: model, teacher, calibration; never the server's file paths."""
     own = getattr(predictor, "metadata", None)  # OnnxPredictor carries its export's metadata
@@ -613,7 +646,8 @@ PAGE_HEADERS = {
 def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
                max_upload_bytes: int = 20 * 1024 * 1024, max_queue: int = 16, max_batch_files: int = 16,
                max_pixels: int = 25_000_000, overlay_max_side: int = 1024,
-               max_image_memory_bytes: int = 1024 * 1024 * 1024, warmup: bool = True) -> Any:
+               max_image_memory_bytes: int = 1024 * 1024 * 1024, warmup: bool = True,
+               drift_window: int = DRIFT_WINDOW, drift_alpha: float = DRIFT_ALPHA) -> Any:
     """FastAPI app serving ``predictor`` (anything with ``maps``, ``decide``, ``calibration``, ``size``).
 
     ``metadata``: the checkpoint's metadata (``checkpoint.read_metadata``) shown by /metadata.
@@ -621,11 +655,12 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
     ``max_image_memory_bytes``: memory for decoding images and holding their display copies and
     response PNGs, across all requests in flight (see ``decode_cost``); beyond it requests wait.
     ``warmup``: run the start-up self-check (one synthetic image; a non-finite result stops the start).
+    ``drift_window``, ``drift_alpha``: the drift alarm's window of recent OK scores and test level.
     """
     require_serve_dependencies()
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     class StrictJSONResponse(JSONResponse):
         """JSON that strict parsers accept: content holding NaN or Infinity becomes a 500 error instead."""
@@ -655,6 +690,7 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
     size = int(predictor.size)
     started = time.time()
     info = public_metadata(predictor, metadata)
+    monitor = LineMonitor(predictor.calibration, drift_window, drift_alpha)
 
     @asynccontextmanager
     async def lifespan(app: Any):  # type: ignore[no-untyped-def]
@@ -668,7 +704,8 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
                   redoc_url=None, default_response_class=StrictJSONResponse,
                   description="Anomaly score, OK/NOK decision and heat map for uploaded images.")
     app.add_middleware(BodyLimit, limits=limits)
-    app.state.queue, app.state.limits, app.state.budget = queue, limits, budget
+    app.add_middleware(RequestMetrics, monitor=monitor)
+    app.state.queue, app.state.limits, app.state.budget, app.state.monitor = queue, limits, budget, monitor
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> StrictJSONResponse:
@@ -733,20 +770,24 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
                     e = errors[i]
                     out.append({"filename": name, "error": str(e),
                                 "status": e.status if isinstance(e, UploadRejected) else 500})
+                    monitor.record(out[-1])
                     continue
                 if await gone():
                     raise ClientGone
                 d, j, t1 = decoded.pop(i), order.index(i), time.perf_counter()
+                thumb = await queue.post(thumbnail_png, d.tensor)
                 try:
                     res = await queue.post(build_result, predictor, d, maps[j], float(scores[j]), want_overlay,
                                            want_mask, limits.overlay_max_side)
                 except ModelOutputError as e:
                     out.append({"filename": name, "error": str(e), "status": 500})
+                    monitor.record(out[-1], thumb)
                     continue
                 res["timings_ms"] = {"memory_wait": waited, "decode": d.decode_ms, "queue": queue_ms,
                                      "inference": inference_ms, "postprocess": (time.perf_counter() - t1) * 1000,
                                      "total": (time.perf_counter() - t0) * 1000}
                 out.append(res)
+                monitor.record(res, thumb)
             return out
         finally:
             budget.release(held)
@@ -773,12 +814,15 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
 
     @app.get("/health", response_model=None)
     async def health() -> StrictJSONResponse:
-        """Liveness, load and memory. 503 with ``status: unhealthy`` while the latest forward pass gave a
-        NaN or infinite map or score (the model is not to be trusted); the next finite pass clears it."""
+        """Liveness, load, memory and drift. 503 with ``status: unhealthy`` while the latest forward pass
+        gave a NaN or infinite map or score (the model is not to be trusted); the next finite pass clears
+        it. ``status: drift`` (200: the model works, the line has changed) while the drift alarm is up."""
         healthy = queue.last_pass_finite
-        body = {"status": "ok" if healthy else "unhealthy",
+        drift = monitor.drift.status()
+        body = {"status": "unhealthy" if not healthy else "drift" if drift["status"] == "alarm" else "ok",
                 "problem": None if healthy else "the latest forward pass gave a NaN or infinite anomaly map or "
                                                 "score: the model or checkpoint is broken",
+                "drift": drift,
                 "in_flight": queue.active, "capacity": queue.max_queue + 1,
                 "rejected_busy": queue.rejected, "dropped_disconnected": queue.dropped,
                 "images_scored": queue.served, "non_finite_outputs": queue.non_finite,
@@ -798,6 +842,17 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
                            "overlay_max_side": limits.overlay_max_side,
                            "max_image_memory_bytes": limits.max_image_memory_bytes,
                            "accepted_formats": list(ACCEPTED_FORMATS)}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text format: requests, decisions, latency and score histograms, drift."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(monitor.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/recent", response_model=None)
+    async def recent() -> dict[str, Any]:
+        """The last decisions, newest first, with thumbnails of what the model saw, and the drift status."""
+        return {"decisions": list(monitor.recent), "drift": monitor.drift.status()}
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request,

@@ -228,6 +228,8 @@ def calibrate(model: Any, dataset: Any, false_alarm_rate: float = 0.01, device: 
                          false_alarm_rate, confidence)
     cal["source"] = getattr(dataset, "calibration_source", "holdout")
     cal["fitted_set"] = decision_counts(res["scores"], res["labels"], cal)
+    # the reference a deployed model's drift alarm compares recent OK parts with
+    cal["normal_scores"] = [float(v) for v in np.sort(np.asarray(res["scores"])[np.asarray(res["labels"]) == 0])]
     return cal
 
 
