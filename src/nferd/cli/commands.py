@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -107,19 +108,44 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"{len(train_set)} images, {args.epochs} epochs"
                   + (f", {ddp.env_world_size()} processes" if ddp.launched() and not round_robin else ""))
         data_meta = {"data": {"root": str(args.data), "category": cat, "format": args.data_format}}
-        model, summary = train(train_set, mcfg, tcfg, out, teacher_weights=args.teacher_weights,
-                               calibration_set=cal_set, resume=args.resume, extra_meta=data_meta,
-                               distributed=False if round_robin else None,
-                               sync_bn=getattr(args, "sync_bn", False))
-        if not lead:  # DDP: rank 0 reports, writes and tests
-            continue
-        write_json(out / "train_summary.json", summary, default=str)
-        loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-        print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
-              f"final loss {loss}; checkpoint {summary['checkpoint']}")
-        if args.test:
-            _test_one(model, args, cat, out / "test", {"checkpoint": str(out), **summary})
+        with _tracking(args, f"train {cat or 'folder'}", lead) as run:
+            if run is not None:
+                run.params({"model": mcfg.to_dict(), "train": vars(tcfg), **data_meta, "out": str(out)})
+            model, summary = train(train_set, mcfg, tcfg, out, teacher_weights=args.teacher_weights,
+                                   calibration_set=cal_set, resume=args.resume, extra_meta=data_meta,
+                                   distributed=False if round_robin else None,
+                                   sync_bn=getattr(args, "sync_bn", False),
+                                   on_epoch=run.epoch if run is not None else None)
+            if not lead:  # DDP: rank 0 reports, writes and tests
+                continue
+            write_json(out / "train_summary.json", summary, default=str)
+            loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+            print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
+                  f"final loss {loss}; checkpoint {summary['checkpoint']}")
+            if run is not None:
+                run.tag("checkpoint", summary["checkpoint"])
+                run.metrics({k: summary.get(k) for k in ("final_loss", "train_seconds", "feature_seconds")})
+            if args.test:
+                metrics = _test_one(model, args, cat, out / "test", {"checkpoint": str(out), **summary})
+                if run is not None:
+                    run.metrics(metrics, prefix="test_")
     return 0
+
+
+@contextlib.contextmanager
+def _tracking(args: argparse.Namespace, name: str, lead: bool = True):  # type: ignore[no-untyped-def]
+    """An MLflow run when --mlflow asks for one (on the process that reports), else None."""
+    if not getattr(args, "mlflow", False) or not lead:
+        yield None
+        return
+    from ..engine.tracking import MLflowRun, TrackingUnavailable
+    try:
+        run = MLflowRun(name, uri=args.mlflow_uri, directory=args.mlflow_dir)
+    except TrackingUnavailable as e:
+        raise CLIError(str(e)) from e
+    with run:
+        print(f"MLflow run {run.run_id} in {run.uri}")
+        yield run
 
 
 def _report_finished(out: Path, args: argparse.Namespace, lead: bool) -> bool:
@@ -206,6 +232,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     run["provenance"] = provenance(torch.get_num_threads(), str(resolve_device(args.device)))
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
+    with _tracking(args, f"test {args.category or 'folder'}") as tracked:
+        if tracked is not None:
+            tracked.params({"checkpoint": str(args.checkpoint), "data": str(args.data), "category": args.category,
+                            "model": run.get("model"), "epochs": run.get("epochs")})
+            for name, m in rows.items():
+                tracked.metrics(m, prefix=f"{name}." if len(rows) > 1 else "")
+                if "at_threshold" in m:
+                    tracked.metrics({k: m["at_threshold"][k] for k in ("false_alarms", "misses")},
+                                    prefix=f"{name}.at_threshold." if len(rows) > 1 else "at_threshold.")
+            tracked.tag("results", path)
     if report:
         from ..deploy.report import write_report
         t1 = time.perf_counter()

@@ -295,6 +295,17 @@ def preflight(args: argparse.Namespace) -> None:
                 writable_file(args.readme, "--readme")
 
 
+def add_tracking_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment tracking")
+    g.add_argument("--mlflow", action="store_true",
+                   help="also log parameters, per-epoch loss, metrics and the checkpoint path to MLflow "
+                        "(pip install 'nferd[mlflow]')")
+    g.add_argument("--mlflow-dir", default="mlruns", metavar="DIR",
+                   help="local MLflow store (default mlruns; view with `mlflow ui --backend-store-uri mlruns`)")
+    g.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="another MLflow tracking URI (a server, a database) instead of --mlflow-dir")
+
+
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="ROOT",

@@ -17,7 +17,8 @@ from ..models.hafm import FUSIONS
 from ..models.nferd import DEFAULT_TEACHER
 from ..models.teacher import teacher_names
 from ..version import __version__
-from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_model_options, device,
+from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_model_options,
+                      add_tracking_options, device,
                       fraction_open, holdout_fraction, image_size_int, non_negative_int, on_off, port_int,
                       positive_float, positive_int, seed_int, seed_list)
 
@@ -82,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     from ..engine.train import LR_SCHEDULES
-    p = cmd("train", "train NFERD (or RD4AD with --bank off --fusion none) on normal images")
+    p = cmd("train", "train NFERD (or RD4AD with --bank off) on normal images")
     add_model_options(p)
     add_data_options(p)
+    add_tracking_options(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=200, help="training epochs (>= 1; default 200)")
     g.add_argument("--batch-size", type=positive_int, default=16, help="images per optimiser step (>= 1; default 16)")
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("test", "evaluate a checkpoint on a labelled test split (image/pixel AUROC, AUPRO, F1, AP)")
     p.add_argument("--checkpoint", required=True)
     add_data_options(p)
+    add_tracking_options(p)
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)

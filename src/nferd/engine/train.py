@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,14 @@ class Trainer:
 
     def __init__(self, model: NFERD, train_set: Dataset, config: TrainConfig, out_dir: str | Path,
                  calibration_set: Dataset | None = None, extra_meta: dict[str, Any] | None = None,
-                 progress: bool = True, distributed: bool | None = None, sync_bn: bool = False) -> None:
+                 progress: bool = True, distributed: bool | None = None, sync_bn: bool = False,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.model, self.train_set, self.config = model, train_set, config
         self.out = Path(out_dir)
         self.calibration_set = calibration_set
         self.extra_meta = extra_meta or {}
         self.progress = progress
+        self.on_epoch = on_epoch  # each epoch's log record, on the process that writes the logs
         self.device = ddp.local_device(config.device)  # resolve_device; cuda:LOCAL_RANK under torchrun
         self.amp = autocast_dtype(self.device, config.precision)
         # --precision fp32 means fp32 throughout, the cached teacher maps too; otherwise fp16 (half the memory)
@@ -274,6 +277,8 @@ class Trainer:
                 log.flush()
             if tb is not None:
                 tb.add_scalar("loss", rec["loss"], rec["epoch"])
+            if self.on_epoch is not None and self.main:
+                self.on_epoch(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
                 bar.update(1)
@@ -379,12 +384,14 @@ def _tensorboard(out: Path):  # type: ignore[no-untyped-def]
 def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path,
           teacher_weights: str | None = None, calibration_set: Dataset | None = None, resume: bool = False,
           progress: bool = True, extra_meta: dict[str, Any] | None = None, distributed: bool | None = None,
-          sync_bn: bool = False) -> tuple[NFERD, dict[str, Any]]:
+          sync_bn: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None
+          ) -> tuple[NFERD, dict[str, Any]]:
     """Python API: train a model on ``train_set`` (normal images) and write its checkpoint to ``out_dir``.
 
     When ``calibration_set`` is None, ``train_config.holdout`` of the training images are kept
     out for calibration. ``distributed`` / ``sync_bn``: see ``Trainer`` (None = DDP when
     launched by torchrun with more than one process; rank 0 then writes the checkpoint).
+    ``on_epoch`` gets each epoch's log record (experiment tracking, see ``engine.tracking``).
     ``resume`` on a run that already finished its ``train_config.epochs`` (``out_dir/model.safetensors``
     written) trains nothing and writes nothing: it returns the saved model and a summary with
     ``finished`` True. A finished run asked for more epochs continues from its last checkpoint.
@@ -404,7 +411,7 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
         model_config = dataclasses.replace(model_config, n_bank=n, top_k=min(model_config.top_k, n - 1))
     model = NFERD(model_config, teacher_weights=teacher_weights)
     trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress,
-                      distributed=distributed, sync_bn=sync_bn)
+                      distributed=distributed, sync_bn=sync_bn, on_epoch=on_epoch)
     if resume:
         trainer.resume()
     elif trainer.last_exists():
