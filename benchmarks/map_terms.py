@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # before the hour of scoring, not after
     results = [score_run(r) for r in args.runs]
     safe_io.write_json(args.out, {"mixes": {k: {"weight": w, "stages": list(s)} for k, (w, s) in MIXES.items()},
                                   "runs": results,
