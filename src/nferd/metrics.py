@@ -49,6 +49,8 @@ __all__ = [
     "pixel_ap",
     "pixel_auroc",
     "pro_curve",
+    "segmentation_f1",
+    "validation_threshold",
 ]
 
 #: Maximum number of global score thresholds used by the pixel-level metrics.
@@ -313,6 +315,29 @@ def _check_fpr_limit(fpr_limit: float) -> None:
 def _aupro_from_histograms(h: _PixelHistograms, fpr_limit: float) -> float:
     fpr, pro = _pro_curve_from_histograms(h)
     return float(_area_up_to(fpr, pro, fpr_limit) / fpr_limit)
+
+
+# ------------------------------------------------------------------- MVTec AD 2
+
+
+def validation_threshold(validation_maps: Any, k: float = 3.0) -> float:
+    """MVTec AD 2's segmentation threshold: the mean plus ``k`` (3) standard deviations of the
+    per-pixel anomaly values of good validation images (never of test images)."""
+    values = _to_numpy(validation_maps).astype(np.float64).ravel()
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError("validation maps must be non-empty and finite")
+    return float(values.mean() + k * values.std())
+
+
+def segmentation_f1(maps: Any, masks: Any, threshold: float) -> float:
+    """F1 of the maps binarised at ``threshold`` (map > threshold is anomalous) against the masks,
+    over all pixels of all images pooled (MVTec AD 2's SegF1). 0 when nothing is predicted or
+    nothing is anomalous (F1 is then undefined; a score must not reward predicting nothing)."""
+    m, g = _pixel_inputs(maps, masks)
+    pred, gt = m > threshold, g > 0
+    tp = int(np.count_nonzero(pred & gt))
+    fp, fn = int(np.count_nonzero(pred & ~gt)), int(np.count_nonzero(~pred & gt))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
 # ------------------------------------------------------------------- image level API

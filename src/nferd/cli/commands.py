@@ -169,9 +169,10 @@ def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info:
     test_set = _datasets(args, cat, "test", model.config.image_size)
     t0 = time.perf_counter()
     from ..engine.distributed import local_device  # this process's GPU under torchrun
-    metrics, _ = evaluate(model, test_set, batch_size=getattr(args, "batch_size", 16),
-                          device=str(local_device(getattr(args, "device", "auto"))),
-                          precision=getattr(args, "precision", "auto"))
+    kw = {"batch_size": getattr(args, "batch_size", 16), "device": str(local_device(getattr(args, "device", "auto"))),
+          "precision": getattr(args, "precision", "auto")}
+    metrics, raw = evaluate(model, test_set, **kw)
+    metrics.update(_ad2_metrics(model, args, cat, test_set, raw, kw))
     run = {"teacher": model.config.teacher, "model": model.config.to_dict(), "eval_seconds": time.perf_counter() - t0,
            **info}
     path = write_results(out, {cat or "folder": metrics}, run)
@@ -180,9 +181,19 @@ def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info:
     return metrics
 
 
+def _ad2_metrics(model, args: argparse.Namespace, cat: str | None, test_set, raw: dict[str, Any],  # type: ignore[no-untyped-def]
+                 kw: dict[str, Any]) -> dict[str, float]:
+    """MVTec AD 2's SegF1 and AU-PRO@0.05 next to ours, for a test on its test_public split."""
+    from ..data.datasets import MVTecAD2Dataset
+    from ..engine.evaluate import mvtec_ad2_metrics
+    if not isinstance(test_set, MVTecAD2Dataset):
+        return {}
+    return mvtec_ad2_metrics(model, raw, _datasets(args, cat, "validation", model.config.image_size), **kw)
+
+
 def _print_metrics(name: str, m: dict[str, Any]) -> None:
     keys = ("image_auroc", "image_ap", "image_f1max") + (() if m.get("pixel_metrics_absent") else
-                                                         ("pixel_auroc", "aupro", "pixel_ap"))
+                                                         ("pixel_auroc", "aupro", "pixel_ap", "segf1", "aupro_0.05"))
     print(f"{name}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m))
     if m.get("pixel_metrics_absent"):
         print(f"{name}: pixel metrics absent: {m['pixel_metrics_absent']}")
@@ -205,8 +216,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         ckpt = Path(args.checkpoint) / cat if (args.category == "all" and cat) else Path(args.checkpoint)
         model, meta = load_checkpoint(ckpt)
         test_set = _datasets(args, cat, "test", model.config.image_size)
-        metrics, raw = evaluate(model, test_set, batch_size=args.batch_size, device=args.device,
-                                precision=args.precision)
+        kw = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision}
+        metrics, raw = evaluate(model, test_set, **kw)
+        metrics.update(_ad2_metrics(model, args, cat, test_set, raw, kw))
         rows[cat or "folder"] = metrics
         if meta.get("calibration"):
             metrics["at_threshold"] = _at_threshold(raw, meta["calibration"])
@@ -479,6 +491,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"on this set: {counts['false_alarms']} of {counts['good']} good images flagged, {counts['misses']} of "
               f"{counts['defective']} defective images missed (image F1 {cal['image_f1']:.4f})")
     print(f"written to {args.checkpoint}")
+    return 0
+
+
+def cmd_mvtec_ad2_submission(args: argparse.Namespace) -> int:
+    from ..data.datasets import detect_format, discover_categories
+    from ..deploy.mvtec_ad2 import write_submission
+    from ..deploy.predict import Predictor
+    cats = list(discover_categories(args.data)) if args.category == "all" else [args.category]
+    not_ad2 = [c for c in cats if detect_format(args.data, c) != "mvtec_ad2"]
+    if not_ad2:
+        raise CLIError(f"not MVTec AD 2 categories (no test_public folder) under '{args.data}': {', '.join(not_ad2)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"--out '{out}' is not empty: the server refuses a submission with extra files; "
+                       "choose a new folder")
+    predictors = {c: Predictor.from_checkpoint(Path(args.checkpoint) / c if args.category == "all" else args.checkpoint,
+                                               device=args.device, precision=args.precision) for c in cats}
+    res = write_submission(predictors, args.data, out)
+    print(f"submission: {out} (archive {res['archive']}); thresholds and counts in {out.parent / (out.name + '.json')}")
     return 0
 
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 1
         preflight(args)  # every check that can fail before any work starts
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args) or 0
     except CLIError as e:
         print(f"nferd: error: {e}", file=sys.stderr)
         return 2

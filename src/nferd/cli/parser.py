@@ -42,6 +42,8 @@ EXAMPLES = {
                   "   # ROOT/C/validation"),
     "diagnose": "nferd diagnose --checkpoint runs/bottle --data /data/mvtec_ad --category bottle",
     "bench": "nferd bench --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
+    "mvtec-ad2-submission": ("nferd mvtec-ad2-submission --checkpoint runs/ad2 --data /data/mvtec_ad_2 "
+                             "--category all --out submission"),
     "benchmark": ("nferd benchmark run --data /data/mvtec_ad --categories bottle,cable --models nferd,rd4ad "
                   "--seeds 0,1,2\n  nferd benchmark render"),
     "serve": "nferd serve --checkpoint runs/bottle --host 0.0.0.0 --port 8000   # page at http://HOST:8000/",
@@ -196,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-iters", type=positive_int, default=10,
                    help="timed batch-1 inferences (>= 1; default 10)")
     p.add_argument("--json", action="store_true")
+
+    p = cmd("mvtec-ad2-submission", "write MVTec AD 2 test_private / test_private_mixed maps for its evaluation "
+                                    "server (float16 TIFF, binarised PNG at the validation threshold, .tar.gz)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint, or with --category all the folder of one checkpoint per category")
+    p.add_argument("--data", required=True, metavar="ROOT", help="MVTec AD 2 root (ROOT/<category>/test_private ...)")
+    p.add_argument("--category", required=True, help="category name, or 'all' for every category under ROOT")
+    p.add_argument("--out", required=True, help="submission folder; the archive is written next to it as OUT.tar.gz")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
 
     p = cmd("benchmark", "run a grid of trainings and tests into result files (run), or render their tables (render)")
     p.add_argument("action", choices=["run", "render"])

@@ -45,6 +45,7 @@ __all__ = [
     "AnomalyDataset",
     "DatasetError",
     "FolderDataset",
+    "MVTecAD2Dataset",
     "MVTecDataset",
     "Sample",
     "VisADataset",
@@ -53,7 +54,7 @@ __all__ = [
     "make_dataset",
 ]
 
-DATASET_KINDS: tuple[str, ...] = ("mvtec", "visa", "folder")
+DATASET_KINDS: tuple[str, ...] = ("mvtec", "mvtec_ad2", "visa", "folder")
 GOOD = "good"
 VISA_ANOMALY = "anomaly"
 _EXT_TEXT = ", ".join(IMAGE_EXTENSIONS)
@@ -87,6 +88,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 class AnomalyDataset(Dataset):
     """A list of :class:`Sample` loaded lazily into the common item dict."""
+
+    labelled = True  # False for a split whose images have no OK / NOK label (MVTec AD 2's private tests)
 
     def __init__(self, samples: Sequence[Sample], split: str, image_size: ImageSize = 256,
                  image_metrics_only: bool = False, where_masks: str = "") -> None:
@@ -283,6 +286,62 @@ class MVTecDataset(AnomalyDataset):
         return ()  # no mask: the whole split is judged by AnomalyDataset
 
 
+MVTEC_AD2_CATEGORIES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
+AD2_PRIVATE_SPLITS = ("test_private", "test_private_mixed")
+AD2_SPLITS = ("train", "validation", "test_public", *AD2_PRIVATE_SPLITS)
+UNLABELLED = -1  # label of the images of a split without labels
+
+
+def is_mvtec_ad2(root: str | Path, category: str | None) -> bool:
+    """A category folder with a ``test_public`` split is MVTec AD 2."""
+    return bool(category) and (Path(root) / str(category) / "test_public").is_dir()
+
+
+class MVTecAD2Dataset(AnomalyDataset):
+    """MVTec AD 2 (Heckler-Kram et al., 2025), as MVTec's public evaluation utilities and anomalib's
+    ``MVTecAD2Dataset`` lay it out::
+
+        ROOT/<category>/{train,validation}/good/*.png
+        ROOT/<category>/test_public/{good,bad}/*.png
+        ROOT/<category>/test_public/ground_truth/bad/<stem>_mask.png
+        ROOT/<category>/{test_private,test_private_mixed}/*.png   (no labels)
+
+    ``split="test"`` is ``test_public``, the only split with labels and masks. The private splits
+    load with ``labelled`` False: they are scored for the evaluation server
+    (:mod:`nferd.deploy.mvtec_ad2`), never evaluated here.
+    """
+
+    def __init__(self, root: str | Path, category: str, split: str = "train", image_size: ImageSize = 256,
+                 image_metrics_only: bool = False) -> None:
+        split = "test_public" if split == "test" else split
+        if split not in AD2_SPLITS:
+            raise DatasetError(f"MVTec AD 2 split must be one of {', '.join(AD2_SPLITS)} (or test), got {split!r}")
+        self.root, self.category = Path(root), category
+        self.category_dir = self.root / category
+        if not self.category_dir.is_dir():
+            raise DatasetError(f"category folder '{self.category_dir}' not found (MVTec AD 2 categories: "
+                               f"{', '.join(MVTEC_AD2_CATEGORIES)})")
+        folder = self.category_dir / split
+        if not folder.is_dir():
+            raise DatasetError(f"'{folder}' not found: an MVTec AD 2 category has {', '.join(AD2_SPLITS)}")
+        self.labelled = split not in AD2_PRIVATE_SPLITS
+        if split in ("train", "validation"):
+            samples = [Sample(p, 0, GOOD) for p in _images_in(folder / GOOD)]
+        elif split == "test_public":
+            gt = folder / "ground_truth" / "bad"
+            samples = [Sample(p, 0, GOOD) for p in list_images(folder / GOOD)] if (folder / GOOD).is_dir() else []
+            for p in list_images(folder / "bad") if (folder / "bad").is_dir() else []:
+                mask = gt / f"{p.stem}_mask{p.suffix}"
+                samples.append(Sample(p, 1, "bad", (mask,) if mask.is_file() else ()))
+            if not samples:
+                raise DatasetError(f"no images in '{folder}/good' or '{folder}/bad'")
+        else:
+            samples = [Sample(p, UNLABELLED, "unknown") for p in _images_in(folder)]
+        self.split_name = split
+        super().__init__(samples, split, image_size, image_metrics_only,
+                         f" (looked for '{folder / 'ground_truth' / 'bad'}/<stem>_mask.png')")
+
+
 # --------------------------------------------------------------------------- VisA
 
 
@@ -463,9 +522,12 @@ def discover_categories(root: str | Path) -> list[str]:
 
 
 def detect_format(root: str | Path, category: str | None = None) -> str:
-    """Guess the dataset kind: "mvtec" if ``root/category/train`` exists, else "visa" if
+    """Guess the dataset kind: "mvtec_ad2" if ``root/category/test_public`` exists, "mvtec" if
+    ``root/category/train`` exists, else "visa" if
     ``root/split_csv`` exists, else "mvtec" (whose errors then explain the expected layout)."""
     root = Path(root)
+    if is_mvtec_ad2(root, category):
+        return "mvtec_ad2"
     if category and (root / category / "train").is_dir():
         return "mvtec"
     return "visa" if (root / "split_csv").is_dir() else "mvtec"
@@ -497,4 +559,6 @@ def make_dataset(
         raise DatasetError(f"a {kind} dataset needs a category")
     if kind == "visa":
         return VisADataset(root, category, split, image_size, **kwargs)
+    if kind == "mvtec_ad2":
+        return MVTecAD2Dataset(root, category, split, image_size, **kwargs)
     return MVTecDataset(root, category, split, image_size, **kwargs)

@@ -24,7 +24,7 @@ from .finite import require_finite
 from ..metrics import compute_metrics
 from ..models.nferd import NFERD
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap", "segf1", "aupro_0.05")
 PIXEL_KEYS = ("pixel_auroc", "aupro", "pixel_ap")
 
 
@@ -89,6 +89,9 @@ def fit_map_norm(model: NFERD, dataset: Dataset, batch_size: int = 16, device: s
 def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of ``model`` on a labelled test set, and the raw inference results (see :func:`infer`,
     plus ``has_masks``). Raises ``NonFiniteError`` when a score or map is NaN or infinite."""
+    if not getattr(dataset, "labelled", True):
+        raise ValueError("this split has no labels (MVTec AD 2's private tests): it cannot be evaluated here; "
+                         "write its maps for the evaluation server with `nferd mvtec-ad2-submission`")
     res = infer(model, dataset, **kw)
     require_finite(res["scores"], res["maps"], res["paths"], what="test images")
     has_masks = getattr(dataset, "has_masks", True)
@@ -101,6 +104,20 @@ def evaluate(model: NFERD, dataset: Dataset, **kw: Any) -> tuple[dict[str, float
     metrics["inference_seconds"] = res["seconds"]
     res["has_masks"] = has_masks  # False: the masks are placeholders, not ground truth (report, callers)
     return metrics, res
+
+
+def mvtec_ad2_metrics(model: NFERD, raw: dict[str, Any], validation: Dataset, **kw: Any) -> dict[str, float]:
+    """MVTec AD 2's published metrics of a test run (``raw`` from :func:`evaluate`): SegF1 of the
+    maps binarised at the mean + 3 std of the good validation images' maps, and AU-PRO up to a
+    false-positive rate of 0.05."""
+    from ..metrics import aupro, segmentation_f1, validation_threshold
+    if not raw.get("has_masks", True):
+        return {}
+    val = infer(model, validation, **kw)
+    require_finite(val["scores"], val["maps"], val["paths"], what="validation images")
+    thr = validation_threshold(val["maps"])
+    return {"segf1": segmentation_f1(raw["maps"], raw["masks"], thr), "segf1_threshold": thr,
+            "aupro_0.05": aupro(raw["maps"], raw["masks"], fpr_limit=0.05)}
 
 
 def _cell(value: Any) -> str:
