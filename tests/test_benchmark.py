@@ -11,7 +11,8 @@ import pytest
 
 from nferd.cli import main
 from nferd.engine.benchmark import (README_END, README_START, Run, load_calibration_results, load_results,
-                                    render_readme, render_results_doc, run_grid, summary_table)
+                                    render_method_doc, render_readme, render_results_doc, run_grid, summary_table,
+                                    versus_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = ("date", "git_commit", "nferd_version", "torch_version", "cpu_model", "cpu_flags", "threads",
@@ -69,6 +70,24 @@ def test_committed_results_carry_provenance_and_match_the_readme_and_docs() -> N
     assert (ROOT / "docs" / "results.md").read_text() == render_results_doc(rows, calibration)
     readme = (ROOT / "README.md").read_text()
     assert render_readme(readme, rows) == readme
+    screen = json.loads((ROOT / "benchmarks" / "screens" / "map_terms.json").read_text())
+    method = (ROOT / "docs" / "method.md").read_text()
+    assert render_method_doc(method, rows, screen) == method
     assert main(["benchmark", "render", "--check", "--results", str(results),
                  "--calibration", str(ROOT / "benchmarks" / "calibration"), "--docs",
-                 str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md")]) == 0
+                 str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md"),
+                 "--method", str(ROOT / "docs" / "method.md"),
+                 "--screen", str(ROOT / "benchmarks" / "screens" / "map_terms.json")]) == 0
+
+
+def test_versus_table_pairs_seeds_with_the_baseline() -> None:
+    def row(model: str, seed: int, auroc: float, aupro: float | None) -> dict:
+        return {"dataset": "d", "category": "c", "teacher": "t", "image_size": 64, "epochs": 1, "model": model,
+                "seed": seed, "metrics": {"image_auroc": auroc, "pixel_auroc": 0.5, "aupro": aupro}}
+    rows = [row("rd4ad", 0, 0.80, 0.90), row("rd4ad", 1, 0.70, 0.92), row("rd4ad", 2, 0.75, 0.91),
+            row("nferd", 0, 0.85, 0.93), row("nferd", 1, 0.71, None)]  # seed 2 not run; seed 1 has no AUPRO
+    line = [ln for ln in versus_table(rows).splitlines() if "| nferd |" in ln][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "0,1"  # only the seeds both models ran
+    assert cells[3] == "+0.0300 (+0.0100 … +0.0500)"  # mean, smallest and largest per-seed difference
+    assert cells[4] == "+0.0000 (+0.0000 … +0.0000)" and cells[5] == "–"  # a missing metric is a dash

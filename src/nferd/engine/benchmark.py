@@ -352,8 +352,10 @@ def screen_table(screen: dict[str, Any], metrics: tuple[str, ...] = ("image_auro
     """A rescoring screen (``benchmarks/map_terms.py``): per mix and category, the mean over the
     screened checkpoints."""
     cats = sorted({(r["dataset"], r["category"]) for r in screen["runs"]})
-    head = ["weight", "bank stages", *(f"{d} / {c} ({sum(1 for r in screen['runs'] if (r['dataset'], r['category']) == (d, c))} seeds)"
-                                      for d, c in cats)]
+    def seeds(d: str, c: str) -> str:
+        n = sum(1 for r in screen["runs"] if (r["dataset"], r["category"]) == (d, c))
+        return f"{n} seed" + ("s" if n != 1 else "")
+    head = ["weight", "bank stages", *(f"{d} / {c} ({seeds(d, c)})" for d, c in cats)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, mix in screen["mixes"].items():
         cells = [f"{mix['weight']:g}" if mix["stages"] else "0 (student map alone)",
@@ -364,7 +366,8 @@ def screen_table(screen: dict[str, Any], metrics: tuple[str, ...] = ("image_auro
         lines.append("| " + " | ".join(cells) + " |")
     p = screen["provenance"]
     lines += ["", f"*Screened {p['date'][:10]} at commit {short_commit(p.get('git_commit'))} on {p['cpu_model']} "
-                  f"({p.get('precision', '?')}, {p['threads']} thread): `{p['command']}`.*"]
+                  f"({p.get('precision', '?')}, {p['threads']} thread) by `benchmarks/map_terms.py` on "
+                  f"{len(screen['runs'])} checkpoints; the command and every value are in its result file.*"]
     return "\n".join(lines)
 
 
