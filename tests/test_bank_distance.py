@@ -130,3 +130,23 @@ def test_the_exported_graph_computes_the_same_map(tmp_path: Path) -> None:
     path = export_onnx(m, tmp_path / "m.onnx")
     report = check_export(m, path)
     assert report["ok"], report
+
+
+def test_a_scoring_bank_has_no_projection_and_older_checkpoints_with_one_still_load(tmp_path: Path) -> None:
+    """nferd 0.2 saved 1x1 projections for banks it never fused; they are dropped on load, and the
+    maps are the same."""
+    from safetensors.torch import load_file, save_file
+    from nferd.engine.checkpoint import save_checkpoint, weights_file
+    m = filled(weight=0.5)
+    assert not any(k.endswith("proj.weight") for k in m.state_dict())
+    save_checkpoint(tmp_path / "ck", m)
+    f = weights_file(tmp_path / "ck")
+    from safetensors import safe_open
+    with safe_open(str(f), framework="pt") as sf:
+        metadata = sf.metadata()
+    tensors = load_file(str(f))
+    tensors["banks.0.proj.weight"] = torch.randn(8, 24, 1, 1)  # as 0.2 wrote them
+    save_file(tensors, str(f), metadata=metadata)
+    back, _ = load_checkpoint(tmp_path / "ck")
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(back.predict(x)[0], m.predict(x)[0], atol=1e-6)

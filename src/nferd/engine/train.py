@@ -307,6 +307,8 @@ class Trainer:
             meta = self._meta(self.config.epochs, summary["calibration"])
             meta["train_seconds"] = summary["train_seconds"] + self.prior_seconds
             save_checkpoint(self.out, self.model, meta)
+        if self.distributed:  # every rank waits for rank 0's calibration and model, then all leave together
+            ddp.barrier()
         return summary
 
     def calibrate(self) -> dict[str, Any] | None:
