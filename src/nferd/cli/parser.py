@@ -29,7 +29,7 @@ EXAMPLES = {
     "synth": "nferd synth --out data/synthetic --seed 0",
     "info": "nferd info --teacher wide_resnet50_2 --image-size 256 --json",
     "train": ("nferd train --data /data/mvtec_ad --category bottle --teacher wide_resnet50_2 --epochs 200 "
-              "--out runs/bottle\n  nferd train --data /data/mvtec_ad --category bottle --bank off --fusion none "
+              "--out runs/bottle\n  nferd train --data /data/mvtec_ad --category bottle --bank off "
               "--out runs/bottle-rd   # RD4AD baseline\n  nferd train --config run.yaml --epochs 50"),
     "test": ("nferd test --checkpoint runs/bottle --data /data/mvtec_ad --category bottle --out runs/bottle/test"
              " --report"),

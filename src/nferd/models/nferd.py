@@ -146,7 +146,7 @@ class ModelConfig:
         if self.bank_distance_weight > 0 and not (self.bank and self.recall == "patch"):
             raise ValueError("the bank distance in the map needs the bank with patch recall (--bank on --recall patch)")
         if not self.bank and self.fusion != "none":
-            raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or --fusion none for RD4AD")
+            raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or leave --fusion out (or none) for RD4AD")
         self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
