@@ -112,3 +112,26 @@ def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once(fusion: s
         want = model.anomaly_maps(*model(x))[0]
         got = runner.anomaly_maps(*runner(x))[0]
     assert torch.equal(got, want)  # autocast rounds the fp32 weights the same way on every call
+
+
+@pytest.mark.parametrize("preset", ["nferd", "nferd_fusion", "nferd_paper", "rd4ad"])
+def test_a_batch_gives_each_image_the_map_it_gets_alone(preset: str) -> None:
+    """Batching is a speed choice only: every design scores an image the same alone or among others
+    (per-sample bank search, BatchNorm in eval mode, per-image blur and score)."""
+    from nferd.deploy.predict import Predictor
+    torch.manual_seed(0)
+    model = NFERD(ModelConfig.preset(preset, teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2))
+    if model.config.bank:
+        with torch.no_grad():
+            model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
+    for f in model.fusions:
+        if hasattr(f, "scale"):
+            f.scale.data.fill_(0.5)  # let a fused recall reach the maps
+    predictor = Predictor(model.eval(), None, device="cpu", precision="fp32")
+    images = torch.rand(5, 3, 64, 64)
+    maps, scores = predictor.maps(images)
+    alone = [predictor.maps(images[i:i + 1]) for i in range(len(images))]
+    span = float(maps.max() - maps.min())
+    for i, (m, s) in enumerate(alone):
+        assert np.abs(maps[i] - m[0]).max() <= 1e-5 * span, (preset, i)
+        assert abs(float(scores[i]) - float(s[0])) <= 1e-5 * span, (preset, i)
