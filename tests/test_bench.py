@@ -27,6 +27,8 @@ def test_bench_reports_every_figure_with_a_paired_reference() -> None:
     assert res["gflops_achieved"] == pytest.approx(res["gflops_per_image"] * res["infer_images_per_s"])
     assert res["recall"] == "patch" and res["bank"] is True and res["fusion"] == "none"
     assert res["design"] == cfg.describe()
+    from nferd.engine.benchmark import cpu_flags
+    assert res["cpu_model"] and res["cpu_flags"] == cpu_flags()  # which ISA the figures were measured on
     ref = res["reference"]
     assert ref["precision"] == "torch.float32" and ref["infer_images_per_s"] == pytest.approx(
         1000 / ref["infer_latency_ms_b1"])  # the reference infers one image at a time

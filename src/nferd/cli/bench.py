@@ -28,6 +28,7 @@ from .info import forward_gflops
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig
 from ..models.resnet import RESNET_SPECS, make_layer
+from ..engine.benchmark import cpu_flags, cpu_model
 from ..engine.train import make_adam
 
 
@@ -214,7 +215,8 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,
                            "peak_gflops_matmul": peak_matmul_gflops(dev, autocast_dtype(dev, "auto")),
-                           "peak_rss_mib": _rss_mib()}  # before the reference model exists
+                           "peak_rss_mib": _rss_mib(),  # before the reference model exists
+                           "cpu_model": cpu_model(), "cpu_flags": cpu_flags()}
     if dev.type == "cuda":
         res["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if reference:
