@@ -274,26 +274,31 @@ def _at_threshold(raw: dict[str, Any], cal: dict[str, Any]) -> dict[str, Any]:
             "n_images": cal.get("n_images")}
 
 
-def _onnx_predictor(model: str | None):  # type: ignore[no-untyped-def]
+def _file_predictor(backend: str, model: str | None):  # type: ignore[no-untyped-def]
+    """The predictor of an exported file: ONNX Runtime over FILE.onnx, OpenVINO over FILE.xml."""
+    suffix = ".onnx" if backend == "onnx" else ".xml"
     if not model:
-        raise CLIError("--backend onnx needs --model FILE.onnx (make one with `nferd export --checkpoint CKPT "
-                       "--format onnx --out FILE.onnx`)")
+        raise CLIError(f"--backend {backend} needs --model FILE{suffix} (make one with `nferd export --checkpoint CKPT "
+                       f"--format {backend} --out FILE{suffix}`)")
     try:
-        from ..deploy.onnx_runtime import OnnxPredictor
-        return OnnxPredictor.from_file(model)
+        if backend == "onnx":
+            from ..deploy.onnx_runtime import OnnxPredictor
+            return OnnxPredictor.from_file(model)
+        from ..deploy.openvino_runtime import OpenVinoPredictor
+        return OpenVinoPredictor.from_file(model)
     except ImportError as e:
         raise CLIError(str(e)) from e
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..deploy.predict import Predictor, predict_to_folder
-    if getattr(args, "backend", "torch") == "onnx":
-        predictor = _onnx_predictor(args.model)  # calibration comes from the .onnx file
+    if getattr(args, "backend", "torch") != "torch":
+        predictor = _file_predictor(args.backend, args.model)  # calibration comes from the exported file
     elif args.model:
-        raise CLIError("--model is the exported file for --backend onnx: add --backend onnx, or drop --model and "
-                       "pass --checkpoint")
+        raise CLIError("--model is the exported file for --backend onnx or openvino: add --backend, or drop --model "
+                       "and pass --checkpoint")
     elif not args.checkpoint:
-        raise CLIError("--checkpoint is required (or --backend onnx --model FILE.onnx)")
+        raise CLIError("--checkpoint is required (or --backend onnx|openvino --model FILE)")
     else:
         from ..engine.distributed import local_device  # under torchrun: this process's GPU
         predictor = Predictor.from_checkpoint(args.checkpoint, device=str(local_device(args.device)),
@@ -313,30 +318,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Checkpoint -> one self-contained .onnx file, then (unless --no-check) run it against PyTorch."""
+    """Checkpoint -> one self-contained .onnx file (or an OpenVINO IR), then (unless --no-check) run it
+    against PyTorch."""
     from ..engine.checkpoint import load_checkpoint
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise CLIError(f"exporting to ONNX needs the onnx and onnxruntime packages ({e.name} is missing): "
+        raise CLIError(f"exporting needs the onnx and onnxruntime packages ({e.name} is missing): "
                        "pip install nferd[onnx]") from e
     from ..deploy.export import DEFAULT_OPSET, check_export, export_onnx
+    openvino = args.export_format == "openvino"
+    if openvino:
+        if args.preprocess:
+            raise CLIError("--preprocess is for ONNX files; the OpenVINO IR takes float images at the model size")
+        if Path(args.out).suffix != ".xml":
+            raise CLIError(f"--out for --format openvino is FILE.xml (FILE.bin is written beside it), got '{args.out}'")
+        try:
+            from ..deploy.openvino_runtime import export_openvino, require_openvino
+            require_openvino()
+        except ImportError as e:
+            raise CLIError(str(e)) from e
     model, meta = load_checkpoint(args.checkpoint)
     t0 = time.perf_counter()
     source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
-    path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, include_preprocess=args.preprocess,
-                       calibration=meta.get("calibration"), extra_meta={"source": source})
+    if openvino:
+        path = export_openvino(model, args.out, calibration=meta.get("calibration"), extra_meta={"source": source})
+        size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    else:
+        path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, include_preprocess=args.preprocess,
+                           calibration=meta.get("calibration"), extra_meta={"source": source})
+        size = path.stat().st_size
     kind = "uint8 N x H x W x 3, resized in the graph" if args.preprocess else \
         f"float N x 3 x {model.config.image_size} x {model.config.image_size} in [0, 1]"
-    print(f"exported {'NFERD' if model.config.bank else 'RD4AD'} ({model.config.teacher}) to {path} "
-          f"({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s); input 'images': {kind}; "
+    print(f"exported {model.config.describe()} ({model.config.teacher}) to {path} "
+          f"({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s); input 'images': {kind}; "
           f"outputs 'anomaly_map', 'score'; calibration {'included' if meta.get('calibration') else 'absent'}")
     if args.no_check:
         return 0
-    rep = check_export(model, path)
-    print(f"check on {rep['batch']} random images: max |onnx - torch| {rep['max_abs_diff_map']:.2e} on the map "
-          f"(range {rep['map_range']:.3g}), {rep['max_abs_diff_score']:.2e} on the score")
+    predictor = None
+    if openvino:
+        from ..deploy.openvino_runtime import OpenVinoPredictor
+        predictor = OpenVinoPredictor.from_file(path)
+    rep = check_export(model, path, predictor=predictor)
+    print(f"check on {rep['batch']} random images: max |{args.export_format} - torch| {rep['max_abs_diff_map']:.2e} "
+          f"on the map (range {rep['map_range']:.3g}), {rep['max_abs_diff_score']:.2e} on the score")
     if not rep["ok"]:
         print(f"warning: the exported model differs from the PyTorch model by more than 1e-3 of the map range; "
               f"do not deploy {path} before finding out why")
@@ -438,14 +464,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_serve_dependencies()  # before the checkpoint is loaded
     if args.max_upload_mb <= 0 or args.max_queue < 0 or args.max_batch_files <= 0:
         raise CLIError("--max-upload-mb and --max-batch-files must be > 0 and --max-queue >= 0")
-    read_metadata(args.checkpoint)  # a wrong path fails here, before the banner
-    print(f"nferd serve: {args.checkpoint} on http://{args.host}:{args.port}/ (POST /predict, GET /health, "
-          "/metadata)" + ("; no authentication, expose only on a trusted network" if args.host not in
-                          ("127.0.0.1", "localhost", "::1") else ""))
+    predictor = None
+    if args.backend != "torch":
+        if args.checkpoint:
+            raise CLIError(f"--backend {args.backend} serves --model FILE; drop --checkpoint")
+        predictor = _file_predictor(args.backend, args.model)
+        what = args.model
+    elif not args.checkpoint:
+        raise CLIError("--checkpoint is required (or --backend onnx|openvino --model FILE)")
+    else:
+        read_metadata(args.checkpoint)  # a wrong path fails here, before the banner
+        what = args.checkpoint
+    print(f"nferd serve: {what} ({args.backend}) on http://{args.host}:{args.port}/ (POST /predict, GET /health, "
+          "/metadata, /metrics)" + ("; no authentication, expose only on a trusted network" if args.host not in
+                                     ("127.0.0.1", "localhost", "::1") else ""))
     run(args.checkpoint, args.host, args.port, device=args.device, precision=args.precision,
         log_level=args.log_level, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_queue=args.max_queue, max_batch_files=args.max_batch_files,
-        max_image_memory_bytes=int(args.max_image_memory_mb * 1024 * 1024))
+        max_image_memory_bytes=int(args.max_image_memory_mb * 1024 * 1024), predictor=predictor)
     return 0
 
 

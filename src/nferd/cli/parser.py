@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("predict", "score new images: decision, anomaly map, mask and overlay per image")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder or .safetensors (torch backend)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="torch (default) or onnx: ONNX Runtime on the CPU with the file from `nferd export`")
-    p.add_argument("--model", default=None, metavar="FILE.onnx", help="the exported model for --backend onnx")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
+                   help="torch (default), onnx (ONNX Runtime on the CPU) or openvino (OpenVINO on the CPU, fp32), "
+                        "the last two with the file from `nferd export`")
+    p.add_argument("--model", default=None, metavar="FILE", help="the exported model (FILE.onnx or FILE.xml) for "
+                   "--backend onnx or openvino")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
@@ -172,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("export", "export a checkpoint's whole inference graph (map, blur and score included) for deployment")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"], dest="export_format")
-    p.add_argument("--out", required=True, metavar="FILE.onnx")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], dest="export_format",
+                   help="onnx (one .onnx file) or openvino (an IR: FILE.xml with FILE.bin beside it)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx|FILE.xml")
     p.add_argument("--preprocess", action="store_true",
                    help="take uint8 N x H x W x 3 RGB images of any size and resize in the graph (as nferd's loader "
                         "does) instead of float N x 3 x S x S images in [0, 1]")
@@ -239,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(exit 1 when they do not)")
 
     p = cmd("serve", "HTTP inspection service: POST /predict, GET /health, /metadata, and an operator page at /")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (torch backend)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
+                   help="torch (default), or an exported file run by ONNX Runtime or OpenVINO (--model)")
+    p.add_argument("--model", default=None, metavar="FILE", help="FILE.onnx or FILE.xml for --backend onnx or openvino")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the "
                    "network: there is no authentication)")
     p.add_argument("--port", type=port_int, default=8000, help="1 to 65535 (default 8000)")

@@ -211,15 +211,16 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     return path
 
 
-def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Run the exported file and the PyTorch model (fp32) on the same random images; report the gap.
+def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0, predictor: Any = None) -> dict[str, Any]:
+    """Run the exported file (``predictor``: its runtime, ONNX Runtime by default) and the PyTorch model
+    (fp32) on the same random images; report the gap.
 
     A file with in-graph preprocessing gets uint8 images at the model size, where its resize is the
     identity, so the network is compared exactly (the resize is compared with Pillow in the tests:
     one grey level of rounding moves the map by more than the fp32 gap this check is for).
     """
     from .onnx_runtime import OnnxPredictor
-    pred = OnnxPredictor.from_file(path)
+    pred = predictor if predictor is not None else OnnxPredictor.from_file(path)
     s = model.config.image_size
     g = torch.Generator().manual_seed(seed)
     if pred.preprocess:

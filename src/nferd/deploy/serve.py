@@ -891,9 +891,10 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
     return app
 
 
-def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-        precision: str = "auto", log_level: str = "info", **limits: Any) -> None:
-    """Load ``checkpoint`` and serve it until interrupted (``nferd serve``).
+def run(checkpoint: str | Path | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+        precision: str = "auto", log_level: str = "info", predictor: Any = None, **limits: Any) -> None:
+    """Load ``checkpoint`` (or take ``predictor``, e.g. an exported file's) and serve it until
+    interrupted (``nferd serve``).
 
     Raises ModelOutputError, before listening, when the model is not finite on a synthetic image.
     """
@@ -902,8 +903,11 @@ def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, devic
 
     from ..engine.checkpoint import read_metadata
     from .predict import Predictor
-    meta = read_metadata(checkpoint)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision)
+    if predictor is None:
+        meta = read_metadata(checkpoint)
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision)
+    else:
+        meta = getattr(predictor, "metadata", None)
     self_check(predictor)
     app = create_app(predictor, meta, **limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
