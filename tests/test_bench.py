@@ -69,3 +69,18 @@ def test_bench_cli_prints_one_json_object(capsys) -> None:
     assert res["train_images_per_s"] > 0 and res["infer_images_per_s"] > 0
     cfg = ModelConfig(teacher="efficientnet_lite0", image_size=64, bank=False, fusion="none")
     assert res["gflops_per_image"] == pytest.approx(model_info(cfg)["gflops"], rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_bench_times_an_exported_model_with_the_same_keys(backend: str) -> None:
+    pytest.importorskip("onnxruntime")
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    torch_res = run_bench("efficientnet_lite0", 64, 2, device="cpu", train_steps=1, infer_iters=2)
+    res = run_bench("efficientnet_lite0", 64, 2, device="cpu", infer_iters=2, backend=backend)
+    assert set(res) == set(torch_res)  # one JSON shape for every backend
+    assert res["backend"] == backend and res["train_images_per_s"] is None and res["precision"] == "float32"
+    assert res["gflops_per_image"] == torch_res["gflops_per_image"]  # the same model, counted once
+    assert res["infer_latency_ms_b1"] > 0 and res["infer_images_per_s"] > 0
+    with pytest.raises(ValueError, match="CPU"):
+        run_bench("efficientnet_lite0", 64, 2, device="cpu", reference=True, backend=backend)

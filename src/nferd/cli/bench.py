@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def _rss_mib() -> float:
 class BenchPath:
     """One way of running the model: a training step and inference calls, ready to time."""
 
-    train_step: Callable[[], None]
+    train_step: Callable[[], None] | None  # None: an exported graph, inference only
     infer_b1: Callable[[], None]
     infer_batch: Callable[[], None] | None
     precision: str
@@ -123,6 +124,24 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
         return run
 
     return BenchPath(step, infer(x[:1]), infer(x), str(amp or torch.float32))
+
+
+def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str) -> BenchPath:
+    """The same model exported to ``folder`` and run by ONNX Runtime or OpenVINO on the CPU (fp32);
+    inference only (an exported graph does not train)."""
+    if backend == "onnx":
+        from ..deploy.export import export_onnx
+        from ..deploy.onnx_runtime import OnnxPredictor
+        pred: Any = OnnxPredictor.from_file(export_onnx(model, f"{folder}/bench.onnx"), threads=default_threads())
+    else:
+        from ..deploy.openvino_runtime import OpenVinoPredictor, export_openvino
+        pred = OpenVinoPredictor.from_file(export_openvino(model, f"{folder}/bench.xml"), threads=default_threads())
+    x = torch.rand(batch, 3, size, size)
+
+    def infer(inp: torch.Tensor) -> Callable[[], None]:
+        return lambda: pred.maps(inp)
+
+    return BenchPath(None, infer(x[:1]), infer(x), "float32")
 
 
 def reference_path(model: NFERD, device: torch.device, size: int, batch: int) -> BenchPath:
@@ -193,8 +212,12 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
-              recall: str = "patch", fusion: str | None = None) -> dict[str, Any]:
+              recall: str = "patch", fusion: str | None = None, backend: str = "torch") -> dict[str, Any]:
+    """Training and inference speed of one configuration on random input. ``backend`` "onnx" or
+    "openvino" times the same model exported and run by that runtime (CPU, fp32, inference only)."""
     dev = resolve_device(device)
+    if backend != "torch" and (dev.type != "cpu" or reference or compile):
+        raise ValueError("--backend onnx or openvino runs on the CPU, without --reference or --compile")
     torch.set_num_threads(default_threads())
     torch.manual_seed(0)
     cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, recall=recall, fusion=fusion)
@@ -202,19 +225,25 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
     gflops = forward_gflops(model, image_size)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fast = fast_path(model, dev, image_size, batch_size, compile=compile)
-    train_t = _timed(fast.train_step, dev, train_steps, warmup=2)  # the first steps fill the recall memo, the heap
-    b1 = _timed(fast.infer_b1, dev, infer_iters, warmup=2)
-    bb = _timed(fast.infer_batch, dev, max(2, infer_iters // 4), warmup=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        if backend == "torch":
+            fast = fast_path(model, dev, image_size, batch_size, compile=compile)
+        else:
+            fast = file_path(model.eval(), backend, image_size, batch_size, tmp)
+        train_t = (_timed(fast.train_step, dev, train_steps, warmup=2)  # the first steps fill the memo, the heap
+                   if fast.train_step is not None else None)
+        b1 = _timed(fast.infer_b1, dev, infer_iters, warmup=2)
+        bb = _timed(fast.infer_batch, dev, max(2, infer_iters // 4), warmup=1)
     infer_ips = batch_size / statistics.median(bb)
-    res: dict[str, Any] = {"teacher": teacher, "image_size": image_size, "batch_size": batch_size,
+    res: dict[str, Any] = {"backend": backend, "teacher": teacher, "image_size": image_size, "batch_size": batch_size,
                            "device": str(dev), "threads": torch.get_num_threads(), "bank": bank,
                            "recall": cfg.recall if bank else None, "fusion": cfg.fusion,
                            "design": cfg.describe(), "compile": compile,
-                           "train_images_per_s": batch_size / statistics.median(train_t),
+                           "train_images_per_s": batch_size / statistics.median(train_t) if train_t else None,
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,
-                           "peak_gflops_matmul": peak_matmul_gflops(dev, autocast_dtype(dev, "auto")),
+                           "peak_gflops_matmul": peak_matmul_gflops(  # at the precision the path runs
+                               dev, autocast_dtype(dev, "auto") if backend == "torch" else None),
                            "peak_rss_mib": _rss_mib(),  # before the reference model exists
                            "cpu_model": cpu_model(), "cpu_flags": cpu_flags()}
     if dev.type == "cuda":

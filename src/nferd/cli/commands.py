@@ -447,9 +447,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
-    res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
-                    args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
-                    recall=args.recall, fusion=args.fusion)
+    try:
+        res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
+                        args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
+                        recall=args.recall, fusion=args.fusion, backend=args.backend)
+    except ImportError as e:
+        raise CLIError(str(e)) from e
     if args.json:
         print(jsonio.dumps(res, indent=2))
     else:

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse the recall into the student (hafm: the paper's design); default none with the patch "
                         "recall (the bank scores the map), hafm with --recall map")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's dense modules")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
+                   help="torch (default: training and inference), or the model exported and run by ONNX Runtime or "
+                        "OpenVINO (CPU, fp32, inference only)")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
     p.add_argument("--train-steps", type=positive_int, default=6, help="timed training steps (>= 1; default 6)")
     p.add_argument("--infer-iters", type=positive_int, default=10,
