@@ -11,6 +11,7 @@ import pytest
 
 from nferd.cli import main
 from nferd.engine.benchmark import (README_END, README_START, Run, load_calibration_results, load_results,
+                                    load_speed_results,
                                     render_method_doc, render_readme, render_results_doc, run_grid, summary_table,
                                     versus_table)
 
@@ -67,9 +68,10 @@ def test_committed_results_carry_provenance_and_match_the_readme_and_docs() -> N
         missing = [k for k in PROVENANCE if not r["provenance"].get(k)]
         assert not missing, f"{r['dataset']}/{r['category']}/{r['model']} seed {r['seed']}: no {missing}"
     calibration = load_calibration_results(ROOT / "benchmarks" / "calibration")
-    assert (ROOT / "docs" / "results.md").read_text() == render_results_doc(rows, calibration)
+    speed = load_speed_results(ROOT / "benchmarks" / "speed")
+    assert (ROOT / "docs" / "results.md").read_text() == render_results_doc(rows, calibration, speed)
     readme = (ROOT / "README.md").read_text()
-    assert render_readme(readme, rows) == readme
+    assert render_readme(readme, rows, speed) == readme
     screen = json.loads((ROOT / "benchmarks" / "screens" / "map_terms.json").read_text())
     method = (ROOT / "docs" / "method.md").read_text()
     assert render_method_doc(method, rows, screen) == method
@@ -77,7 +79,8 @@ def test_committed_results_carry_provenance_and_match_the_readme_and_docs() -> N
                  "--calibration", str(ROOT / "benchmarks" / "calibration"), "--docs",
                  str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md"),
                  "--method", str(ROOT / "docs" / "method.md"),
-                 "--screen", str(ROOT / "benchmarks" / "screens" / "map_terms.json")]) == 0
+                 "--screen", str(ROOT / "benchmarks" / "screens" / "map_terms.json"),
+                 "--speed", str(ROOT / "benchmarks" / "speed")]) == 0
 
 
 def test_versus_table_pairs_seeds_with_the_baseline() -> None:

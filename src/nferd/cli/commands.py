@@ -453,6 +453,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         recall=args.recall, fusion=args.fusion, backend=args.backend)
     except ImportError as e:
         raise CLIError(str(e)) from e
+    if args.save:
+        from ..engine.benchmark import save_speed_result
+        print(f"result file: {save_speed_result(res, Path(args.save))}", file=sys.stderr)
     if args.json:
         print(jsonio.dumps(res, indent=2))
     else:
@@ -553,17 +556,19 @@ def cmd_mvtec_ad2_submission(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from ..engine.benchmark import (Run, load_calibration_results, load_results, model_presets, render_method_doc,
-                                    render_readme, render_results_doc, run_grid)
+    from ..engine.benchmark import (Run, load_calibration_results, load_results, load_speed_results, model_presets,
+                                    render_method_doc, render_readme, render_results_doc, run_grid)
     results = Path(args.results)
     if args.action == "render":
         rows = load_results(results)
         if not rows:
             raise CLIError(f"no result files under '{results}': run `nferd benchmark run` first")
         docs, readme = Path(args.docs), Path(args.readme)
-        outputs = {docs: render_results_doc(rows, load_calibration_results(Path(args.calibration)))}
+        outputs = {docs: render_results_doc(rows, load_calibration_results(Path(args.calibration)),
+                                            load_speed_results(Path(args.speed)))}
+        speed = load_speed_results(Path(args.speed))
         if readme.is_file():
-            outputs[readme] = render_readme(readme.read_text(), rows)
+            outputs[readme] = render_readme(readme.read_text(), rows, speed)
         method, screen = Path(args.method), Path(args.screen)
         if method.is_file():
             outputs[method] = render_method_doc(method.read_text(), rows,

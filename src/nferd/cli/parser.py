@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
                    help="torch (default: training and inference), or the model exported and run by ONNX Runtime or "
                         "OpenVINO (CPU, fp32, inference only)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="also write the figures with their provenance as a result file under DIR "
+                        "(benchmarks/speed is what `nferd benchmark render` reads)")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
     p.add_argument("--train-steps", type=positive_int, default=6, help="timed training steps (>= 1; default 6)")
     p.add_argument("--infer-iters", type=positive_int, default=10,
@@ -237,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default="README.md", help="render: README whose results table is replaced")
     p.add_argument("--method", default="docs/method.md",
                    help="render: method page whose comparison with RD4AD (and rescoring screen) is replaced")
+    p.add_argument("--speed", default="benchmarks/speed",
+                   help="render: `nferd bench --save` result files for the performance table (default benchmarks/speed)")
     p.add_argument("--screen", default="benchmarks/screens/map_terms.json",
                    help="render: rescoring screen of the map's terms (written by benchmarks/map_terms.py)")
     p.add_argument("--calibration", default="benchmarks/calibration",

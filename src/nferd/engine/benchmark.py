@@ -265,7 +265,19 @@ def calibration_table(results: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def render_results_doc(rows: list[dict[str, Any]], calibration: list[tuple[str, dict[str, Any]]] | None = None) -> str:
+def render_results_doc(rows: list[dict[str, Any]], calibration: list[tuple[str, dict[str, Any]]] | None = None,
+                       speed: list[dict[str, Any]] | None = None) -> str:
+    perf = [] if not speed else [
+        "## Speed",
+        "",
+        "`nferd bench --save benchmarks/speed` on random weights and synthetic input (no data): batch-1",
+        "latency (median and 95th percentile), batch throughput, training throughput (PyTorch only), and",
+        "the achieved GFLOP/s next to the matmul peak measured at the same precision. Each row names its",
+        "machine: figures from different CPUs do not compare. Result files in `benchmarks/speed/`.",
+        "",
+        speed_table(speed),
+        "",
+    ]
     extra = [] if not calibration else [
         "## Decisions at the calibrated threshold",
         "",
@@ -297,6 +309,7 @@ def render_results_doc(rows: list[dict[str, Any]], calibration: list[tuple[str, 
         "",
         provenance_table(rows),
         "",
+        *perf,
         *extra,
     ])
 
@@ -310,11 +323,53 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
     return head + start + "\n" + body + "\n" + end + tail
 
 
-def render_readme(readme: str, rows: list[dict[str, Any]]) -> str:
-    """The README with the table between its results markers replaced by the rendered one."""
+def render_readme(readme: str, rows: list[dict[str, Any]], speed: list[dict[str, Any]] | None = None) -> str:
+    """The README with the tables between its results (and performance) markers replaced."""
     if README_START not in readme or README_END not in readme:
         raise ValueError("README has no results markers")
-    return replace_between(readme, README_START, README_END, summary_table(rows))
+    readme = replace_between(readme, README_START, README_END, summary_table(rows))
+    if speed and SPEED_START in readme:
+        readme = replace_between(readme, SPEED_START, SPEED_END, speed_table(speed))
+    return readme
+
+
+SPEED_START = "<!-- performance:start (rendered by `nferd benchmark render`; do not edit) -->"
+SPEED_END = "<!-- performance:end -->"
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "neon")
+
+
+def save_speed_result(res: dict[str, Any], folder: Path) -> Path:
+    """One ``nferd bench`` run as a result file with its provenance, named by what it measured."""
+    key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], res["fusion"] if res["bank"] else "rd4ad",
+                    f"b{res['batch_size']}", f"t{res['threads']}", res["device"].replace(":", "")])
+    path = Path(folder) / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safe_io.write_json(path, {**res, "provenance": provenance(res["threads"], res["device"])}, default=str)
+    return path
+
+
+def load_speed_results(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))] if Path(folder).is_dir() else []
+
+
+def speed_table(rows: list[dict[str, Any]]) -> str:
+    """``nferd bench`` result files: latency, throughput and achieved GFLOP/s against the measured
+    matmul peak, with the machine each was measured on."""
+    head = ["teacher", "model", "backend", "precision", "threads", "batch-1 latency ms (p95)", "batch img/s",
+            "training img/s", "GFLOPs / image", "GFLOP/s (peak)", "CPU (flags)", "date", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["teacher"], r["design"], r["backend"], r["threads"])):
+        p = r["provenance"]
+        flags = " ".join(f for f in r.get("cpu_flags", []) if f in SPEED_FLAGS)
+        train = r.get("train_images_per_s")
+        lines.append("| " + " | ".join([
+            f"{r['teacher']} ({r['image_size']} px)", "RD4AD" if not r["bank"] else r["design"], r["backend"],
+            str(r["precision"]).replace("torch.", ""), str(r["threads"]),
+            f"{r['infer_latency_ms_b1']:.1f} ({r['infer_latency_ms_b1_p95']:.1f})",
+            f"{r['infer_images_per_s']:.1f} (batch {r['batch_size']})", f"{train:.1f}" if train else "–",
+            f"{r['gflops_per_image']:.2f}", f"{r['gflops_achieved']:.0f} ({r['peak_gflops_matmul']:.0f})",
+            f"{r['cpu_model']} ({flags})", p["date"][:10], short_commit(p.get("git_commit"))]) + " |")
+    return "\n".join(lines)
 
 
 def versus_table(rows: list[dict[str, Any]], baseline: str = "rd4ad",
