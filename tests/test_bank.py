@@ -249,14 +249,14 @@ def test_defect_matched_share_counts_defect_positions_as_close_as_normal_ones() 
     assert np.isnan(defect_matched_share(top1, np.zeros_like(in_defect), normal))
 
 
-def test_the_exported_search_blocks_give_the_best_cosine_of_all_keys() -> None:
+def test_the_search_blocks_give_the_best_cosine_of_all_keys() -> None:
     """Several query and key blocks (and ragged last ones) give what one full product gives."""
-    from nferd.models.bank import TRACE_KEY_BLOCK, TRACE_QUERY_BLOCK, traced_nearest
+    from nferd.models.bank import KEY_BLOCK, QUERY_BLOCK, nearest_blocked
     g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(3, 2 * TRACE_QUERY_BLOCK + 7, 16, generator=g), dim=2)
-    keys = F.normalize(torch.randn(2 * TRACE_KEY_BLOCK + 11, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(3, 2 * QUERY_BLOCK + 7, 16, generator=g), dim=2)
+    keys = F.normalize(torch.randn(2 * KEY_BLOCK + 11, 16, generator=g), dim=1)
     keys[-1] = q[1, -1]  # the best match of one query sits in the ragged last key block
-    got = traced_nearest(q, keys)
+    got = nearest_blocked(q, keys)
     assert got.shape == (3, q.shape[1])
     assert torch.allclose(got, (q @ keys.t()).amax(dim=2), atol=1e-6)
     assert got[1, -1] == pytest.approx(1.0, abs=1e-6)

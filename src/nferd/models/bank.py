@@ -219,10 +219,7 @@ class PatchBank(NormalFeatureBank):
         keys = self.searched()[2]
         with torch.autocast(query.device.type, enabled=False):
             q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
-            if torch.jit.is_tracing():  # export: batched products keep a free batch axis
-                top = traced_nearest(q, keys)
-            else:
-                top = torch.stack([search_blocked(q[j], keys, 1)[0][:, 0] for j in range(b)])
+            top = nearest_blocked(q, keys)  # batched products: also keeps a free batch axis in an export
         return (1 - top).view(b, 1, h, w)
 
     def _search_per_sample(self, q: Tensor, keys: Tensor, k: int, slot: Tensor,
@@ -269,19 +266,19 @@ RECALLS = tuple(BANKS)
 SEARCH_BLOCK_BYTES = 8 << 20
 
 
-TRACE_QUERY_BLOCK, TRACE_KEY_BLOCK = 64, 4096  # an exported search block: 1 MiB of similarities per image
+QUERY_BLOCK, KEY_BLOCK = 64, 4096  # a block of the nearest search: 1 MiB of similarities per image
 
 
-def traced_nearest(q: Tensor, keys: Tensor) -> Tensor:
-    """Best cosine of every unit query row (B x Q x C) against the unit ``keys`` (P x C), for an
-    exported graph: fixed blocks of queries and keys, so a batch never materialises B x Q x P
-    similarities (1 GiB for 16 images at WRN50's layer1), which made batches slower per image
-    than single images in ONNX Runtime."""
+def nearest_blocked(q: Tensor, keys: Tensor) -> Tensor:
+    """Best cosine of every unit query row (B x Q x C) against the unit ``keys`` (P x C), in fixed
+    blocks of queries and keys: a batch never materialises B x Q x P similarities (1 GiB for 16
+    images at WRN50's layer1), the block stays in cache between the product and the maximum, and
+    the same blocks trace into an exported graph with a free batch axis."""
     rows = []
-    for a in range(0, q.shape[1], TRACE_QUERY_BLOCK):
-        qa, best = q[:, a:a + TRACE_QUERY_BLOCK], None
-        for b in range(0, keys.shape[0], TRACE_KEY_BLOCK):
-            part = (qa @ keys[b:b + TRACE_KEY_BLOCK].t()).amax(dim=2)
+    for a in range(0, q.shape[1], QUERY_BLOCK):
+        qa, best = q[:, a:a + QUERY_BLOCK], None
+        for b in range(0, keys.shape[0], KEY_BLOCK):
+            part = (qa @ keys[b:b + KEY_BLOCK].t()).amax(dim=2)
             best = part if best is None else torch.maximum(best, part)
         rows.append(best)
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
