@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from nferd import load_checkpoint, make_dataset
 from nferd.engine import safe_io
-from nferd.engine.benchmark import provenance
-from nferd.engine.train import split_holdout
+from nferd.engine.benchmark import held_out_normals, provenance
 from nferd.metrics import compute_metrics
 from nferd.models.anomaly_map import anomaly_map
 
@@ -80,11 +79,7 @@ def score_run(run: str) -> dict[str, Any]:
     if sorted(model.banks) != ["0", "1", "2"]:
         raise SystemExit(f"{run_dir}: needs banks at stages 1, 2 and 3")
     size = model.config.image_size
-    train = make_dataset("auto", root, category, "train", size)
-    if (Path(root) / category / "validation" / "good").is_dir():
-        normal_set: Any = make_dataset("auto", root, category, "validation", size)
-    else:
-        normal_set = Subset(train, split_holdout(len(train), 0.1, int(seed))[1])
+    normal_set = held_out_normals(root, category, size, int(seed))
     normal, test = terms(model, normal_set), terms(model, make_dataset("auto", root, category, "test", size))
     rows = {}
     for name, (weight, stages) in MIXES.items():

@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 from nferd import evaluate, load_checkpoint, make_dataset
 from nferd.engine import safe_io
-from nferd.engine.benchmark import provenance
+from nferd.engine.benchmark import held_out_normals, provenance
 from nferd.engine.evaluate import fit_map_norm
-from nferd.engine.train import split_holdout
 from nferd.models.nferd import NFERD
 
 LIMITS = (16384, 8192, 4096, 2048)
@@ -46,11 +44,7 @@ def score_run(run: str) -> dict[str, Any]:
     run_dir, root, category, seed = run.split(":")
     model, _ = load_checkpoint(run_dir)
     size = model.config.image_size
-    train = make_dataset("auto", root, category, "train", size)
-    if (Path(root) / category / "validation" / "good").is_dir():
-        normal: Any = make_dataset("auto", root, category, "validation", size)
-    else:
-        normal = Subset(train, split_holdout(len(train), 0.1, int(seed))[1])
+    normal = held_out_normals(root, category, size, int(seed))
     test = make_dataset("auto", root, category, "test", size)
     rows = {}
     for limit in LIMITS:

@@ -165,14 +165,13 @@ def _report_finished(out: Path, args: argparse.Namespace, lead: bool) -> bool:
 
 
 def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info: dict[str, Any]) -> dict:  # type: ignore[no-untyped-def]
-    from ..engine.evaluate import evaluate, write_results
+    from ..engine.evaluate import write_results
     test_set = _datasets(args, cat, "test", model.config.image_size)
     t0 = time.perf_counter()
     from ..engine.distributed import local_device  # this process's GPU under torchrun
     kw = {"batch_size": getattr(args, "batch_size", 16), "device": str(local_device(getattr(args, "device", "auto"))),
           "precision": getattr(args, "precision", "auto")}
-    metrics, raw = evaluate(model, test_set, **kw)
-    metrics.update(_ad2_metrics(model, args, cat, test_set, raw, kw))
+    metrics, raw = _evaluate(model, args, cat, test_set, kw)
     run = {"teacher": model.config.teacher, "model": model.config.to_dict(), "eval_seconds": time.perf_counter() - t0,
            **info}
     path = write_results(out, {cat or "folder": metrics}, run)
@@ -181,14 +180,16 @@ def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info:
     return metrics
 
 
-def _ad2_metrics(model, args: argparse.Namespace, cat: str | None, test_set, raw: dict[str, Any],  # type: ignore[no-untyped-def]
-                 kw: dict[str, Any]) -> dict[str, float]:
-    """MVTec AD 2's SegF1 and AU-PRO@0.05 next to ours, for a test on its test_public split."""
+def _evaluate(model, args: argparse.Namespace, cat: str | None, test_set,  # type: ignore[no-untyped-def]
+              kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``evaluate``, plus MVTec AD 2's SegF1 and AU-PRO@0.05 for a test on its test_public split."""
     from ..data.datasets import MVTecAD2Dataset
-    from ..engine.evaluate import mvtec_ad2_metrics
-    if not isinstance(test_set, MVTecAD2Dataset):
-        return {}
-    return mvtec_ad2_metrics(model, raw, _datasets(args, cat, "validation", model.config.image_size), **kw)
+    from ..engine.evaluate import evaluate, mvtec_ad2_metrics
+    metrics, raw = evaluate(model, test_set, **kw)
+    if isinstance(test_set, MVTecAD2Dataset):
+        metrics.update(mvtec_ad2_metrics(model, raw, _datasets(args, cat, "validation", model.config.image_size),
+                                         **kw))
+    return metrics, raw
 
 
 def _print_metrics(name: str, m: dict[str, Any]) -> None:
@@ -201,7 +202,7 @@ def _print_metrics(name: str, m: dict[str, Any]) -> None:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from ..engine.checkpoint import load_checkpoint
-    from ..engine.evaluate import evaluate, write_results
+    from ..engine.evaluate import write_results
     report = getattr(args, "report", False)
     if report:
         from ..deploy.report import prepare_category, require_matplotlib
@@ -217,8 +218,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         model, meta = load_checkpoint(ckpt)
         test_set = _datasets(args, cat, "test", model.config.image_size)
         kw = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision}
-        metrics, raw = evaluate(model, test_set, **kw)
-        metrics.update(_ad2_metrics(model, args, cat, test_set, raw, kw))
+        metrics, raw = _evaluate(model, args, cat, test_set, kw)
         rows[cat or "folder"] = metrics
         if meta.get("calibration"):
             metrics["at_threshold"] = _at_threshold(raw, meta["calibration"])

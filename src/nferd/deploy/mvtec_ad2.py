@@ -71,6 +71,8 @@ def write_category(predictor: Any, root: str | Path, category: str, out: str | P
     written: dict[str, int] = {}
     for split in AD2_PRIVATE_SPLITS:
         n = 0
+        maps_dir = safe_io.make_dir(out / "anomaly_images" / category / split)
+        binary_dir = safe_io.make_dir(out / "anomaly_images_thresholded" / category / split)
         for paths, maps in _maps(predictor, MVTecAD2Dataset(root, category, split, size)):
             for path, small in zip(paths, maps):
                 if not np.isfinite(small).all():
@@ -79,8 +81,6 @@ def write_category(predictor: Any, root: str | Path, category: str, out: str | P
                     w, h = im.size
                 full = _resize_map(small, (h, w))
                 stem = Path(path).stem
-                maps_dir = safe_io.make_dir(out / "anomaly_images" / category / split)
-                binary_dir = safe_io.make_dir(out / "anomaly_images_thresholded" / category / split)
                 safe_io.write_bytes(maps_dir / f"{stem}.tiff", tiff_float16(full))
                 binary = Image.fromarray(np.where(full > thr, 255, 0).astype(np.uint8), mode="L")
                 safe_io.save_image(binary_dir / f"{stem}.png", binary)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.calibration import check_calibration
 from .onnx_format import ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .onnx_runtime import OnnxModelError
 from .predict import BasePredictor
@@ -75,7 +76,6 @@ class OpenVinoPredictor(BasePredictor):
         """Read and compile ``path`` (the ``.xml``) for the CPU in fp32; ``threads`` defaults to the cores."""
         ov = require_openvino()
         from ..engine.device import default_threads
-        from .onnx_runtime import check_calibration
         p = Path(path)
         if not p.is_file() or not p.with_suffix(".bin").is_file():
             raise OnnxModelError(f"no OpenVINO IR at '{p}' (with '{p.with_suffix('.bin').name}' beside it); make one "

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from . import safe_io
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max")
+HOLDOUT = 0.1  # good training images a run keeps out when its dataset has no validation/good
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "neon")
 
 
@@ -114,6 +115,19 @@ def cpu_flags() -> list[str]:
     return [f for f in CPU_FLAGS if f in have]
 
 
+def held_out_normals(root: str | Path, category: str, image_size: int, seed: int) -> Any:
+    """The good images a run of ``seed`` calibrated and standardised its map on: the dataset's
+    ``validation/good``, or the part of the training images its training kept out."""
+    from torch.utils.data import Subset
+
+    from ..data.datasets import make_dataset
+    from .train import split_holdout
+    if (Path(root) / category / "validation" / "good").is_dir():
+        return make_dataset("auto", root, category, "validation", image_size)
+    train = make_dataset("auto", root, category, "train", image_size)
+    return Subset(train, split_holdout(len(train), HOLDOUT, seed)[1])
+
+
 def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "auto",
             argv: list[str] | None = None, progress: bool = True, image_metrics_only: bool = False) -> dict[str, Any]:
     """Train and test one grid cell with the product's code; write and return its result file."""
@@ -133,7 +147,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     if (root / run.category / "validation" / "good").is_dir():
         cal_set = make_dataset("auto", root, run.category, "validation", run.image_size)
     tcfg = TrainConfig(epochs=run.epochs, seed=run.seed, device=device, threads=threads,
-                       holdout=0.0 if cal_set is not None else 0.1)
+                       holdout=0.0 if cal_set is not None else HOLDOUT)
     out = work / run.dataset / run.category / run.key
     t0 = time.perf_counter()
     if weights_file(out).is_file():  # trained before, its result file lost: test only
