@@ -147,7 +147,9 @@ class PatchBank(NormalFeatureBank):
     softmax-weighted sum of its K most similar bank positions (cosine, in fp32).
 
     ``patch_limit`` bounds the searched N*H*W bank positions to a seeded random subset (lower is
-    cheaper). A training image's recall depends only on its cached teacher map and the bank, so
+    cheaper). ``search_dims`` (fewer than the channels) makes :meth:`nearest_distance` a two-stage
+    search: a coarse one on the keys' top principal directions, fitted on the bank when it is
+    filled, then the exact cosine of a few candidates (:func:`nearest_reranked`). A training image's recall depends only on its cached teacher map and the bank, so
     it is computed once per image and kept; the projection, being linear, is applied once to the
     weighted sum instead of to every bank row.
     """
@@ -156,10 +158,14 @@ class PatchBank(NormalFeatureBank):
     keyed_by_teacher = True
 
     def __init__(self, n: int, channels: int, out_channels: int | None, out_size: tuple[int, int], top_k: int = 4,
-                 temperature: float = 0.01, patch_limit: int = 16384) -> None:
+                 temperature: float = 0.01, patch_limit: int = 16384, search_dims: int | None = None) -> None:
         super().__init__(n, channels, out_channels, out_size, top_k, temperature)
         if patch_limit < 1:
             raise ValueError(f"patch_limit must be >= 1, got {patch_limit}")
+        if search_dims is not None and not 1 <= search_dims < channels:
+            raise ValueError(f"search_dims must be between 1 and {channels - 1} (the channels), got {search_dims}")
+        # C x D projection of the coarse search (top principal directions of the searched keys), or none.
+        self.register_buffer("search_proj", torch.zeros(channels, search_dims) if search_dims else None)
         total = n * self.out_size[0] * self.out_size[1]
         keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:patch_limit]
         self.register_buffer("patch_index", keep.sort().values)
@@ -173,6 +179,21 @@ class PatchBank(NormalFeatureBank):
     def reset(self) -> None:
         self._memo = None
         self._rows = None
+
+    @torch.no_grad()
+    def fill(self, maps: Tensor, ids: Tensor) -> None:
+        super().fill(maps, ids)
+        self.fit_search()
+
+    @torch.no_grad()
+    def fit_search(self) -> None:
+        """Fit the coarse search's projection to the stored bank: the top principal directions
+        (uncentred, so the keys' common direction is kept) of the searched unit keys."""
+        if self.search_proj is None:
+            return
+        keys = self.searched()[2].double()
+        _, vectors = torch.linalg.eigh(keys.t() @ keys)  # ascending eigenvalues
+        self.search_proj.copy_(vectors[:, -self.search_proj.shape[1]:].flip(1).float())
 
     def searched(self) -> tuple[Tensor, Tensor, Tensor]:
         """The searched bank rows (P x C), the bank slot (image) of each row, and unit fp32 keys."""
@@ -219,8 +240,24 @@ class PatchBank(NormalFeatureBank):
         keys = self.searched()[2]
         with torch.autocast(query.device.type, enabled=False):
             q = F.normalize(query.float().permute(0, 2, 3, 1).reshape(b, h * w, c), dim=2)
-            top = nearest_blocked(q, keys)  # batched products: also keeps a free batch axis in an export
+            # batched products: also keep a free batch axis in an export
+            if self.search_proj is None:
+                top = nearest_blocked(q, keys)
+            else:
+                top = nearest_reranked(q, keys, self.search_proj, self.projected_keys())
         return (1 - top).view(b, 1, h, w)
+
+    def projected_keys(self) -> Tensor:
+        """The searched unit keys on the coarse search's directions (P x D), computed once per
+        fill (like :meth:`searched`) and whenever the projection changes."""
+        stamp = (self.search_proj.data_ptr(), self.search_proj._version, self.maps.data_ptr(), self.maps._version)
+        cached = getattr(self, "_projected", None)
+        if not torch.jit.is_tracing() and cached is not None and cached[0] == stamp:
+            return cached[1]
+        keys = self.searched()[2] @ self.search_proj
+        if not torch.jit.is_tracing():
+            self._projected = (stamp, keys)
+        return keys
 
     def _search_per_sample(self, q: Tensor, keys: Tensor, k: int, slot: Tensor,
                            exclude_ids: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -281,6 +318,36 @@ def nearest_blocked(q: Tensor, keys: Tensor) -> Tensor:
             part = (qa @ keys[b:b + KEY_BLOCK].t()).amax(dim=2)
             best = part if best is None else torch.maximum(best, part)
         rows.append(best)
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+
+
+CANDIDATE_GROUPS = 4  # coarse candidates per key block: the best of each of 4 interleaved column groups
+
+
+def nearest_reranked(q: Tensor, keys: Tensor, proj: Tensor, projected_keys: Tensor) -> Tensor:
+    """Nearly :func:`nearest_blocked` at a fraction of its products: a coarse search on the D
+    principal directions (``proj``: C x D, ``projected_keys``: P x D) picks, in every block of
+    ``KEY_BLOCK`` keys, the best candidate of each of ``CANDIDATE_GROUPS`` groups of columns
+    (plain maxima, no sort; a ragged last block adds a group), and the exact cosines of those
+    candidates decide. The result is a true cosine of a searched key, never above the exact
+    search's."""
+    rows = []
+    for a in range(0, q.shape[1], QUERY_BLOCK):
+        qa = q[:, a:a + QUERY_BLOCK]
+        pa, cands = qa @ proj, []
+        for b in range(0, keys.shape[0], KEY_BLOCK):
+            part = pa @ projected_keys[b:b + KEY_BLOCK].t()  # B x Qa x Kb
+            n = part.shape[2]
+            g = CANDIDATE_GROUPS if n >= CANDIDATE_GROUPS else 1
+            width = n // g  # g contiguous groups, and the ragged rest of a last block as one more
+            offsets = b + width * torch.arange(g, device=q.device)
+            cands.append(part[..., :g * width].unflatten(2, (g, width)).max(dim=3).indices + offsets)
+            if n % g:
+                cands.append(part[..., g * width:].max(dim=2, keepdim=True).indices + b + g * width)
+        idx = torch.cat(cands, dim=2)  # B x Qa x candidates
+        found = keys.index_select(0, idx.flatten()).view(*idx.shape, keys.shape[1])
+        exact = torch.einsum("bqkc,bqc->bqk", found, qa)  # B x Qa x candidates: their true cosines
+        rows.append(exact.amax(dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
 
