@@ -117,7 +117,8 @@ def test_inference_copy_gives_the_autocast_maps_with_weights_cast_once(fusion: s
 @pytest.mark.parametrize("preset", ["nferd", "nferd_fusion", "nferd_paper", "rd4ad"])
 def test_a_batch_gives_each_image_the_map_it_gets_alone(preset: str) -> None:
     """Batching is a speed choice only: every design scores an image the same alone or among others
-    (per-sample bank search, BatchNorm in eval mode, per-image blur and score)."""
+    in one network call (per-sample bank search, BatchNorm in eval mode, per-image blur and score),
+    so the CPU's one-image micro-batches and a GPU's whole batches give the same maps."""
     from nferd.deploy.predict import Predictor
     torch.manual_seed(0)
     model = NFERD(ModelConfig.preset(preset, teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2))
@@ -129,9 +130,32 @@ def test_a_batch_gives_each_image_the_map_it_gets_alone(preset: str) -> None:
             f.scale.data.fill_(0.5)  # let a fused recall reach the maps
     predictor = Predictor(model.eval(), None, device="cpu", precision="fp32")
     images = torch.rand(5, 3, 64, 64)
-    maps, scores = predictor.maps(images)
-    alone = [predictor.maps(images[i:i + 1]) for i in range(len(images))]
+    maps, scores = predictor.run(images)  # one call for the whole batch
+    alone = [predictor.run(images[i:i + 1]) for i in range(len(images))]
     span = float(maps.max() - maps.min())
     for i, (m, s) in enumerate(alone):
         assert np.abs(maps[i] - m[0]).max() <= 1e-5 * span, (preset, i)
         assert abs(float(scores[i]) - float(s[0])) <= 1e-5 * span, (preset, i)
+
+
+def test_a_cpu_batch_runs_one_image_per_network_call_and_keeps_the_order() -> None:
+    """On a CPU one image's activations stay in cache and a batch's do not, so ``maps`` runs the
+    network once per image there, and once per batch where ``micro_batch`` is None (a GPU)."""
+    from nferd.deploy.predict import BasePredictor
+
+    class Counting(BasePredictor):
+        def __init__(self, micro: int | None) -> None:
+            self.micro_batch, self.calls = micro, []
+
+        def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            self.calls.append(len(images))
+            return images[:, 0].numpy(), images[:, 0].flatten(1).amax(1).numpy()
+
+    images = torch.rand(5, 3, 4, 4)
+    for micro, calls in ((1, [1] * 5), (2, [2, 2, 1]), (None, [5])):
+        p = Counting(micro)
+        maps, scores = p.maps(images)
+        assert p.calls == calls
+        assert np.array_equal(maps, images[:, 0].numpy()) and np.array_equal(scores, images[:, 0].flatten(1).amax(1).numpy())
+    from nferd.engine.device import micro_batch
+    assert micro_batch(torch.device("cpu")) == 1 and micro_batch(torch.device("cuda")) is None

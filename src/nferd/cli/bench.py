@@ -31,6 +31,7 @@ from ..models.nferd import NFERD, ModelConfig
 from ..models.resnet import RESNET_SPECS, make_layer
 from ..engine.benchmark import cpu_flags, cpu_model
 from ..engine.train import make_adam
+from ..deploy.predict import Predictor
 
 
 def _sync(device: torch.device) -> None:
@@ -100,7 +101,7 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
         cache = [channels_last(f.to(torch.float16)) for f in model.teacher(x)]
     opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.999))  # as nferd train
     ids = torch.arange(batch, device=device) + 10_000  # never in the bank: no masking cost difference
-    runner: list[torch.nn.Module] = []
+    runner: list[Predictor] = []
 
     def step() -> None:
         model.train()
@@ -115,12 +116,9 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
 
     def infer(inp: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
-            if not runner:
-                runner.append(inference_copy(model.eval(), amp))  # what Predictor runs
-            with torch.no_grad(), autocast(device, amp):
-                t, s = runner[0](inp)
-                maps, scores = runner[0].anomaly_maps(t, s)
-            scores.float().cpu()
+            if not runner:  # what predict runs: weights pre-cast, map, blur and score, micro-batches
+                runner.append(Predictor(model.eval(), None, str(device)))
+            runner[0].maps(inp)
         return run
 
     return BenchPath(step, infer(x[:1]), infer(x), str(amp or torch.float32))

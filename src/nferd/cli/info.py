@@ -15,7 +15,7 @@ def forward_gflops(model: NFERD, image_size: int) -> float:
     model.eval()
     x = torch.rand(1, 3, image_size, image_size)
     with torch.no_grad():
-        model(x)  # fills eval-mode caches (projected banks), as in deployment
+        model.anomaly_maps(*model(x))  # fills eval-mode caches (projected banks and keys), as in deployment
         with FlopCounterMode(display=False) as fc:
             t, s = model(x)
             model.anomaly_maps(t, s)

@@ -226,10 +226,10 @@ def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0, 
     if pred.preprocess:
         raw = torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8, generator=g)
         x = preprocess_uint8(raw, s)
-        got_maps, got_scores = pred.maps(raw)
+        got_maps, got_scores = pred.run(raw)  # the whole batch in one call: the file's batch axis is free
     else:
         x = torch.rand(batch, 3, s, s, generator=g)
-        got_maps, got_scores = pred.maps(x)
+        got_maps, got_scores = pred.run(x)
     m = copy.deepcopy(model).cpu().float().eval()
     with torch.no_grad():
         ref_maps, ref_scores = InferenceGraph(m)(x)

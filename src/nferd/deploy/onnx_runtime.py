@@ -130,7 +130,7 @@ class OnnxPredictor(BasePredictor):
         check_weights(p)
         return cls(session, meta, p)
 
-    def maps(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (maps N x S x S, scores N) as NumPy.
 
         Plain export: float [0, 1] images N x 3 x S x S (as ``Predictor.maps``). Export with

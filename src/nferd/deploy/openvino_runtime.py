@@ -96,7 +96,7 @@ class OpenVinoPredictor(BasePredictor):
                                                      "INFERENCE_NUM_THREADS": int(threads or default_threads())})
         return cls(compiled, meta, p)
 
-    def maps(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Float [0, 1] images N x 3 x S x S -> (maps N x S x S, scores N), as ``Predictor.maps``."""
         x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         x = x.astype(np.float32, copy=False)

@@ -32,7 +32,8 @@ from PIL import Image
 from ..engine import distributed as ddp
 from ..engine import jsonio
 from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
-from ..engine.device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
+from ..engine.device import (autocast, autocast_dtype, channels_last, inference_copy, micro_batch, place,
+                             resolve_device)
 from ..engine.safe_io import make_dir, open_append, save_image, save_npy, write_dict_csv, write_json
 from ..data.images import ImageLoadError, is_image_file, list_images, load_image
 from ..models.nferd import NFERD
@@ -76,9 +77,21 @@ class BasePredictor:
 
     calibration: dict[str, Any] | None = None
     size: int
+    #: Images per network call (``engine.device.micro_batch``): one on a CPU, None (the whole
+    #: batch) on a GPU.
+    micro_batch: int | None = 1
 
     def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy."""
+        """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy, run
+        ``micro_batch`` images at a time; each image's result does not depend on the others."""
+        n = self.micro_batch
+        if n is None or len(images) <= n:
+            return self.run(images)
+        parts = [self.run(images[a:a + n]) for a in range(0, len(images), n)]
+        return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
+
+    def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One network call of the backend (what ``maps`` splits a batch into)."""
         raise NotImplementedError
 
     def load(self, path: Path) -> torch.Tensor:
@@ -143,6 +156,7 @@ class Predictor(BasePredictor):
         check_calibration(calibration)
         self.calibration = calibration
         self.size = model.config.image_size
+        self.micro_batch = micro_batch(self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
@@ -151,8 +165,7 @@ class Predictor(BasePredictor):
         return cls(model, meta.get("calibration"), device, precision)
 
     @torch.no_grad()
-    def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy."""
+    def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = channels_last(images.to(self.device))
         with autocast(self.device, self.amp):
             t, s = self.runner(x)

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import safe_io
-from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
+from .device import (autocast, autocast_dtype, channels_last, inference_copy, micro_batch, place,
+                     resolve_device)
 from .finite import require_finite
 from ..metrics import compute_metrics
 from ..models.nferd import NFERD
@@ -42,13 +43,15 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
         from tqdm import tqdm
         it = tqdm(loader, desc="inference", unit="batch", leave=False)
     t0 = time.perf_counter()
+    step = micro_batch(device) or batch_size
     for batch in it:
-        images = channels_last(batch["image"].to(device))
-        with autocast(device, amp):
-            t, s = runner(images)
-        m, sc = runner.anomaly_maps(t, s, tuple(images.shape[-2:]))
-        maps.append(m[:, 0].float().cpu().numpy())
-        scores.append(sc.float().cpu().numpy())
+        for a in range(0, len(batch["image"]), step):
+            images = channels_last(batch["image"][a:a + step].to(device))
+            with autocast(device, amp):
+                t, s = runner(images)
+            m, sc = runner.anomaly_maps(t, s, tuple(images.shape[-2:]))
+            maps.append(m[:, 0].float().cpu().numpy())
+            scores.append(sc.float().cpu().numpy())
         labels.append(np.asarray(batch["label"]))
         masks.append((batch["mask"][:, 0] > 0.5).numpy().astype(np.uint8))
         paths += list(batch["path"])

@@ -345,8 +345,8 @@ def nearest_reranked(q: Tensor, keys: Tensor, proj: Tensor, projected_keys: Tens
             if n % g:
                 cands.append(part[..., g * width:].max(dim=2, keepdim=True).indices + b + g * width)
         idx = torch.cat(cands, dim=2)  # B x Qa x candidates
-        found = keys.index_select(0, idx.flatten()).view(*idx.shape, keys.shape[1])
-        exact = torch.einsum("bqkc,bqc->bqk", found, qa)  # B x Qa x candidates: their true cosines
+        found = F.embedding(idx, keys)  # B x Qa x candidates x C: one Gather, no batch size traced into a shape
+        exact = (found * qa.unsqueeze(2)).sum(3)  # B x Qa x candidates: their true cosines
         rows.append(exact.amax(dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 

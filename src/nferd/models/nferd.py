@@ -87,8 +87,9 @@ class ModelConfig:
         patch_limit: bank positions searched per bank by the patch recall (lower is cheaper).
         search_reduction: the bank distance's nearest-neighbour search first compares keys
             projected on C / ``search_reduction`` principal directions of the bank (at least
-            32; teachers with fewer channels search exactly), then the exact cosines of a few
-            candidates; 1 searches exactly.
+            32; teachers with fewer channels search exactly), then the exact cosines of 16
+            candidates per position; 1 searches exactly. The default 4 costs WRN50-2 +5 % over
+            RD4AD instead of +21 % and scores as the exact search.
         fusion: ``hafm`` (channel and spatial attention in parallel), ``cbam`` (in series),
             ``add``, ``concat``, or ``none`` (RD4AD's student). Default: ``none``, or ``hafm``
             with the map recall.
@@ -112,7 +113,7 @@ class ModelConfig:
     top_k: int = 4
     temperature: float = 0.01
     patch_limit: int = 16384
-    search_reduction: int = 1
+    search_reduction: int = 4
     fusion: str | None = None
     loss: str = "flat"
     map_combine: str = "sum"
@@ -253,8 +254,8 @@ class NFERD(nn.Module):
         self.banks = nn.ModuleDict()
         banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
         for i in banked:
-            extra = {"patch_limit": config.patch_limit, "search_dims": search_dims(c[i], config.search_reduction)
-                     } if config.recall == "patch" else {}
+            dims = search_dims(c[i], config.search_reduction) if config.bank_distance_weight > 0 else None
+            extra = {"patch_limit": config.patch_limit, "search_dims": dims} if config.recall == "patch" else {}
             fused = targets[i][0] if config.fusion != "none" else None  # a bank that only scores needs no projection
             self.banks[str(i)] = BANKS[config.recall](config.n_bank, c[i], fused, targets[i][1],
                                                       config.top_k, config.temperature, **extra)
