@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from nferd import load_checkpoint, make_dataset
 from nferd.engine import safe_io
-from nferd.engine.benchmark import held_out_normals, provenance
+from nferd.engine.benchmark import HOLDOUT, provenance
+from nferd.engine.train import held_out_normals
 from nferd.metrics import compute_metrics
 from nferd.models.anomaly_map import anomaly_map
 
@@ -79,7 +80,7 @@ def score_run(run: str) -> dict[str, Any]:
     if sorted(model.banks) != ["0", "1", "2"]:
         raise SystemExit(f"{run_dir}: needs banks at stages 1, 2 and 3")
     size = model.config.image_size
-    normal_set = held_out_normals(root, category, size, int(seed))
+    normal_set = held_out_normals(root, category, size, int(seed), HOLDOUT)
     normal, test = terms(model, normal_set), terms(model, make_dataset("auto", root, category, "test", size))
     rows = {}
     for name, (weight, stages) in MIXES.items():

@@ -23,7 +23,8 @@ import torch
 
 from nferd import evaluate, load_checkpoint, make_dataset
 from nferd.engine import safe_io
-from nferd.engine.benchmark import held_out_normals, provenance
+from nferd.engine.benchmark import HOLDOUT, provenance
+from nferd.engine.train import held_out_normals
 from nferd.engine.evaluate import fit_map_norm
 from nferd.models.nferd import NFERD
 
@@ -44,7 +45,7 @@ def score_run(run: str) -> dict[str, Any]:
     run_dir, root, category, seed = run.split(":")
     model, _ = load_checkpoint(run_dir)
     size = model.config.image_size
-    normal = held_out_normals(root, category, size, int(seed))
+    normal = held_out_normals(root, category, size, int(seed), HOLDOUT)
     test = make_dataset("auto", root, category, "test", size)
     rows = {}
     for limit in LIMITS:

@@ -89,10 +89,12 @@ class BenchPath:
     precision: str
 
 
-def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile: bool = False) -> BenchPath:
-    """What ``nferd train`` / ``predict`` run: cached fp16 teacher maps, bf16 autocast, channels_last,
-    fused Adam, weights pre-cast for inference, map, blur and score on the device."""
-    amp = autocast_dtype(device, "auto")
+def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile: bool = False,
+              precision: str = "auto") -> BenchPath:
+    """What ``nferd train`` / ``predict`` run: cached fp16 teacher maps, bf16 autocast where the
+    hardware has it (``precision``), channels_last, fused Adam, weights pre-cast for inference, map,
+    blur and score on the device, one image per network call on a CPU."""
+    amp = autocast_dtype(device, precision)
     place(model, device)
     if compile:
         compile_dense(model)
@@ -117,20 +119,32 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
     def infer(inp: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
             if not runner:  # what predict runs: weights pre-cast, map, blur and score, micro-batches
-                runner.append(Predictor(model.eval(), None, str(device)))
+                runner.append(Predictor(model.eval(), None, str(device), precision))
             runner[0].maps(inp)
         return run
 
     return BenchPath(step, infer(x[:1]), infer(x), str(amp or torch.float32))
 
 
-def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str) -> BenchPath:
-    """The same model exported to ``folder`` and run by ONNX Runtime or OpenVINO on the CPU (fp32);
-    inference only (an exported graph does not train)."""
-    if backend == "onnx":
+def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str, int8: bool = False) -> BenchPath:
+    """The same model exported to ``folder`` and run by ONNX Runtime or OpenVINO on the CPU (fp32,
+    or with ``int8`` the OpenVINO IR quantised as ``nferd export --int8`` does, with statistics of
+    random images: a speed figure only); inference only (an exported graph does not train)."""
+    if int8:
+        import openvino as ov
+        from ..deploy.openvino_runtime import OpenVinoPredictor, compile_cpu, export_openvino, read_metadata
+        from ..deploy.quantize import quantize_ir
+        xml = export_openvino(model, f"{folder}/bench.xml")
+        core = ov.Core()
+        g = torch.Generator().manual_seed(0)
+        quantised = quantize_ir(core.read_model(str(xml)), [torch.rand(1, 3, size, size, generator=g).numpy()
+                                                             for _ in range(8)])
+        pred: Any = OpenVinoPredictor(compile_cpu(core, quantised, default_threads()),
+                                      read_metadata(core.read_model(str(xml)), xml))
+    elif backend == "onnx":
         from ..deploy.export import export_onnx
         from ..deploy.onnx_runtime import OnnxPredictor
-        pred: Any = OnnxPredictor.from_file(export_onnx(model, f"{folder}/bench.onnx"), threads=default_threads())
+        pred = OnnxPredictor.from_file(export_onnx(model, f"{folder}/bench.onnx"), threads=default_threads())
     else:
         from ..deploy.openvino_runtime import OpenVinoPredictor, export_openvino
         pred = OpenVinoPredictor.from_file(export_openvino(model, f"{folder}/bench.xml"), threads=default_threads())
@@ -139,7 +153,7 @@ def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str) ->
     def infer(inp: torch.Tensor) -> Callable[[], None]:
         return lambda: pred.maps(inp)
 
-    return BenchPath(None, infer(x[:1]), infer(x), "float32")
+    return BenchPath(None, infer(x[:1]), infer(x), "int8" if int8 else "float32")
 
 
 def reference_path(model: NFERD, device: torch.device, size: int, batch: int) -> BenchPath:
@@ -210,12 +224,17 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
-              recall: str = "patch", fusion: str | None = None, backend: str = "torch") -> dict[str, Any]:
+              recall: str = "patch", fusion: str | None = None, backend: str = "torch", int8: bool = False,
+              precision: str = "auto") -> dict[str, Any]:
     """Training and inference speed of one configuration on random input. ``backend`` "onnx" or
-    "openvino" times the same model exported and run by that runtime (CPU, fp32, inference only)."""
+    "openvino" times the same model exported and run by that runtime (CPU, fp32, inference only);
+    ``int8`` the OpenVINO IR quantised. ``precision`` is the torch path's (auto: bf16 where the
+    CPU has it)."""
     dev = resolve_device(device)
     if backend != "torch" and (dev.type != "cpu" or reference or compile):
         raise ValueError("--backend onnx or openvino runs on the CPU, without --reference or --compile")
+    if int8 and backend != "openvino":
+        raise ValueError("--int8 times the quantised OpenVINO IR: add --backend openvino")
     torch.set_num_threads(default_threads())
     torch.manual_seed(0)
     cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, recall=recall, fusion=fusion)
@@ -225,9 +244,9 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         if backend == "torch":
-            fast = fast_path(model, dev, image_size, batch_size, compile=compile)
+            fast = fast_path(model, dev, image_size, batch_size, compile=compile, precision=precision)
         else:
-            fast = file_path(model.eval(), backend, image_size, batch_size, tmp)
+            fast = file_path(model.eval(), backend, image_size, batch_size, tmp, int8=int8)
         train_t = (_timed(fast.train_step, dev, train_steps, warmup=2)  # the first steps fill the memo, the heap
                    if fast.train_step is not None else None)
         b1 = _timed(fast.infer_b1, dev, infer_iters, warmup=2)
@@ -240,8 +259,8 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
                            "train_images_per_s": batch_size / statistics.median(train_t) if train_t else None,
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,
-                           "peak_gflops_matmul": peak_matmul_gflops(  # at the precision the path runs
-                               dev, autocast_dtype(dev, "auto") if backend == "torch" else None),
+                           "peak_gflops_matmul": peak_matmul_gflops(  # at the precision the path runs (fp32 for int8)
+                               dev, autocast_dtype(dev, precision) if backend == "torch" else None),
                            "peak_rss_mib": _rss_mib(),  # before the reference model exists
                            "cpu_model": cpu_model(), "cpu_flags": cpu_flags()}
     if dev.type == "cuda":

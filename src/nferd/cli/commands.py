@@ -339,9 +339,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             require_openvino()
         except ImportError as e:
             raise CLIError(str(e)) from e
+    if args.int8 and not openvino:
+        raise CLIError("--int8 quantises the OpenVINO IR: add --format openvino (ONNX Runtime's static "
+                       "quantisation lost accuracy where NNCF's did not; see docs/deploy.md)")
     model, meta = load_checkpoint(args.checkpoint)
     t0 = time.perf_counter()
     source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
+    if args.int8:
+        return _export_int8(args, model, meta, source)
     if openvino:
         path = export_openvino(model, args.out, calibration=meta.get("calibration"), extra_meta={"source": source})
         size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
@@ -445,13 +450,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Normal training images (statistics), calibration images and the test split (gate) of the
+    data the checkpoint was trained on, split as its training split them."""
+    from torch.utils.data import Subset
+    from ..data.datasets import make_dataset
+    from ..engine.train import split_holdout
+    recorded = meta.get("data") or {}
+    root = args.data or recorded.get("root")
+    category = args.category if args.data else recorded.get("category")
+    fmt = "auto" if args.data else recorded.get("format", "auto")
+    if not root:
+        raise CLIError("--int8 needs the training images for its statistics and the test split for its gate, and "
+                       "this checkpoint does not record them: pass --data ROOT --category C")
+    size, train_cfg = model.config.image_size, meta.get("train") or {}
+    try:
+        train_set = make_dataset(fmt, root, category, "train", size)
+        if category and (Path(root) / category / "validation" / "good").is_dir():
+            normal_set, cal_set = train_set, make_dataset(fmt, root, category, "validation", size)
+            cal_set.calibration_source = "validation/good"
+        else:
+            kept, held = split_holdout(len(train_set), float(train_cfg.get("holdout", 0.1)), int(train_cfg.get("seed", 0)))
+            normal_set, cal_set = Subset(train_set, kept), Subset(train_set, held) if held else None
+        test_set = make_dataset(fmt, root, category, "test", size) if fmt != "folder" else None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--int8 cannot read the data at '{root}' (category {category}): {e}; pass --data ROOT "
+                       "--category C") from e
+    return normal_set, cal_set, test_set
+
+
+def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], source: dict[str, Any]) -> int:
+    try:
+        from ..deploy.quantize import GATE_BOUNDS, export_int8, require_nncf
+        require_nncf()
+    except ImportError as e:
+        raise CLIError(str(e)) from e
+    normal_set, cal_set, test_set = _int8_sets(args, model, meta)
+    t0 = time.perf_counter()
+    path, report = export_int8(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
+                               extra_meta={"source": source}, allow_accuracy_loss=args.allow_accuracy_loss)
+    gate = report["gate"]
+    if "change" in gate:
+        for k, d in gate["change"].items():
+            print(f"{k}: fp32 {gate['fp32'][k]:.4f}, int8 {gate['int8'][k]:.4f} ({d:+.4f}; bound "
+                  f"{GATE_BOUNDS[k]:.3f})")
+    if path is None:
+        print(f"INT8 model refused: {gate['reason']}; nothing written (--allow-accuracy-loss writes it anyway)")
+        return 3
+    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    print(f"exported {model.config.describe()} ({model.config.teacher}) as INT8 to {path} ({size / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - t0:.1f} s; statistics from {report['statistics_images']} normal training "
+          f"images); calibration {report['calibration']}")
+    if not gate["ok"]:
+        print(f"warning: the accuracy gate failed ({gate['reason']}); written because of --allow-accuracy-loss")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     try:
         res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
                         args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
-                        recall=args.recall, fusion=args.fusion, backend=args.backend)
-    except ImportError as e:
+                        recall=args.recall, fusion=args.fusion, backend=args.backend, int8=args.int8,
+                        precision=args.precision)
+    except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from e
     if args.save:
         from ..engine.benchmark import save_speed_result

@@ -36,7 +36,8 @@ EXAMPLES = {
     "predict": ("nferd predict --checkpoint runs/bottle 'line3/*.png' more.jpg --out runs/bottle/pred\n"
                 "  nferd predict --backend onnx --model runs/bottle/model.onnx 'line3/*.png' --out runs/bottle/pred"),
     "export": ("nferd export --checkpoint runs/bottle --format onnx --out runs/bottle/model.onnx\n"
-               "  nferd export --checkpoint runs/bottle --format onnx --preprocess --out runs/bottle/model_u8.onnx"),
+               "  nferd export --checkpoint runs/bottle --format onnx --preprocess --out runs/bottle/model_u8.onnx\n"
+               "  nferd export --checkpoint runs/bottle --format openvino --int8 --out runs/bottle/model_int8.xml"),
     "calibrate": ("nferd calibrate --checkpoint runs/bottle --normal-dir val/good --abnormal-dir val/defect "
                   "--mask-dir val/masks\n  nferd calibrate --checkpoint runs/tire --data /data/mvtec_3d --category tire"
                   "   # ROOT/C/validation"),
@@ -184,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET}; default {DEFAULT_OPSET})")
     p.add_argument("--no-check", action="store_true",
                    help="skip running the exported file against the PyTorch model on random images")
+    p.add_argument("--int8", action="store_true",
+                   help="with --format openvino: quantise to INT8 (NNCF, statistics from normal training images), "
+                        "refit the thresholds, and refuse when image or pixel AUROC moves by more than 0.005 or "
+                        "AUPRO by more than 0.01 on the test split (needs nferd[openvino])")
+    p.add_argument("--data", default=None, metavar="ROOT",
+                   help="with --int8: the dataset root the model was trained on (default: the one recorded in the "
+                        "checkpoint)")
+    p.add_argument("--category", default=None, help="with --int8 and --data: the category")
+    p.add_argument("--allow-accuracy-loss", action="store_true",
+                   help="with --int8: write the INT8 model even when the gate fails or cannot measure (a warning "
+                        "and the gate's figures go into its metadata)")
 
     p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
@@ -199,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
                    help="torch (default: training and inference), or the model exported and run by ONNX Runtime or "
                         "OpenVINO (CPU, fp32, inference only)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --backend openvino: time the IR quantised as `nferd export --int8` quantises it")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the torch path's precision (auto: bf16 autocast where the CPU has it, else fp32)")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="also write the figures with their provenance as a result file under DIR "
                         "(benchmarks/speed is what `nferd benchmark render` reads)")

@@ -75,7 +75,6 @@ class OpenVinoPredictor(BasePredictor):
     def from_file(cls, path: str | Path, threads: int | None = None) -> OpenVinoPredictor:
         """Read and compile ``path`` (the ``.xml``) for the CPU in fp32; ``threads`` defaults to the cores."""
         ov = require_openvino()
-        from ..engine.device import default_threads
         p = Path(path)
         if not p.is_file() or not p.with_suffix(".bin").is_file():
             raise OnnxModelError(f"no OpenVINO IR at '{p}' (with '{p.with_suffix('.bin').name}' beside it); make one "
@@ -92,9 +91,7 @@ class OpenVinoPredictor(BasePredictor):
             raise OnnxModelError(f"'{p}' has an unusable calibration: {e}; export it again from a sound "
                                  "checkpoint") from e
         check_constants(model, p)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                     "INFERENCE_NUM_THREADS": int(threads or default_threads())})
-        return cls(compiled, meta, p)
+        return cls(compile_cpu(core, model, threads), meta, p)
 
     def run(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Float [0, 1] images N x 3 x S x S -> (maps N x S x S, scores N), as ``Predictor.maps``."""
@@ -107,6 +104,14 @@ class OpenVinoPredictor(BasePredictor):
                              f"got {tuple(x.shape)}")
         res = self.request.infer({0: np.ascontiguousarray(x)})
         return np.asarray(res[self.outputs[0]]).copy(), np.asarray(res[self.outputs[1]]).copy()
+
+
+def compile_cpu(core: Any, model: Any, threads: int | None = None) -> Any:
+    """``model`` compiled for the CPU with fp32 as the floating-point precision (int8 layers of a
+    quantised IR stay int8); ``threads`` defaults to the cores."""
+    from ..engine.device import default_threads
+    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                             "INFERENCE_NUM_THREADS": int(threads or default_threads())})
 
 
 def read_metadata(model: Any, path: str | Path) -> dict[str, Any]:

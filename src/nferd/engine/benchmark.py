@@ -115,19 +115,6 @@ def cpu_flags() -> list[str]:
     return [f for f in CPU_FLAGS if f in have]
 
 
-def held_out_normals(root: str | Path, category: str, image_size: int, seed: int) -> Any:
-    """The good images a run of ``seed`` calibrated and standardised its map on: the dataset's
-    ``validation/good``, or the part of the training images its training kept out."""
-    from torch.utils.data import Subset
-
-    from ..data.datasets import make_dataset
-    from .train import split_holdout
-    if (Path(root) / category / "validation" / "good").is_dir():
-        return make_dataset("auto", root, category, "validation", image_size)
-    train = make_dataset("auto", root, category, "train", image_size)
-    return Subset(train, split_holdout(len(train), HOLDOUT, seed)[1])
-
-
 def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "auto",
             argv: list[str] | None = None, progress: bool = True, image_metrics_only: bool = False) -> dict[str, Any]:
     """Train and test one grid cell with the product's code; write and return its result file."""
@@ -354,7 +341,9 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "neon")
 
 def save_speed_result(res: dict[str, Any], folder: Path) -> Path:
     """One ``nferd bench`` run as a result file with its provenance, named by what it measured."""
-    key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], res["fusion"] if res["bank"] else "rd4ad",
+    precision = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "int8": "int8"}.get(str(res["precision"]), "fp32")
+    key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], precision,
+                    res["fusion"] if res["bank"] else "rd4ad",
                     f"b{res['batch_size']}", f"t{res['threads']}", res["device"].replace(":", "")])
     path = Path(folder) / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -222,6 +222,13 @@ def calibrate(model: Any, dataset: Any, false_alarm_rate: float = 0.01, device: 
     """Run ``model`` over ``dataset`` (never the test split) and fit the thresholds on it."""
     from .evaluate import infer
     res = infer(model, dataset, batch_size=batch_size, device=device, precision=precision)
+    return fit_calibration(res, dataset, false_alarm_rate, confidence)
+
+
+def fit_calibration(res: dict[str, Any], dataset: Any, false_alarm_rate: float = 0.01,
+                    confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
+    """The thresholds for inference results ``res`` (scores, maps, labels, masks, paths) of the
+    calibration ``dataset``, with its source, the decisions on it and the normal scores."""
     require_finite(res["scores"], res["maps"], res["paths"], what="calibration images")
     has_masks = getattr(dataset, "has_masks", True)
     cal = fit_validation(res["scores"], res["labels"], res["maps"], res["masks"] if has_masks else None,

@@ -116,6 +116,16 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(perm[k:]), sorted(perm[:k])
 
 
+def held_out_normals(root: str | Path, category: str, image_size: int, seed: int, holdout: float) -> Dataset:
+    """The good images a run of ``seed`` calibrated and standardised its map on: the dataset's
+    ``validation/good``, or the ``holdout`` part of the training images its training kept out."""
+    from ..data.datasets import make_dataset
+    if (Path(root) / category / "validation" / "good").is_dir():
+        return make_dataset("auto", root, category, "validation", image_size)
+    train = make_dataset("auto", root, category, "train", image_size)
+    return Subset(train, split_holdout(len(train), holdout, seed)[1])
+
+
 def bank_indices(n_train: int, n_bank: int, seed: int) -> torch.Tensor:
     """The N normal images whose teacher maps fill the banks (seeded, as the paper draws them)."""
     if n_bank > n_train:

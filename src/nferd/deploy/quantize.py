@@ -1,0 +1,136 @@
+"""INT8 post-training quantisation of the OpenVINO IR (NNCF), behind an accuracy gate.
+
+Why NNCF on the OpenVINO IR: on MVTec AD bottle (EfficientNet-Lite0 default model), NNCF's
+quantisation kept image AUROC at 1.0 and AUPRO within +0.002 of fp32, where ONNX Runtime's static
+QDQ quantisation of the same graph's convolutions lost 0.075 image AUROC and 0.03 AUPRO and ran
+slower. The statistics come from normal training images only. Only the network's layers are
+quantised: the anomaly map after them stays fp32 (quantised with the ranges of normal images, it
+clips a defect's map), and so do matrix products (the bank search, whose cosines near 1 differ by
+less than an int8 step).
+
+Quantisation moves the anomaly map, so the decision thresholds are fitted again on the int8
+model's maps of the calibration images (the checkpoint's held-out good images, or the dataset's
+validation split) with the checkpoint's false-alarm rate and confidence. The gate compares the
+int8 and fp32 models on labelled images (the test split): it fails when image or pixel AUROC moves
+by more than 0.005 or AUPRO by more than 0.01, or when there are no defects to measure with.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.calibration import DEFAULT_CONFIDENCE, fit_calibration
+from ..metrics import aupro, auroc, pixel_auroc
+from .openvino_runtime import RT_SECTION, OpenVinoPredictor, compile_cpu, export_openvino, read_metadata, require_openvino
+
+#: Largest change of each metric, int8 against fp32, that the gate lets through.
+GATE_BOUNDS = {"image_auroc": 0.005, "pixel_auroc": 0.005, "aupro": 0.01}
+# Only the network (teacher, OCBE, decoder: the ``/model/`` scope of the exported graph) is
+# quantised; the anomaly map after it (cosines, resizes, standardisation, bank distance, blur)
+# stays fp32: quantised with ranges seen on normal images, it clips a defect's map (measured: the
+# maximum of a defect map fell from 27.9 to 4.8, and image AUROC to 0.5).
+NOT_NETWORK = r"(?!/model/).*"
+STATISTICS_IMAGES = 300  # NNCF's default subset: more adds time, not accuracy
+
+
+def require_nncf():  # type: ignore[no-untyped-def]
+    try:
+        import nncf
+    except ImportError as e:
+        raise ImportError("INT8 export needs NNCF, which is not installed: pip install nferd[openvino]") from e
+    return nncf
+
+
+def _images(dataset: Any, limit: int | None = None) -> list[np.ndarray]:
+    n = len(dataset) if limit is None else min(len(dataset), limit)
+    step = max(1, len(dataset) // n) if n else 1
+    return [dataset[i]["image"][None].numpy() for i in range(0, step * n, step)][:n]
+
+
+def quantize_ir(ir: Any, normal_images: list[np.ndarray]) -> Any:
+    """The fp32 IR ``ir`` (an ``openvino.Model``) quantised to int8 with statistics of
+    ``normal_images`` (1 x 3 x S x S float arrays): the network's layers; the anomaly map after
+    it and every matrix product stay fp32."""
+    nncf = require_nncf()
+    if not normal_images:
+        raise ValueError("INT8 quantisation needs normal training images for its statistics; none were given")
+    return nncf.quantize(ir, nncf.Dataset(normal_images), subset_size=len(normal_images),
+                         ignored_scope=nncf.IgnoredScope(types=["MatMul"], patterns=[NOT_NETWORK], validate=False))
+
+
+def run_over(predictor: Any, dataset: Any) -> dict[str, Any]:
+    """Scores, maps, labels, masks and paths of ``dataset`` through ``predictor`` (as ``infer``)."""
+    scores, maps, labels, masks, paths = [], [], [], [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        m, s = predictor.maps(item["image"][None])
+        maps.append(m[0])
+        scores.append(float(s[0]))
+        labels.append(int(item["label"]))
+        masks.append((item["mask"][0] > 0.5).numpy().astype(np.uint8))
+        paths.append(item.get("path", str(i)))
+    return {"scores": np.asarray(scores), "maps": np.stack(maps), "labels": np.asarray(labels),
+            "masks": np.stack(masks), "paths": paths}
+
+
+def detection_metrics(res: dict[str, Any], has_masks: bool) -> dict[str, float]:
+    out = {"image_auroc": auroc(res["scores"], res["labels"])}
+    if has_masks and res["masks"].any():
+        out["pixel_auroc"] = pixel_auroc(res["maps"], res["masks"])
+        out["aupro"] = aupro(res["maps"], res["masks"])
+    return out
+
+
+def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None) -> dict[str, Any]:
+    """Detection metrics of both models on ``test_set`` and whether every change is within
+    ``GATE_BOUNDS``; without a test split holding defects the gate cannot pass."""
+    if test_set is None or len(test_set) == 0:
+        return {"ok": False, "reason": "no labelled test images to measure the int8 model with"}
+    a, b = run_over(fp32, test_set), run_over(int8, test_set)
+    if len(set(a["labels"].tolist())) < 2:
+        return {"ok": False, "reason": "the test images are all of one class: AUROC cannot be measured"}
+    has_masks = getattr(test_set, "has_masks", True)
+    m32, m8 = detection_metrics(a, has_masks), detection_metrics(b, has_masks)
+    change = {k: m8[k] - m32[k] for k in m32}
+    failed = [k for k, d in change.items() if abs(d) > GATE_BOUNDS[k]]
+    return {"ok": not failed, "fp32": m32, "int8": m8, "change": change, "bounds": GATE_BOUNDS,
+            "n_images": len(test_set), **({"reason": f"{', '.join(failed)} moved beyond the bounds"} if failed else {})}
+
+
+def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: Any | None, test_set: Any | None,
+                calibration: dict[str, Any] | None, extra_meta: dict[str, Any] | None = None,
+                allow_accuracy_loss: bool = False, threads: int | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """Quantise ``model``'s IR with ``normal_set`` (training images), gate it on ``test_set``,
+    refit the thresholds on ``calibration_set`` and write ``out`` (``.xml``). Returns the path (None
+    when the gate failed and ``allow_accuracy_loss`` is off: nothing is written) and the report."""
+    ov = require_openvino()
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_openvino(model, Path(tmp) / "fp32.xml", calibration=calibration, extra_meta=extra_meta)
+        core = ov.Core()
+        meta = read_metadata(core.read_model(str(fp32_path)), fp32_path)
+        fp32 = OpenVinoPredictor.from_file(fp32_path, threads=threads)
+        quantised = quantize_ir(core.read_model(str(fp32_path)), _images(normal_set, STATISTICS_IMAGES))
+        int8 = OpenVinoPredictor(compile_cpu(core, quantised, threads), meta)
+        report: dict[str, Any] = {"gate": accuracy_gate(fp32, int8, test_set), "statistics_images":
+                                  min(len(normal_set), STATISTICS_IMAGES), "nncf": require_nncf().__version__}
+        cal = None
+        if calibration_set is not None and len(calibration_set) >= 2:
+            old = calibration or {}
+            cal = fit_calibration(run_over(int8, calibration_set), calibration_set,
+                                  old.get("false_alarm_rate", 0.01), old.get("confidence", DEFAULT_CONFIDENCE))
+        report["calibration"] = "refitted on the int8 model" if cal else "absent (no calibration images)"
+        if not report["gate"]["ok"] and not allow_accuracy_loss:
+            return None, report
+        meta = {**meta, "calibration": cal, "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
+                                                     "statistics_images": report["statistics_images"]}}
+        for key, value in meta.items():
+            quantised.set_rt_info(json.dumps(value), [RT_SECTION, key])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(quantised, str(out), compress_to_fp16=False)
+    return out, report

@@ -1,0 +1,112 @@
+"""INT8 export: the quantised IR, its refitted thresholds, and the accuracy gate that refuses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from nferd.cli.main import main  # noqa: E402
+from nferd.deploy.openvino_runtime import OpenVinoPredictor  # noqa: E402
+from nferd.deploy.quantize import GATE_BOUNDS, accuracy_gate  # noqa: E402
+
+CAT = "synthetic_tiles"
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root, tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("int8") / "ckpt"
+    assert main(["train", "--data", str(synth_root), "--category", CAT, "--image-size", "64", "--epochs", "1",
+                 "--n-bank", "4", "--top-k", "2", "--batch-size", "4", "--holdout", "0.2", "--out", str(ckpt)]) == 0
+    return ckpt
+
+
+def test_int8_export_quantises_refits_the_thresholds_and_records_its_gate(trained, tmp_path, capsys) -> None:
+    fp32, int8 = tmp_path / "fp32.xml", tmp_path / "int8.xml"
+    assert main(["export", "--checkpoint", str(trained), "--format", "openvino", "--out", str(fp32)]) == 0
+    # the data comes from the checkpoint's record of its training
+    assert main(["export", "--checkpoint", str(trained), "--format", "openvino", "--int8", "--out", str(int8)]) == 0
+    out = capsys.readouterr().out
+    assert "image_auroc: fp32" in out and "as INT8" in out
+    import openvino as ov
+    model = ov.Core().read_model(str(int8))
+    assert any(op.get_type_name() == "FakeQuantize" or (op.get_type_name() == "Constant"
+               and op.get_element_type().get_type_name() in ("i8", "u8")) for op in model.get_ops())
+    a, b = OpenVinoPredictor.from_file(fp32), OpenVinoPredictor.from_file(int8)
+    meta = b.metadata["int8"]
+    assert meta["gate"]["ok"] and set(meta["gate"]["change"]) == set(GATE_BOUNDS)
+    assert meta["statistics_images"] > 0 and meta["tool"].startswith("nncf")
+    # the thresholds are the int8 model's own, fitted on the same held-out images
+    assert b.calibration["n_images"] == a.calibration["n_images"]
+    assert b.calibration["image_threshold"] != a.calibration["image_threshold"]
+    x = torch.rand(3, 3, 64, 64)
+    maps, scores = b.maps(x)
+    assert maps.shape == (3, 64, 64) and np.isfinite(maps).all()
+    assert b.decide(float(scores[0]))["decision"] in ("OK", "NOK")
+
+
+def test_a_failed_or_unmeasurable_gate_writes_nothing_unless_allowed(trained, tmp_path, synth_root, capsys) -> None:
+    """A test split of good images only cannot measure AUROC: the export refuses (exit 3, no file);
+    --allow-accuracy-loss writes it with the failed gate in its metadata."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / CAT, root / CAT)
+    for d in (root / CAT / "test").iterdir():
+        if d.name != "good":
+            shutil.rmtree(d)
+    shutil.rmtree(root / CAT / "ground_truth", ignore_errors=True)
+    out = tmp_path / "int8.xml"
+    args = ["export", "--checkpoint", str(trained), "--format", "openvino", "--int8", "--data", str(root),
+            "--category", CAT, "--out", str(out)]
+    assert main(args) == 3
+    assert "refused" in capsys.readouterr().out and not out.exists() and not out.with_suffix(".bin").exists()
+    assert main(args + ["--allow-accuracy-loss"]) == 0
+    assert "warning: the accuracy gate failed" in capsys.readouterr().out
+    assert not OpenVinoPredictor.from_file(out).metadata["int8"]["gate"]["ok"]
+
+
+def test_int8_needs_the_openvino_format(trained, tmp_path, capsys) -> None:
+    assert main(["export", "--checkpoint", str(trained), "--int8", "--out", str(tmp_path / "m.onnx")]) != 0
+    assert "--format openvino" in capsys.readouterr().err
+
+
+class _Fixed:
+    """A predictor whose maps and scores are given per image index."""
+
+    def __init__(self, scores: list[float], shift: float = 0.0) -> None:
+        self.scores, self.shift, self.i = scores, shift, 0
+
+    def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        s = self.scores[self.i]
+        self.i += 1
+        m = np.full((1, 4, 4), 0.0, dtype=np.float32)
+        m[0, :2, :2] = s + self.shift
+        return m, np.array([s], dtype=np.float32)
+
+
+def _labelled(n: int = 8) -> list[dict]:
+    items = []
+    for i in range(n):
+        mask = torch.zeros(1, 4, 4)
+        if i % 2:
+            mask[0, :2, :2] = 1
+        items.append({"image": torch.zeros(3, 4, 4), "label": i % 2, "mask": mask, "path": f"{i}.png"})
+    return items
+
+
+def test_the_gate_passes_an_equal_model_and_fails_one_that_ranks_worse() -> None:
+    good = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.15, 0.85]
+    worse = [0.1, 0.9, 0.95, 0.8, 0.3, 0.7, 0.15, 0.85]  # a good image now scores highest
+    data = _labelled()
+    same = accuracy_gate(_Fixed(good), _Fixed(good), data)
+    assert same["ok"] and all(abs(d) < 1e-12 for d in same["change"].values())
+    bad = accuracy_gate(_Fixed(good), _Fixed(worse), data)
+    assert not bad["ok"] and "image_auroc" in bad["reason"] and bad["change"]["image_auroc"] < -GATE_BOUNDS["image_auroc"]
+    assert not accuracy_gate(_Fixed(good), _Fixed(good), None)["ok"]
+    assert json.dumps(bad)  # the report goes into the IR's metadata as JSON
