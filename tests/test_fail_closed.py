@@ -92,16 +92,21 @@ def rewrite(ckpt: Path, tensors_edit=None, meta_edit=None) -> Path:
 
 @pytest.fixture
 def nan_for_first_image(monkeypatch):
-    """The model's anomaly map and score come out NaN for the first image of every batch."""
+    """The model's anomaly map and score come out NaN for the first image it scores, and again for
+    the first after each call of the returned ``rearm`` (a batch may take several network calls)."""
     original = NFERD.anomaly_maps
+    armed = [True]
 
     def anomaly_maps(self, t, s, size=None):
         maps, scores = original(self, t, s, size)
-        maps, scores = maps.clone(), scores.clone()
-        maps[0], scores[0] = float("nan"), float("nan")
+        if armed[0]:
+            armed[0] = False
+            maps, scores = maps.clone(), scores.clone()
+            maps[0], scores[0] = float("nan"), float("nan")
         return maps, scores
 
     monkeypatch.setattr(NFERD, "anomaly_maps", anomaly_maps)
+    return lambda: armed.__setitem__(0, True)
 
 
 # --------------------------------------------------------------------------- loading a checkpoint
@@ -186,11 +191,13 @@ def test_nan_at_run_time_is_an_error_row_and_a_failed_exit(saved, model_and_cal,
     assert set(rows[0]) == {"path", "error"} and "non-finite" in rows[0]["error"]
     assert all(r["decision"] in ("OK", "NOK") and np.isfinite(r["score"]) for r in rows[1:])
     # uncalibrated: still an error, not a null decision
+    nan_for_first_image()
     rows = list(Predictor(model, None, device="cpu", precision="fp32").predict_paths([Path(images[0])]))
     assert "error" in rows[0] and "decision" not in rows[0]
 
     out = tmp_path / "pred"
     capsys.readouterr()
+    nan_for_first_image()
     assert main(["predict", "--checkpoint", str(saved), *images, "--out", str(out), "--device", "cpu"]) == 3
     assert "1 failed" in capsys.readouterr().out
     summary = strict_loads((out / "summary.json").read_text())

@@ -139,8 +139,9 @@ def test_a_batch_gives_each_image_the_map_it_gets_alone(preset: str) -> None:
 
 
 def test_a_cpu_batch_runs_one_image_per_network_call_and_keeps_the_order() -> None:
-    """On a CPU one image's activations stay in cache and a batch's do not, so ``maps`` runs the
-    network once per image there, and once per batch where ``micro_batch`` is None (a GPU)."""
+    """On a CPU one 256-px image's activations stay in cache and a batch's do not, so ``maps``
+    runs the network on that many pixels at a time there, and once per batch where
+    ``micro_batch`` is None (a GPU)."""
     from nferd.deploy.predict import BasePredictor
 
     class Counting(BasePredictor):
@@ -158,4 +159,6 @@ def test_a_cpu_batch_runs_one_image_per_network_call_and_keeps_the_order() -> No
         assert p.calls == calls
         assert np.array_equal(maps, images[:, 0].numpy()) and np.array_equal(scores, images[:, 0].flatten(1).amax(1).numpy())
     from nferd.engine.device import micro_batch
-    assert micro_batch(torch.device("cpu")) == 1 and micro_batch(torch.device("cuda")) is None
+    cpu = torch.device("cpu")
+    assert micro_batch(cpu, 256 * 256) == 1 and micro_batch(cpu, 512 * 512) == 1 and micro_batch(cpu, 64 * 64) == 16
+    assert micro_batch(torch.device("cuda"), 256 * 256) is None

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..engine.calibration import check_calibration
+from ..engine.device import micro_batch
 from .onnx_format import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .predict import BasePredictor
 
@@ -104,6 +105,7 @@ class OnnxPredictor(BasePredictor):
         self.metadata = metadata
         self.path = None if path is None else Path(path)
         self.size = int(metadata["image_size"])
+        self.micro_batch = micro_batch(torch.device("cpu"), self.size ** 2)  # runs on the CPU
         check_calibration(metadata.get("calibration"))
         self.calibration = metadata.get("calibration")
         self.preprocess = bool(metadata.get("preprocess", False))

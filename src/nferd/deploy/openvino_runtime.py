@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..engine.calibration import check_calibration
+from ..engine.device import micro_batch
 from .onnx_format import ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .onnx_runtime import OnnxModelError
 from .predict import BasePredictor
@@ -66,6 +67,7 @@ class OpenVinoPredictor(BasePredictor):
         self.metadata = metadata
         self.path = None if path is None else Path(path)
         self.size = int(metadata["image_size"])
+        self.micro_batch = micro_batch(torch.device("cpu"), self.size ** 2)  # runs on the CPU
         self.calibration = metadata.get("calibration")
         self.preprocess = bool(metadata.get("preprocess", False))
         self.config = metadata.get("model", {})

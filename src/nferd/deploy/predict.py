@@ -77,8 +77,8 @@ class BasePredictor:
 
     calibration: dict[str, Any] | None = None
     size: int
-    #: Images per network call (``engine.device.micro_batch``): one on a CPU, None (the whole
-    #: batch) on a GPU.
+    #: Images per network call (``engine.device.micro_batch``): on a CPU one 256-px image's worth
+    #: of pixels, None (the whole batch) on a GPU.
     micro_batch: int | None = 1
 
     def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +156,7 @@ class Predictor(BasePredictor):
         check_calibration(calibration)
         self.calibration = calibration
         self.size = model.config.image_size
-        self.micro_batch = micro_batch(self.device)
+        self.micro_batch = micro_batch(self.device, self.size ** 2)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":

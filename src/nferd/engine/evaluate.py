@@ -43,8 +43,8 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
         from tqdm import tqdm
         it = tqdm(loader, desc="inference", unit="batch", leave=False)
     t0 = time.perf_counter()
-    step = micro_batch(device) or batch_size
     for batch in it:
+        step = micro_batch(device, batch["image"].shape[-2] * batch["image"].shape[-1]) or batch_size
         for a in range(0, len(batch["image"]), step):
             images = channels_last(batch["image"][a:a + step].to(device))
             with autocast(device, amp):
