@@ -85,7 +85,7 @@ class _Fixed:
     def __init__(self, scores: list[float], shift: float = 0.0) -> None:
         self.scores, self.shift, self.i = scores, shift, 0
 
-    def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def batch_maps(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         s = self.scores[self.i]
         self.i += 1
         m = np.full((1, 4, 4), 0.0, dtype=np.float32)

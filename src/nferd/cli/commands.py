@@ -41,7 +41,16 @@ def _categories(args: argparse.Namespace) -> list[str | None]:
     return [args.category]
 
 
-def _validation_set(args: argparse.Namespace, category: str | None, image_size: int):  # type: ignore[no-untyped-def]
+def _tiling(args: argparse.Namespace, recorded: dict[str, Any] | None, image_size: int):  # type: ignore[no-untyped-def]
+    """The tiling to score with: the model's own (``recorded``), or --tile / --tile-overlap."""
+    from ..data.tiles import resolve_tiling
+    try:
+        return resolve_tiling(recorded, getattr(args, "tile", None), getattr(args, "tile_overlap", None), image_size)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
+def _validation_set(args: argparse.Namespace, category: str | None, image_size: int | None):  # type: ignore[no-untyped-def]
     """A validation/good folder (MVTec 3D-AD, LOCO) calibrates instead of held-out training images."""
     if args.data_format == "folder" or category is None:
         return None
@@ -81,6 +90,8 @@ def _model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_train(args: argparse.Namespace) -> int:
     from ..engine import distributed as ddp
     from ..engine.train import TrainConfig, train
+    if args.tile:  # the model's input is a tile
+        args.image_size = args.tile
     mcfg = _model_config(args)
     cats = _categories(args)
     # torchrun: several categories are trained whole, one process each (round robin, no gradient
@@ -95,14 +106,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) / cat if (args.category == "all" and cat) else Path(args.out)
         if args.resume and _report_finished(out, args, lead):
             continue
-        train_set = _datasets(args, cat, "train", mcfg.image_size)
-        cal_set = _validation_set(args, cat, mcfg.image_size)
+        native = None if args.tile else mcfg.image_size  # tiles are cut from the full-resolution images
+        train_set = _datasets(args, cat, "train", native)
+        cal_set = _validation_set(args, cat, native)
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            lr_schedule=args.lr_schedule, precision=args.precision, device=args.device,
                            checkpoint_every=args.checkpoint_every,
                            holdout=0.0 if cal_set is not None else args.holdout,
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
-                           compile=args.compile)
+                           compile=args.compile, tile=args.tile,
+                           tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap)
         if lead:
             print(f"training {mcfg.describe()} ({mcfg.teacher} teacher) on {cat or args.data}: "
                   f"{len(train_set)} images, {args.epochs} epochs"
@@ -166,11 +179,12 @@ def _report_finished(out: Path, args: argparse.Namespace, lead: bool) -> bool:
 
 def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info: dict[str, Any]) -> dict:  # type: ignore[no-untyped-def]
     from ..engine.evaluate import write_results
-    test_set = _datasets(args, cat, "test", model.config.image_size)
+    tiling = _tiling(args, None, model.config.image_size)
+    test_set = _datasets(args, cat, "test", None if tiling else model.config.image_size)
     t0 = time.perf_counter()
     from ..engine.distributed import local_device  # this process's GPU under torchrun
     kw = {"batch_size": getattr(args, "batch_size", 16), "device": str(local_device(getattr(args, "device", "auto"))),
-          "precision": getattr(args, "precision", "auto")}
+          "precision": getattr(args, "precision", "auto"), "tiling": tiling}
     metrics, raw = _evaluate(model, args, cat, test_set, kw)
     run = {"teacher": model.config.teacher, "model": model.config.to_dict(), "eval_seconds": time.perf_counter() - t0,
            **info}
@@ -187,8 +201,8 @@ def _evaluate(model, args: argparse.Namespace, cat: str | None, test_set,  # typ
     from ..engine.evaluate import evaluate, mvtec_ad2_metrics
     metrics, raw = evaluate(model, test_set, **kw)
     if isinstance(test_set, MVTecAD2Dataset):
-        metrics.update(mvtec_ad2_metrics(model, raw, _datasets(args, cat, "validation", model.config.image_size),
-                                         **kw))
+        size = None if kw.get("tiling") else model.config.image_size
+        metrics.update(mvtec_ad2_metrics(model, raw, _datasets(args, cat, "validation", size), **kw))
     return metrics, raw
 
 
@@ -216,8 +230,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     for cat in _categories(args):
         ckpt = Path(args.checkpoint) / cat if (args.category == "all" and cat) else Path(args.checkpoint)
         model, meta = load_checkpoint(ckpt)
-        test_set = _datasets(args, cat, "test", model.config.image_size)
-        kw = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision}
+        tiling = _tiling(args, meta.get("tiling"), model.config.image_size)
+        test_set = _datasets(args, cat, "test", None if tiling else model.config.image_size)
+        kw = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision, "tiling": tiling}
         metrics, raw = _evaluate(model, args, cat, test_set, kw)
         rows[cat or "folder"] = metrics
         if meta.get("calibration"):
@@ -303,6 +318,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from ..engine.distributed import local_device  # under torchrun: this process's GPU
         predictor = Predictor.from_checkpoint(args.checkpoint, device=str(local_device(args.device)),
                                               precision=args.precision)
+    recorded = predictor.tiling.to_dict() if predictor.tiling else None
+    predictor.tiling = _tiling(args, recorded, predictor.size)
     rows = predict_to_folder(predictor, args.inputs, args.out, args.batch_size, args.map_format,
                              resume=not getattr(args, "fresh", False))
     from ..engine.distributed import is_main
@@ -345,14 +362,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     t0 = time.perf_counter()
     source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
+    tiling = _tiling(args, meta.get("tiling"), model.config.image_size)
+    if tiling is not None:
+        if args.preprocess:
+            raise CLIError("--preprocess resizes whole images in the graph; a tiled model cuts them into tiles instead: "
+                           "drop --preprocess")
+    extra = {"source": source, **({"tiling": tiling.to_dict()} if tiling else {})}
     if args.int8:
-        return _export_int8(args, model, meta, source)
+        return _export_int8(args, model, meta, extra, tiling)
     if openvino:
-        path = export_openvino(model, args.out, calibration=meta.get("calibration"), extra_meta={"source": source})
+        path = export_openvino(model, args.out, calibration=meta.get("calibration"), extra_meta=extra)
         size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     else:
         path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, include_preprocess=args.preprocess,
-                           calibration=meta.get("calibration"), extra_meta={"source": source})
+                           calibration=meta.get("calibration"), extra_meta=extra)
         size = path.stat().st_size
     kind = "uint8 N x H x W x 3, resized in the graph" if args.preprocess else \
         f"float N x 3 x {model.config.image_size} x {model.config.image_size} in [0, 1]"
@@ -450,9 +473,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Normal training images (statistics), calibration images and the test split (gate) of the
-    data the checkpoint was trained on, split as its training split them."""
+def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tiling: Any) -> tuple[Any, Any, Any]:
+    """Normal training images (statistics; their tiles for a tiled model), calibration images and
+    the test split (gate) of the data the checkpoint was trained on, split as its training split
+    them."""
+    from ..data.tiles import TiledDataset
     from torch.utils.data import Subset
     from ..data.datasets import make_dataset
     from ..engine.train import split_holdout
@@ -463,7 +488,7 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tu
     if not root:
         raise CLIError("--int8 needs the training images for its statistics and the test split for its gate, and "
                        "this checkpoint does not record them: pass --data ROOT --category C")
-    size, train_cfg = model.config.image_size, meta.get("train") or {}
+    size, train_cfg = None if tiling else model.config.image_size, meta.get("train") or {}
     try:
         train_set = make_dataset(fmt, root, category, "train", size)
         if category and (Path(root) / category / "validation" / "good").is_dir():
@@ -476,19 +501,20 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tu
     except (OSError, ValueError) as e:
         raise CLIError(f"--int8 cannot read the data at '{root}' (category {category}): {e}; pass --data ROOT "
                        "--category C") from e
-    return normal_set, cal_set, test_set
+    return TiledDataset(normal_set, tiling) if tiling else normal_set, cal_set, test_set
 
 
-def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], source: dict[str, Any]) -> int:
+def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], extra: dict[str, Any],
+                 tiling: Any) -> int:
     try:
         from ..deploy.quantize import GATE_BOUNDS, export_int8, require_nncf
         require_nncf()
     except ImportError as e:
         raise CLIError(str(e)) from e
-    normal_set, cal_set, test_set = _int8_sets(args, model, meta)
+    normal_set, cal_set, test_set = _int8_sets(args, model, meta, tiling)
     t0 = time.perf_counter()
     path, report = export_int8(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
-                               extra_meta={"source": source}, allow_accuracy_loss=args.allow_accuracy_loss)
+                               extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
     gate = report["gate"]
     if "change" in gate:
         for k, d in gate["change"].items():
@@ -532,16 +558,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_serve_dependencies()  # before the checkpoint is loaded
     if args.max_upload_mb <= 0 or args.max_queue < 0 or args.max_batch_files <= 0:
         raise CLIError("--max-upload-mb and --max-batch-files must be > 0 and --max-queue >= 0")
-    predictor = None
+    predictor, tiling = None, None
     if args.backend != "torch":
         if args.checkpoint:
             raise CLIError(f"--backend {args.backend} serves --model FILE; drop --checkpoint")
         predictor = _file_predictor(args.backend, args.model)
+        predictor.tiling = _tiling(args, predictor.tiling.to_dict() if predictor.tiling else None, predictor.size)
         what = args.model
     elif not args.checkpoint:
         raise CLIError("--checkpoint is required (or --backend onnx|openvino --model FILE)")
     else:
-        read_metadata(args.checkpoint)  # a wrong path fails here, before the banner
+        recorded = read_metadata(args.checkpoint)  # a wrong path fails here, before the banner
+        tiling = _tiling(args, recorded.get("tiling"), int(recorded["model"]["image_size"]))
         what = args.checkpoint
     print(f"nferd serve: {what} ({args.backend}) on http://{args.host}:{args.port}/ (POST /predict, GET /health, "
           "/metadata, /metrics)" + ("; no authentication, expose only on a trusted network" if args.host not in
@@ -549,7 +577,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run(args.checkpoint, args.host, args.port, device=args.device, precision=args.precision,
         log_level=args.log_level, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_queue=args.max_queue, max_batch_files=args.max_batch_files,
-        max_image_memory_bytes=int(args.max_image_memory_mb * 1024 * 1024), predictor=predictor)
+        max_image_memory_bytes=int(args.max_image_memory_mb * 1024 * 1024), predictor=predictor, tiling=tiling)
     return 0
 
 
@@ -558,6 +586,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..engine.calibration import CalibrationWarning, calibrate, describe_guarantee
     from ..engine.checkpoint import load_checkpoint, update_metadata
     from ..data.datasets import FolderDataset, MVTecDataset
+    from ..data.tiles import Tiling
     folders = [d for d in (args.normal_dir, args.abnormal_dir) if d]
     if bool(folders) == bool(args.data):
         raise CLIError("give the validation images either as --normal-dir [--abnormal-dir --mask-dir] or as "
@@ -565,7 +594,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.data and not args.category:
         raise CLIError("--data needs --category: the validation images are read from ROOT/CATEGORY/validation")
     model, meta = load_checkpoint(args.checkpoint, check_calibration=False)  # refitting repairs a broken one
-    size = model.config.image_size
+    tiling = Tiling.from_dict(meta.get("tiling"))  # thresholds fitted as the model scores: tile by tile
+    size = None if tiling else model.config.image_size
     if args.data:
         ds = MVTecDataset(args.data, args.category, "validation", size)
         ds.calibration_source = f"{args.category}/validation"
@@ -578,7 +608,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         ds.calibration_source = "validation folders: " + ", ".join(str(d) for d in folders)
     with warnings.catch_warnings():  # a too-small set is reported below, in the calibration's own words
         warnings.simplefilter("ignore", CalibrationWarning)
-        cal = calibrate(model, ds, args.false_alarm_rate, args.device, args.precision, args.batch_size)
+        cal = calibrate(model, ds, args.false_alarm_rate, args.device, args.precision, args.batch_size, tiling=tiling)
     counts = cal["fitted_set"]
     previous = meta.get("calibration")
     update_metadata(args.checkpoint, calibration=cal)

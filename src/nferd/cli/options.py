@@ -310,6 +310,19 @@ def add_tracking_options(p: argparse.ArgumentParser) -> None:
                    help="another MLflow tracking URI (a server, a database) instead of --mlflow-dir")
 
 
+def add_tiling_options(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """--tile / --tile-overlap: score (and with ``training`` train on) full-resolution tiles."""
+    if training:
+        what = ("train on tiles of SIZE px cut from the full-resolution images (the model input becomes SIZE) "
+                "and score images tile by tile, maps stitched at full resolution")
+    else:
+        what = ("score full-resolution images tile by tile, maps stitched (default: as the model was trained; "
+                "SIZE must be the model's input size)")
+    p.add_argument("--tile", type=IntRange(64, multiple=32), default=None, metavar="SIZE", help=what)
+    p.add_argument("--tile-overlap", type=FloatRange(0, 0.75), default=None, metavar="F",
+                   help="overlap of neighbouring tiles, a fraction of a tile (0 to 0.75; default 0.25)")
+
+
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="ROOT",

@@ -18,7 +18,7 @@ from ..models.nferd import DEFAULT_TEACHER
 from ..models.teacher import teacher_names
 from ..version import __version__
 from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_model_options,
-                      add_tracking_options, device,
+                      add_tiling_options, add_tracking_options, device,
                       fraction_open, holdout_fraction, image_size_int, non_negative_int, on_off, port_int,
                       positive_float, positive_int, seed_int, seed_list)
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("train", "train NFERD (or RD4AD with --bank off) on normal images")
     add_model_options(p)
     add_data_options(p)
+    add_tiling_options(p, training=True)
     add_tracking_options(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=200, help="training epochs (>= 1; default 200)")
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("test", "evaluate a checkpoint on a labelled test split (image/pixel AUROC, AUPRO, F1, AP)")
     p.add_argument("--checkpoint", required=True)
     add_data_options(p)
+    add_tiling_options(p)
     add_tracking_options(p)
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("predict", "score new images: decision, anomaly map, mask and overlay per image")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder or .safetensors (torch backend)")
+    add_tiling_options(p)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
                    help="torch (default), onnx (ONNX Runtime on the CPU) or openvino (OpenVINO on the CPU, fp32), "
                         "the last two with the file from `nferd export`")
@@ -175,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("export", "export a checkpoint's whole inference graph (map, blur and score included) for deployment")
     p.add_argument("--checkpoint", required=True)
+    add_tiling_options(p)
     p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], dest="export_format",
                    help="onnx (one .onnx file) or openvino (an IR: FILE.xml with FILE.bin beside it)")
     p.add_argument("--out", required=True, metavar="FILE.onnx|FILE.xml")
@@ -267,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("serve", "HTTP inspection service: POST /predict, GET /health, /metadata, and an operator page at /")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (torch backend)")
+    add_tiling_options(p)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"],
                    help="torch (default), or an exported file run by ONNX Runtime or OpenVINO (--model)")
     p.add_argument("--model", default=None, metavar="FILE", help="FILE.onnx or FILE.xml for --backend onnx or openvino")

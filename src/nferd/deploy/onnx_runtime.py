@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.tiles import Tiling
 from ..engine.calibration import check_calibration
 from ..engine.device import micro_batch
 from .onnx_format import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
@@ -106,6 +107,7 @@ class OnnxPredictor(BasePredictor):
         self.path = None if path is None else Path(path)
         self.size = int(metadata["image_size"])
         self.micro_batch = micro_batch(torch.device("cpu"), self.size ** 2)  # runs on the CPU
+        self.tiling = Tiling.from_dict(metadata.get("tiling"))
         check_calibration(metadata.get("calibration"))
         self.calibration = metadata.get("calibration")
         self.preprocess = bool(metadata.get("preprocess", False))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.tiles import Tiling
 from ..engine.calibration import check_calibration
 from ..engine.device import micro_batch
 from .onnx_format import ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
@@ -68,6 +69,7 @@ class OpenVinoPredictor(BasePredictor):
         self.path = None if path is None else Path(path)
         self.size = int(metadata["image_size"])
         self.micro_batch = micro_batch(torch.device("cpu"), self.size ** 2)  # runs on the CPU
+        self.tiling = Tiling.from_dict(metadata.get("tiling"))
         self.calibration = metadata.get("calibration")
         self.preprocess = bool(metadata.get("preprocess", False))
         self.config = metadata.get("model", {})

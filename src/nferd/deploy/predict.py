@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..engine import distributed as ddp
 from ..engine import jsonio
+from ..data.tiles import Tiling
 from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
 from ..engine.device import (autocast, autocast_dtype, channels_last, inference_copy, micro_batch, place,
                              resolve_device)
@@ -80,6 +81,8 @@ class BasePredictor:
     #: Images per network call (``engine.device.micro_batch``): on a CPU one 256-px image's worth
     #: of pixels, None (the whole batch) on a GPU.
     micro_batch: int | None = 1
+    #: Score full-resolution images tile by tile (``data.tiles``); None: resize to the model size.
+    tiling: Tiling | None = None
 
     def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy, run
@@ -95,11 +98,18 @@ class BasePredictor:
         raise NotImplementedError
 
     def load(self, path: Path) -> torch.Tensor:
-        """One image file as the backend's input (float 3 x S x S in [0, 1] by default)."""
-        return load_image(path, self.size)
+        """One image file as the backend's input (float 3 x S x S in [0, 1] by default; at its own
+        size when tiled)."""
+        return load_image(path, None if self.tiling else self.size)
 
-    def batch_maps(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        return self.maps(torch.stack(images))
+    def batch_maps(self, images: list[torch.Tensor]) -> tuple[Any, np.ndarray]:
+        """Maps and scores of loaded images (``load``): one array of maps, or with tiling a list of
+        maps at each image's own size."""
+        if self.tiling is None:
+            return self.maps(torch.stack(images))
+        tiling = self.tiling
+        done = [tiling.score(im, lambda tiles: torch.from_numpy(self.maps(tiles)[0])) for im in images]
+        return [m.numpy() for m, _ in done], np.array([s for _, s in done], dtype=np.float32)
 
     def decide(self, score: float) -> dict[str, Any]:
         """Score, normalised score and decision ('OK', 'NOK', or None without calibration) of one image.
@@ -148,7 +158,7 @@ class Predictor(BasePredictor):
     """A loaded model plus its calibration, ready for batches of image files."""
 
     def __init__(self, model: NFERD, calibration: dict[str, Any] | None = None, device: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", tiling: Tiling | None = None) -> None:
         self.device = resolve_device(device)
         self.model = place(model.eval(), self.device)
         self.amp = autocast_dtype(self.device, precision)
@@ -157,12 +167,15 @@ class Predictor(BasePredictor):
         self.calibration = calibration
         self.size = model.config.image_size
         self.micro_batch = micro_batch(self.device, self.size ** 2)
+        self.tiling = tiling
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto",
+                        tiling: Tiling | None = None) -> "Predictor":
+        """The checkpoint's model and calibration; tiled as it was trained unless ``tiling`` is given."""
         from ..engine.checkpoint import load_checkpoint
         model, meta = load_checkpoint(path, device="cpu")
-        return cls(model, meta.get("calibration"), device, precision)
+        return cls(model, meta.get("calibration"), device, precision, tiling or Tiling.from_dict(meta.get("tiling")))
 
     @torch.no_grad()
     def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

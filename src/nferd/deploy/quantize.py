@@ -73,7 +73,7 @@ def run_over(predictor: Any, dataset: Any) -> dict[str, Any]:
     scores, maps, labels, masks, paths = [], [], [], [], []
     for i in range(len(dataset)):
         item = dataset[i]
-        m, s = predictor.maps(item["image"][None])
+        m, s = predictor.batch_maps([item["image"]])  # tile by tile for a tiled model
         maps.append(m[0])
         scores.append(float(s[0]))
         labels.append(int(item["label"]))
@@ -121,7 +121,7 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         meta = read_metadata(core.read_model(str(fp32_path)), fp32_path)
         fp32 = OpenVinoPredictor.from_file(fp32_path, threads=threads)
         quantised = quantize_ir(core.read_model(str(fp32_path)), _images(normal_set, STATISTICS_IMAGES))
-        int8 = OpenVinoPredictor(compile_cpu(core, quantised, threads), meta)
+        int8 = OpenVinoPredictor(compile_cpu(core, quantised, threads), meta)  # fp32's metadata: its tiling too
         report: dict[str, Any] = {"gate": accuracy_gate(fp32, int8, test_set), "statistics_images":
                                   min(len(normal_set), STATISTICS_IMAGES), "nncf": require_nncf().__version__}
         cal = None

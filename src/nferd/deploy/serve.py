@@ -200,14 +200,16 @@ def overlay_hw(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def decode_cost(head: Header, size: int, max_side: int, want_overlay: bool, want_mask: bool) -> tuple[int, int]:
+def decode_cost(head: Header, size: int, max_side: int, want_overlay: bool, want_mask: bool,
+                tiled: bool = False) -> tuple[int, int]:
     """Bytes an image needs: (while it is decoded, from its decoding until its response is built).
 
-    The second part is the model input, the display image and the response's PNGs.
+    The second part is the model input (the whole image at its own size when ``tiled``, and its
+    stitched map), the display image and the response's PNGs.
     """
     oh, ow = overlay_hw(head.width, head.height, max_side)
     work = head.width * head.height * DECODE_BYTES_PER_PIXEL.get(head.mode, DECODE_BYTES_UNKNOWN_MODE)
-    keep = 3 * size * size * 4
+    keep = (3 + 2) * head.width * head.height * 4 if tiled else 3 * size * size * 4
     if want_overlay:
         work += oh * ow * DISPLAY_WORK_BYTES_PER_PIXEL
         keep += oh * ow * (3 + 6)  # the display image, then the overlay PNG as base64 (worst case)
@@ -254,15 +256,17 @@ def read_header(file: BinaryIO, filename: str, limits: Limits) -> Header:
     return Header(filename, w, h, fmt, mode)
 
 
-def decode_upload(file: BinaryIO, head: Header, size: int, limits: Limits, want_display: bool) -> Decoded:
-    """Decode a file whose header was read: model tensor (+ display image), or UploadRejected(400)."""
+def decode_upload(file: BinaryIO, head: Header, size: int, limits: Limits, want_display: bool,
+                  tiled: bool = False) -> Decoded:
+    """Decode a file whose header was read: model tensor (at the model size, or at the image's own
+    size when ``tiled``) (+ display image), or UploadRejected(400)."""
     t0 = time.perf_counter()
     file.seek(0)
     try:
         with Image.open(file, formats=list(ACCEPTED_FORMATS)) as im:
             im.load()  # decodes every pixel: truncated files fail here
             path = Path(head.filename)
-            tensor = _image_tensor(path, im, (size, size))
+            tensor = _image_tensor(path, im, None if tiled else (size, size))
             display = None
             if want_display:
                 hw = overlay_hw(head.width, head.height, limits.overlay_max_side)
@@ -468,9 +472,9 @@ class InferenceQueue:
             self.drain_s = 0.8 * self.drain_s + 0.2 * min(now - self._last_done, now - started)
         self._last_done = now
 
-    async def maps(self, batch: torch.Tensor, gone: Callable[[], Awaitable[bool]]
-                   ) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """Run ``predictor.maps`` in the worker; returns maps, scores, queue ms and inference ms.
+    async def maps(self, batch: list[torch.Tensor], gone: Callable[[], Awaitable[bool]]
+                   ) -> tuple[Any, np.ndarray, float, float]:
+        """Run ``predictor.batch_maps`` in the worker; returns maps, scores, queue ms and inference ms.
 
         While the batch waits for the worker, a client that disconnects cancels it (ClientGone):
         no forward pass is started for it.
@@ -479,10 +483,10 @@ class InferenceQueue:
 
         def job() -> tuple[np.ndarray, np.ndarray, float, float]:
             start = time.perf_counter()
-            maps, scores = self.predictor.maps(batch)
+            maps, scores = self.predictor.batch_maps(batch)  # a list of maps of the images' own sizes when tiled
             end = time.perf_counter()
-            maps, scores = np.asarray(maps), np.asarray(scores)
-            finite = np.isfinite(maps.reshape(len(maps), -1)).all(axis=1) & np.isfinite(scores.reshape(-1))
+            scores = np.asarray(scores)
+            finite = np.array([bool(np.isfinite(m).all()) for m in maps]) & np.isfinite(scores.reshape(-1))
             with self.lock:
                 self.served += len(batch)
                 self.non_finite += int((~finite).sum())
@@ -624,8 +628,9 @@ def public_metadata(predictor: Any, metadata: dict[str, Any] | None) -> dict[str
         meta["model"] = model.config.to_dict()
     if "teacher" not in meta and getattr(getattr(model, "teacher", None), "name", None):
         meta["teacher"] = {"name": model.teacher.name}
+    tiling = getattr(predictor, "tiling", None)
     return {"model": meta.get("model"), "teacher": meta.get("teacher"),
-            "normalization": meta.get("normalization"),
+            "normalization": meta.get("normalization"), "tiling": tiling.to_dict() if tiling else None,
             "checkpoint": {"format": meta.get("format"), "version": meta.get("version"),
                            "nferd_version": meta.get("nferd_version"), "epoch": meta.get("epoch")}}
 
@@ -688,6 +693,7 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
     queue = InferenceQueue(predictor, max_queue)
     budget = MemoryBudget(max_image_memory_bytes)
     size = int(predictor.size)
+    tiled = getattr(predictor, "tiling", None) is not None  # uploads scored at their own size, tile by tile
     started = time.time()
     info = public_metadata(predictor, metadata)
     monitor = LineMonitor(predictor.calibration, drift_window, drift_alpha)
@@ -729,7 +735,8 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
                 heads[i] = await run_in_threadpool(read_header, f.file, names[i], limits)
             except UploadRejected as e:
                 errors[i] = e
-        costs = {i: decode_cost(h, size, limits.overlay_max_side, want_overlay, want_mask) for i, h in heads.items()}
+        costs = {i: decode_cost(h, size, limits.overlay_max_side, want_overlay, want_mask, tiled)
+                 for i, h in heads.items()}
         for i, (work, keep) in list(costs.items()):
             if work + keep > budget.limit:
                 h = heads.pop(i)
@@ -752,7 +759,8 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
                 if await gone():
                     raise ClientGone
                 try:
-                    decoded[i] = await run_in_threadpool(decode_upload, uploads[i].file, h, size, limits, want_overlay)
+                    decoded[i] = await run_in_threadpool(decode_upload, uploads[i].file, h, size, limits, want_overlay,
+                                                         tiled)
                 except UploadRejected as e:
                     errors[i] = e
             budget.release(work)  # decoding is over; display images and results stay reserved until the end
@@ -762,8 +770,7 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
             if order:
                 if await gone():
                     raise ClientGone
-                maps, scores, queue_ms, inference_ms = await queue.maps(
-                    torch.stack([decoded[i].tensor for i in order]), gone)
+                maps, scores, queue_ms, inference_ms = await queue.maps([decoded[i].tensor for i in order], gone)
             out: list[dict[str, Any]] = []
             for i, name in enumerate(names):
                 if i in errors:
@@ -892,9 +899,10 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
 
 
 def run(checkpoint: str | Path | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-        precision: str = "auto", log_level: str = "info", predictor: Any = None, **limits: Any) -> None:
+        precision: str = "auto", log_level: str = "info", predictor: Any = None, tiling: Any = None,
+        **limits: Any) -> None:
     """Load ``checkpoint`` (or take ``predictor``, e.g. an exported file's) and serve it until
-    interrupted (``nferd serve``).
+    interrupted (``nferd serve``); ``tiling`` replaces the checkpoint's recorded tiling.
 
     Raises ModelOutputError, before listening, when the model is not finite on a synthetic image.
     """
@@ -905,7 +913,7 @@ def run(checkpoint: str | Path | None, host: str = "127.0.0.1", port: int = 8000
     from .predict import Predictor
     if predictor is None:
         meta = read_metadata(checkpoint)
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision)
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision, tiling=tiling)
     else:
         meta = getattr(predictor, "metadata", None)
     self_check(predictor)

@@ -218,10 +218,12 @@ def fit_validation(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, mas
 
 
 def calibrate(model: Any, dataset: Any, false_alarm_rate: float = 0.01, device: Any = "auto",
-              precision: str = "auto", batch_size: int = 16, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
-    """Run ``model`` over ``dataset`` (never the test split) and fit the thresholds on it."""
+              precision: str = "auto", batch_size: int = 16, confidence: float = DEFAULT_CONFIDENCE,
+              tiling: Any = None) -> dict[str, Any]:
+    """Run ``model`` over ``dataset`` (never the test split; full-resolution images scored tile
+    by tile with ``tiling``) and fit the thresholds on it."""
     from .evaluate import infer
-    res = infer(model, dataset, batch_size=batch_size, device=device, precision=precision)
+    res = infer(model, dataset, batch_size=batch_size, device=device, precision=precision, tiling=tiling)
     return fit_calibration(res, dataset, false_alarm_rate, confidence)
 
 

@@ -23,6 +23,7 @@ from .device import (autocast, autocast_dtype, channels_last, inference_copy, mi
                      resolve_device)
 from .finite import require_finite
 from ..metrics import compute_metrics
+from ..data.tiles import Tiling
 from ..models.nferd import NFERD
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap", "segf1", "aupro_0.05")
@@ -31,27 +32,45 @@ PIXEL_KEYS = ("pixel_auroc", "aupro", "pixel_ap")
 
 @torch.no_grad()
 def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | torch.device = "auto",
-          precision: str = "auto", num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Scores (N), maps (N x H x W float32), labels, masks (uint8) and paths for ``dataset``."""
+          precision: str = "auto", num_workers: int = 0, progress: bool = False,
+          tiling: Tiling | None = None) -> dict[str, Any]:
+    """Scores (N), maps (N x H x W float32), labels, masks (uint8) and paths for ``dataset``; with
+    ``tiling``, ``dataset`` holds full-resolution images (all of one size), scored tile by tile."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(device, precision)
     runner = inference_copy(place(model.eval(), device), amp)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps (N x H x W) and scores of a batch, a CPU micro-batch at a time."""
+        step = micro_batch(device, images.shape[-2] * images.shape[-1]) or len(images)
+        ms, scs = [], []
+        for a in range(0, len(images), step):
+            x = channels_last(images[a:a + step].to(device))
+            with autocast(device, amp):
+                t, s = runner(x)
+            m, sc = runner.anomaly_maps(t, s, tuple(x.shape[-2:]))
+            ms.append(m[:, 0].float().cpu())
+            scs.append(sc.float().cpu())
+        return torch.cat(ms), torch.cat(scs)
+
+    loader = DataLoader(dataset, batch_size=1 if tiling else batch_size, shuffle=False, num_workers=num_workers)
     scores, maps, labels, masks, paths, types = [], [], [], [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
-        it = tqdm(loader, desc="inference", unit="batch", leave=False)
+        it = tqdm(loader, desc="inference", unit="image" if tiling else "batch", leave=False)
     t0 = time.perf_counter()
     for batch in it:
-        step = micro_batch(device, batch["image"].shape[-2] * batch["image"].shape[-1]) or batch_size
-        for a in range(0, len(batch["image"]), step):
-            images = channels_last(batch["image"][a:a + step].to(device))
-            with autocast(device, amp):
-                t, s = runner(images)
-            m, sc = runner.anomaly_maps(t, s, tuple(images.shape[-2:]))
-            maps.append(m[:, 0].float().cpu().numpy())
-            scores.append(sc.float().cpu().numpy())
+        if tiling is None:
+            m, sc = run(batch["image"])
+        else:
+            stitched, score = tiling.score(batch["image"][0], lambda tiles: run(tiles)[0])
+            m, sc = stitched[None], torch.tensor([score])
+            if maps and maps[0].shape[1:] != m.shape[1:]:
+                raise ValueError(f"tiled evaluation needs images of one size: {batch['path'][0]} is "
+                                 f"{tuple(m.shape[1:])}, the first was {maps[0].shape[1:]}")
+        maps.append(m.numpy())
+        scores.append(sc.numpy())
         labels.append(np.asarray(batch["label"]))
         masks.append((batch["mask"][:, 0] > 0.5).numpy().astype(np.uint8))
         paths += list(batch["path"])

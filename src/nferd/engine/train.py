@@ -35,6 +35,7 @@ from .checkpoint import (WEIGHTS_NAME, load_checkpoint, load_optimizer_state, re
                          weights_file)
 from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
+from ..data.tiles import TiledDataset, Tiling
 from .safe_io import open_append, remove_stale_temps, write_text
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig, config_from_dict
@@ -76,6 +77,12 @@ class TrainConfig:
     threads: int | None = None
     feature_cache_dir: str | None = None
     compile: bool = False  # torch.compile the dense modules (see device.compile_dense)
+    tile: int | None = None  # train on, and score, tiles of this size cut from full-resolution images
+    tile_overlap: float = 0.25  # neighbouring tiles' overlap, a fraction of a tile
+
+    @property
+    def tiling(self) -> Tiling | None:
+        return Tiling(self.tile, self.tile_overlap) if self.tile else None
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -91,6 +98,7 @@ class TrainConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
+        _ = self.tiling  # a bad tile size or overlap fails here
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -327,13 +335,15 @@ class Trainer:
         if self.calibration_set is None or len(self.calibration_set) < 2:
             return None
         return calibrate(self.model, self.calibration_set, self.config.false_alarm_rate, self.device,
-                         self.config.precision)
+                         self.config.precision, tiling=self.config.tiling)
 
     def fit_map_norm(self) -> None:
         """Standardise the map's two terms on held-out normal images, or, without any, on the
         training images that are not in the bank (a bank image would find itself at distance 0)."""
         from .evaluate import fit_map_norm
         images = self.calibration_set
+        if images is not None and self.config.tiling is not None:  # the model's inputs: tiles
+            images = TiledDataset(images, self.config.tiling)
         if images is None or len(images) < 2:
             in_bank = set(next(iter(self.model.banks.values())).ids.tolist())
             images = Subset(self.train_set, [i for i in range(len(self.train_set)) if i not in in_bank])
@@ -343,7 +353,9 @@ class Trainer:
         fit_map_norm(self.model, images, device=self.device, precision=self.config.precision)
 
     def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration, **self.extra_meta}
+        tiling = self.config.tiling
+        return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration,
+                **({"tiling": tiling.to_dict()} if tiling else {}), **self.extra_meta}
 
 
 def truncate_log(path: Path, epochs: int) -> None:
@@ -417,6 +429,11 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     if calibration_set is None and train_config.holdout > 0:
         keep, held = split_holdout(len(train_set), train_config.holdout, train_config.seed)
         train_set, calibration_set = Subset(train_set, keep), Subset(train_set, held)
+    if train_config.tiling is not None:  # whole images held out above; the model learns from their tiles
+        if model_config.image_size != train_config.tile:
+            raise ValueError(f"with tiles of {train_config.tile} px the model input is a tile: image size "
+                             f"{model_config.image_size} must equal the tile size")
+        train_set = TiledDataset(train_set, train_config.tiling)
     if model_config.bank and model_config.n_bank > len(train_set):
         n = len(train_set)
         print(f"note: --n-bank {model_config.n_bank} > {n} training images: the banks hold all {n}", file=sys.stderr)
