@@ -474,7 +474,7 @@ class InferenceQueue:
 
     async def maps(self, batch: list[torch.Tensor], gone: Callable[[], Awaitable[bool]]
                    ) -> tuple[Any, np.ndarray, float, float]:
-        """Run ``predictor.batch_maps`` in the worker; returns maps, scores, queue ms and inference ms.
+        """Run the predictor on the batch in the worker; returns maps, scores, queue ms and inference ms.
 
         While the batch waits for the worker, a client that disconnects cancels it (ClientGone):
         no forward pass is started for it.
@@ -483,7 +483,10 @@ class InferenceQueue:
 
         def job() -> tuple[np.ndarray, np.ndarray, float, float]:
             start = time.perf_counter()
-            maps, scores = self.predictor.batch_maps(batch)  # a list of maps of the images' own sizes when tiled
+            if getattr(self.predictor, "tiling", None) is not None:  # maps at the images' own sizes, tile by tile
+                maps, scores = self.predictor.batch_maps(batch)
+            else:
+                maps, scores = self.predictor.maps(torch.stack(batch))
             end = time.perf_counter()
             scores = np.asarray(scores)
             finite = np.array([bool(np.isfinite(m).all()) for m in maps]) & np.isfinite(scores.reshape(-1))
