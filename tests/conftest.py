@@ -29,3 +29,15 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate_synthetic_dataset(root, seed=0, n_train=12, n_test_good=3, n_test_per_defect=2, image_size=64)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model at 64 px, trained one epoch on ``synth_root`` by `nferd train` (with its
+    calibration and recorded data); shared, so tests only read it."""
+    from nferd.cli.main import main
+    ckpt = tmp_path_factory.mktemp("tiny") / "ckpt"
+    assert main(["train", "--data", str(synth_root), "--category", "synthetic_tiles", "--image-size", "64",
+                 "--epochs", "1", "--n-bank", "4", "--top-k", "2", "--batch-size", "4", "--holdout", "0.2",
+                 "--out", str(ckpt)]) == 0
+    return ckpt

@@ -25,11 +25,8 @@ CAT = "synthetic_tiles"
 
 
 @pytest.fixture(scope="module")
-def trained(synth_root, tmp_path_factory) -> Path:
-    ckpt = tmp_path_factory.mktemp("openvino") / "ckpt"
-    assert main(["train", "--data", str(synth_root), "--category", CAT, "--image-size", "64", "--epochs", "1",
-                 "--n-bank", "4", "--top-k", "2", "--batch-size", "4", "--holdout", "0.2", "--out", str(ckpt)]) == 0
-    return ckpt
+def trained(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,8 @@ CAT = "synthetic_tiles"
 
 
 @pytest.fixture(scope="module")
-def trained(synth_root, tmp_path_factory) -> Path:
-    ckpt = tmp_path_factory.mktemp("int8") / "ckpt"
-    assert main(["train", "--data", str(synth_root), "--category", CAT, "--image-size", "64", "--epochs", "1",
-                 "--n-bank", "4", "--top-k", "2", "--batch-size", "4", "--holdout", "0.2", "--out", str(ckpt)]) == 0
-    return ckpt
+def trained(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def test_int8_export_quantises_refits_the_thresholds_and_records_its_gate(trained, tmp_path, capsys) -> None:
