@@ -84,3 +84,31 @@ def test_bench_times_an_exported_model_with_the_same_keys(backend: str) -> None:
     assert res["infer_latency_ms_b1"] > 0 and res["infer_images_per_s"] > 0
     with pytest.raises(ValueError, match="CPU"):
         run_bench("efficientnet_lite0", 64, 2, device="cpu", reference=True, backend=backend)
+
+
+def test_the_anomalib_peer_is_timed_in_the_same_run_or_refused_with_the_way_to_get_it(monkeypatch, capsys) -> None:
+    """Where anomalib is importable, its RD model is timed interleaved with nferd's; elsewhere (this
+    project's own environment) --peer anomalib is a one-line error that says what to install."""
+    try:
+        import anomalib  # noqa: F401
+    except ImportError:
+        assert main(["bench", "--teacher", "wide_resnet50_2", "--image-size", "64", "--batch-size", "1",
+                     "--peer", "anomalib", "--json"]) != 0
+        assert "pip install anomalib" in capsys.readouterr().err
+        return
+    res = run_bench("wide_resnet50_2", 64, 1, device="cpu", train_steps=1, infer_iters=2, bank=False,
+                    precision="fp32", peer="anomalib")
+    assert res["peer"]["name"] == "anomalib" and res["peer"]["infer_latency_ms_b1"] > 0
+    assert res["peer"]["latency_ratio_b1"] > 0 and res["peer"]["train_images_per_s"] > 0
+
+
+def test_speed_files_with_a_peer_are_named_and_shown_apart(tmp_path) -> None:
+    from nferd.engine.benchmark import save_speed_result, speed_table
+    res = run_bench("efficientnet_lite0", 64, 2, device="cpu", train_steps=1, infer_iters=2, bank=False)
+    plain = save_speed_result(res, tmp_path)
+    peer = {"name": "anomalib", "version": "2.7.0", "infer_latency_ms_b1": 12.5, "infer_latency_ms_b1_p95": 13.0,
+            "latency_ratio_b1": 0.5}
+    with_peer = save_speed_result({**res, "peer": peer}, tmp_path)
+    assert plain != with_peer and with_peer.name.endswith("-vs-anomalib.json")
+    table = speed_table([json.loads(p.read_text()) for p in (plain, with_peer)])
+    assert "12.5 (anomalib 2.7.0; ratio 0.50)" in table and table.count("| – |") >= 1

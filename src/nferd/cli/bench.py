@@ -196,6 +196,45 @@ def reference_path(model: NFERD, device: torch.device, size: int, batch: int) ->
     return BenchPath(step, infer_one, None, "torch.float32")
 
 
+def peer_path(teacher: str, size: int, batch: int) -> tuple[BenchPath, str]:
+    """anomalib's ReverseDistillationModel with the same backbone (random weights), timed the way
+    its Lightning module runs it: fp32, eager, its loss, Adam on bottleneck and decoder, batch 1 at
+    test with its own map. Needs anomalib importable (a separate environment with PyPI's torch and
+    torchvision); returns the path and anomalib's version."""
+    try:
+        import anomalib
+        from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+        from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
+    except ImportError as e:
+        raise ImportError(f"--peer anomalib needs anomalib, which is not importable here ({e}); run nferd bench in "
+                          "an environment with PyPI's torch, torchvision and anomalib (pip install anomalib)") from e
+    try:
+        model = ReverseDistillationModel(backbone=teacher, input_size=(size, size),
+                                         layers=["layer1", "layer2", "layer3"], anomaly_map_mode="add",
+                                         pre_trained=False)
+    except Exception as e:  # anomalib raises its own errors for backbones it has no decoder for
+        raise ValueError(f"anomalib's reverse distillation has no model for the teacher '{teacher}' ({e}); "
+                         "use --teacher wide_resnet50_2 with --peer anomalib") from e
+    x = torch.rand(batch, 3, size, size)
+    loss_fn = ReverseDistillationLoss()
+    opt = torch.optim.Adam(list(model.decoder.parameters()) + list(model.bottleneck.parameters()),
+                           lr=0.005, betas=(0.5, 0.99))
+
+    def step() -> None:
+        model.train()
+        loss = loss_fn(*model(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer_one() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1]).pred_score.cpu()
+
+    return BenchPath(step, infer_one, None, "torch.float32"), str(anomalib.__version__)
+
+
 def _paired(a: Callable[[], None], b: Callable[[], None], device: torch.device, iters: int,
             warmup: int = 1) -> tuple[list[float], list[float]]:
     """Times of ``a`` and ``b`` run alternately, so both see the same machine: this CPU's speed
@@ -225,11 +264,11 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
               recall: str = "patch", fusion: str | None = None, backend: str = "torch", int8: bool = False,
-              precision: str = "auto") -> dict[str, Any]:
+              precision: str = "auto", peer: str | None = None) -> dict[str, Any]:
     """Training and inference speed of one configuration on random input. ``backend`` "onnx" or
     "openvino" times the same model exported and run by that runtime (CPU, fp32, inference only);
     ``int8`` the OpenVINO IR quantised. ``precision`` is the torch path's (auto: bf16 where the
-    CPU has it)."""
+    CPU has it). ``peer`` "anomalib" also times anomalib's RD model, interleaved with this one."""
     dev = resolve_device(device)
     if backend != "torch" and (dev.type != "cpu" or reference or compile):
         raise ValueError("--backend onnx or openvino runs on the CPU, without --reference or --compile")
@@ -265,6 +304,15 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
                            "cpu_model": cpu_model(), "cpu_flags": cpu_flags()}
     if dev.type == "cuda":
         res["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if peer == "anomalib":
+        other, version = peer_path(teacher, image_size, batch_size)
+        fl, pl = _paired(fast.infer_b1, other.infer_b1, dev, max(3, infer_iters // 2))
+        res["peer"] = {"name": "anomalib", "version": version, **_latency(pl), "precision": other.precision,
+                       "paired_latency_ms_b1": 1000 * statistics.median(fl),
+                       "latency_ratio_b1": statistics.median(f / q for f, q in zip(fl, pl))}
+        if fast.train_step is not None:
+            ft, pt = _paired(fast.train_step, other.train_step, dev, train_steps)
+            res["peer"]["train_images_per_s"] = batch_size / statistics.median(pt)
     if reference:
         ref = reference_path(_bench_model(cfg), dev, image_size, batch_size)  # the same model, run RD4AD's way
         ft, rt = _paired(fast.train_step, ref.train_step, dev, train_steps)

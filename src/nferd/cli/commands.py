@@ -538,7 +538,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
                         args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
                         recall=args.recall, fusion=args.fusion, backend=args.backend, int8=args.int8,
-                        precision=args.precision)
+                        precision=args.precision, peer=args.peer)
     except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from e
     if args.save:

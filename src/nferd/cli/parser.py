@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "OpenVINO (CPU, fp32, inference only)")
     p.add_argument("--int8", action="store_true",
                    help="with --backend openvino: time the IR quantised as `nferd export --int8` quantises it")
+    p.add_argument("--peer", default=None, choices=["anomalib"],
+                   help="also time anomalib's reverse distillation model with the same backbone, interleaved with "
+                        "this one (needs anomalib importable: a separate environment with PyPI's torch)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="the torch path's precision (auto: bf16 autocast where the CPU has it, else fp32)")
     p.add_argument("--save", default=None, metavar="DIR",

@@ -344,7 +344,8 @@ def save_speed_result(res: dict[str, Any], folder: Path) -> Path:
     precision = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "int8": "int8"}.get(str(res["precision"]), "fp32")
     key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], precision,
                     res["fusion"] if res["bank"] else "rd4ad",
-                    f"b{res['batch_size']}", f"t{res['threads']}", res["device"].replace(":", "")])
+                    f"b{res['batch_size']}", f"t{res['threads']}", res["device"].replace(":", "")]
+                   + ([f"vs-{res['peer']['name']}"] if res.get("peer") else []))
     path = Path(folder) / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     safe_io.write_json(path, {**res, "provenance": provenance(res["threads"], res["device"])}, default=str)
@@ -355,11 +356,20 @@ def load_speed_results(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))] if Path(folder).is_dir() else []
 
 
+def _peer_cell(peer: dict[str, Any] | None) -> str:
+    """anomalib's latency timed in the same run (``nferd bench --peer anomalib``), with this row's
+    latency over it measured pairwise."""
+    if not peer:
+        return "–"
+    return (f"{peer['infer_latency_ms_b1']:.1f} (anomalib {peer['version']}; ratio {peer['latency_ratio_b1']:.2f})")
+
+
 def speed_table(rows: list[dict[str, Any]]) -> str:
     """``nferd bench`` result files: latency, throughput and achieved GFLOP/s against the measured
     matmul peak, with the machine each was measured on."""
     head = ["teacher", "model", "backend", "precision", "threads", "batch-1 latency ms (p95)", "batch img/s",
-            "training img/s", "GFLOPs / image", "GFLOP/s (peak)", "CPU (flags)", "date", "commit"]
+            "training img/s", "GFLOPs / image", "GFLOP/s (peak)", "anomalib RD, same run: batch-1 ms",
+            "CPU (flags)", "date", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["teacher"], r["design"], r["backend"], r["threads"])):
         p = r["provenance"]
@@ -371,7 +381,7 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
             f"{r['infer_latency_ms_b1']:.1f} ({r['infer_latency_ms_b1_p95']:.1f})",
             f"{r['infer_images_per_s']:.1f} (batch {r['batch_size']})", f"{train:.1f}" if train else "–",
             f"{r['gflops_per_image']:.2f}", f"{r['gflops_achieved']:.0f} ({r['peak_gflops_matmul']:.0f})",
-            f"{r['cpu_model']} ({flags})", p["date"][:10], short_commit(p.get("git_commit"))]) + " |")
+            _peer_cell(r.get("peer")), f"{r['cpu_model']} ({flags})", p["date"][:10], short_commit(p.get("git_commit"))]) + " |")
     return "\n".join(lines)
 
 
