@@ -79,6 +79,13 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss`` (every timed training path ends with it)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 @dataclass
 class BenchPath:
     """One way of running the model: a training step and inference calls, ready to time."""
@@ -111,9 +118,7 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
         with autocast(device, amp):
             t, s = model(None, exclude_ids=ids, teacher_feats=feats)
         loss = distillation_loss(t, s, model.config.loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
         runner.clear()  # the weights changed: the next inference takes a fresh pre-cast copy
 
     def infer(inp: torch.Tensor) -> Callable[[], None]:
@@ -181,9 +186,7 @@ def reference_path(model: NFERD, device: torch.device, size: int, batch: int) ->
         t = teacher(x)
         s = model.student_features(t)
         loss = rd4ad_loss(t, s) if model.config.loss == "flat" else distillation_loss(t, s, model.config.loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
 
     def infer_one() -> None:
         model.eval()
@@ -223,9 +226,7 @@ def peer_path(teacher: str, size: int, batch: int) -> tuple[BenchPath, str]:
     def step() -> None:
         model.train()
         loss = loss_fn(*model(x))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
 
     def infer_one() -> None:
         model.eval()
