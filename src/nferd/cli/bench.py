@@ -136,16 +136,12 @@ def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str, in
     or with ``int8`` the OpenVINO IR quantised as ``nferd export --int8`` does, with statistics of
     random images: a speed figure only); inference only (an exported graph does not train)."""
     if int8:
-        import openvino as ov
-        from ..deploy.openvino_runtime import OpenVinoPredictor, compile_cpu, export_openvino, read_metadata
-        from ..deploy.quantize import quantize_ir
-        xml = export_openvino(model, f"{folder}/bench.xml")
-        core = ov.Core()
+        from ..deploy.openvino_runtime import export_openvino
+        from ..deploy.quantize import quantised_predictor
         g = torch.Generator().manual_seed(0)
-        quantised = quantize_ir(core.read_model(str(xml)), [torch.rand(1, 3, size, size, generator=g).numpy()
-                                                             for _ in range(8)])
-        pred: Any = OpenVinoPredictor(compile_cpu(core, quantised, default_threads()),
-                                      read_metadata(core.read_model(str(xml)), xml))
+        pred: Any = quantised_predictor(export_openvino(model, f"{folder}/bench.xml"),
+                                        [torch.rand(1, 3, size, size, generator=g).numpy() for _ in range(8)],
+                                        default_threads())[0]
     elif backend == "onnx":
         from ..deploy.export import export_onnx
         from ..deploy.onnx_runtime import OnnxPredictor

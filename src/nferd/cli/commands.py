@@ -478,9 +478,8 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
     the test split (gate) of the data the checkpoint was trained on, split as its training split
     them."""
     from ..data.tiles import TiledDataset
-    from torch.utils.data import Subset
     from ..data.datasets import make_dataset
-    from ..engine.train import split_holdout
+    from ..engine.train import training_split
     recorded = meta.get("data") or {}
     root = args.data or recorded.get("root")
     category = args.category if args.data else recorded.get("category")
@@ -490,13 +489,12 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
                        "this checkpoint does not record them: pass --data ROOT --category C")
     size, train_cfg = None if tiling else model.config.image_size, meta.get("train") or {}
     try:
-        train_set = make_dataset(fmt, root, category, "train", size)
+        train_set, validation = make_dataset(fmt, root, category, "train", size), None
         if category and (Path(root) / category / "validation" / "good").is_dir():
-            normal_set, cal_set = train_set, make_dataset(fmt, root, category, "validation", size)
-            cal_set.calibration_source = "validation/good"
-        else:
-            kept, held = split_holdout(len(train_set), float(train_cfg.get("holdout", 0.1)), int(train_cfg.get("seed", 0)))
-            normal_set, cal_set = Subset(train_set, kept), Subset(train_set, held) if held else None
+            validation = make_dataset(fmt, root, category, "validation", size)
+            validation.calibration_source = "validation/good"
+        normal_set, cal_set = training_split(train_set, float(train_cfg.get("holdout", 0.1)),
+                                             int(train_cfg.get("seed", 0)), validation)
         test_set = make_dataset(fmt, root, category, "test", size) if fmt != "folder" else None
     except (OSError, ValueError) as e:
         raise CLIError(f"--int8 cannot read the data at '{root}' (category {category}): {e}; pass --data ROOT "

@@ -68,6 +68,16 @@ def quantize_ir(ir: Any, normal_images: list[np.ndarray]) -> Any:
                          ignored_scope=nncf.IgnoredScope(types=["MatMul"], patterns=[NOT_STUDENT], validate=False))
 
 
+def quantised_predictor(xml: str | Path, normal_images: list[np.ndarray],
+                        threads: int | None = None) -> tuple[OpenVinoPredictor, Any]:
+    """The fp32 IR at ``xml`` quantised (:func:`quantize_ir`) and compiled for the CPU, as a
+    predictor with the IR's metadata (its tiling too), and the quantised ``openvino.Model``."""
+    core = require_openvino().Core()
+    meta = read_metadata(core.read_model(str(xml)), xml)
+    quantised = quantize_ir(core.read_model(str(xml)), normal_images)
+    return OpenVinoPredictor(compile_cpu(core, quantised, threads), meta), quantised
+
+
 def run_over(predictor: Any, dataset: Any) -> dict[str, Any]:
     """Scores, maps, labels, masks and paths of ``dataset`` through ``predictor`` (as ``infer``)."""
     scores, maps, labels, masks, paths = [], [], [], [], []
@@ -117,11 +127,8 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_openvino(model, Path(tmp) / "fp32.xml", calibration=calibration, extra_meta=extra_meta)
-        core = ov.Core()
-        meta = read_metadata(core.read_model(str(fp32_path)), fp32_path)
         fp32 = OpenVinoPredictor.from_file(fp32_path, threads=threads)
-        quantised = quantize_ir(core.read_model(str(fp32_path)), _images(normal_set, STATISTICS_IMAGES))
-        int8 = OpenVinoPredictor(compile_cpu(core, quantised, threads), meta)  # fp32's metadata: its tiling too
+        int8, quantised = quantised_predictor(fp32_path, _images(normal_set, STATISTICS_IMAGES), threads)
         report: dict[str, Any] = {"gate": accuracy_gate(fp32, int8, test_set), "statistics_images":
                                   min(len(normal_set), STATISTICS_IMAGES), "nncf": require_nncf().__version__}
         cal = None
@@ -132,7 +139,7 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         report["calibration"] = "refitted on the int8 model" if cal else "absent (no calibration images)"
         if not report["gate"]["ok"] and not allow_accuracy_loss:
             return None, report
-        meta = {**meta, "calibration": cal, "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
+        meta = {**int8.metadata, "calibration": cal, "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
                                                      "statistics_images": report["statistics_images"]}}
         for key, value in meta.items():
             quantised.set_rt_info(json.dumps(value), [RT_SECTION, key])

@@ -124,6 +124,16 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(perm[k:]), sorted(perm[:k])
 
 
+def training_split(train_set: Dataset, holdout: float, seed: int,
+                   calibration_set: Dataset | None = None) -> tuple[Dataset, Dataset | None]:
+    """The images a run trains on and the ones it calibrates on: ``calibration_set`` (a validation
+    split) when there is one, else ``holdout`` of ``train_set`` kept out (seeded, ``split_holdout``)."""
+    if calibration_set is None and holdout > 0:
+        keep, held = split_holdout(len(train_set), holdout, seed)
+        return Subset(train_set, keep), Subset(train_set, held)
+    return train_set, calibration_set
+
+
 def held_out_normals(root: str | Path, category: str, image_size: int, seed: int, holdout: float) -> Dataset:
     """The good images a run of ``seed`` calibrated and standardised its map on: the dataset's
     ``validation/good``, or the ``holdout`` part of the training images its training kept out."""
@@ -426,9 +436,7 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
                        "calibration": meta.get("calibration"), "checkpoint": str(weights_file(out_dir))}
     torch.manual_seed(train_config.seed)
     np.random.seed(train_config.seed)
-    if calibration_set is None and train_config.holdout > 0:
-        keep, held = split_holdout(len(train_set), train_config.holdout, train_config.seed)
-        train_set, calibration_set = Subset(train_set, keep), Subset(train_set, held)
+    train_set, calibration_set = training_split(train_set, train_config.holdout, train_config.seed, calibration_set)
     if train_config.tiling is not None:  # whole images held out above; the model learns from their tiles
         if model_config.image_size != train_config.tile:
             raise ValueError(f"with tiles of {train_config.tile} px the model input is a tile: image size "

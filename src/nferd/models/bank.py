@@ -175,10 +175,12 @@ class PatchBank(NormalFeatureBank):
         # The searched rows and their unit keys, stamped with the maps' storage and version
         # counter: a refill or an in-place edit of ``maps`` is seen, nothing is gathered twice.
         self._rows: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
+        self._projected: tuple[tuple, Tensor] | None = None  # the keys on the coarse search's directions
 
     def reset(self) -> None:
         self._memo = None
         self._rows = None
+        self._projected = None
 
     @torch.no_grad()
     def fill(self, maps: Tensor, ids: Tensor) -> None:
@@ -251,9 +253,8 @@ class PatchBank(NormalFeatureBank):
         """The searched unit keys on the coarse search's directions (P x D), computed once per
         fill (like :meth:`searched`) and whenever the projection changes."""
         stamp = (self.search_proj.data_ptr(), self.search_proj._version, self.maps.data_ptr(), self.maps._version)
-        cached = getattr(self, "_projected", None)
-        if not torch.jit.is_tracing() and cached is not None and cached[0] == stamp:
-            return cached[1]
+        if not torch.jit.is_tracing() and self._projected is not None and self._projected[0] == stamp:
+            return self._projected[1]
         keys = self.searched()[2] @ self.search_proj
         if not torch.jit.is_tracing():
             self._projected = (stamp, keys)
