@@ -112,3 +112,13 @@ def test_speed_files_with_a_peer_are_named_and_shown_apart(tmp_path) -> None:
     assert plain != with_peer and with_peer.name.endswith("-vs-anomalib.json")
     table = speed_table([json.loads(p.read_text()) for p in (plain, with_peer)])
     assert "12.5 (anomalib 2.7.0; ratio 0.50)" in table and table.count("| – |") >= 1
+
+
+def test_bench_int8_json_is_the_only_output_on_stdout(capsys) -> None:
+    """NNCF draws progress bars while it quantises; they go to stderr, so `--json` stays parseable."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    assert main(["bench", "--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2",
+                 "--infer-iters", "2", "--backend", "openvino", "--int8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == "int8" and res["backend"] == "openvino"

@@ -18,8 +18,10 @@ by more than 0.005 or AUPRO by more than 0.01, or when there are no defects to m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,8 +66,10 @@ def quantize_ir(ir: Any, normal_images: list[np.ndarray]) -> Any:
     nncf.set_log_level(logging.WARNING)  # NNCF logs every layer it leaves out at INFO
     if not normal_images:
         raise ValueError("INT8 quantisation needs normal training images for its statistics; none were given")
-    return nncf.quantize(ir, nncf.Dataset(normal_images), subset_size=len(normal_images),
-                         ignored_scope=nncf.IgnoredScope(types=["MatMul"], patterns=[NOT_STUDENT], validate=False))
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars, off stdout (`nferd bench --json`)
+        return nncf.quantize(ir, nncf.Dataset(normal_images), subset_size=len(normal_images),
+                             ignored_scope=nncf.IgnoredScope(types=["MatMul"], patterns=[NOT_STUDENT],
+                                                             validate=False))
 
 
 def quantised_predictor(xml: str | Path, normal_images: list[np.ndarray],
