@@ -1,13 +1,12 @@
 """INT8 post-training quantisation of the OpenVINO IR (NNCF), behind an accuracy gate.
 
-Why NNCF on the OpenVINO IR: on MVTec AD bottle (EfficientNet-Lite0 default model), NNCF's
-quantisation kept image AUROC at 1.0 and AUPRO within +0.002 of fp32, where ONNX Runtime's static
-QDQ quantisation of the same graph's convolutions lost 0.075 image AUROC and 0.03 AUPRO and ran
-slower. The statistics come from normal training images only. Only the student's layers are
-quantised: the teacher's features are the reference of both terms of the map (quantised, they
-cost tire 0.045 AUPRO), the anomaly map after the network clips a defect's values to the ranges
-of normal images when quantised, and the bank search's cosines near 1 differ by less than an
-int8 step, so all three stay fp32.
+Why NNCF on the OpenVINO IR: on MVTec AD bottle NNCF's quantisation kept the fp32 model's
+accuracy, where ONNX Runtime's static QDQ quantisation of the same graph's convolutions lost image
+AUROC and ran slower (docs/decisions.md). The statistics come from normal training images only.
+Only the student's layers are quantised: the teacher's features are the reference of both terms
+of the map (quantised, they cost tire AUPRO), the anomaly map after the network clips a defect's
+values to the ranges of normal images when quantised, and the bank search's cosines near 1 differ
+by less than an int8 step, so all three stay fp32.
 
 Quantisation moves the anomaly map, so the decision thresholds are fitted again on the int8
 model's maps of the calibration images (the checkpoint's held-out good images, or the dataset's
@@ -36,8 +35,8 @@ from .openvino_runtime import RT_SECTION, OpenVinoPredictor, compile_cpu, export
 GATE_BOUNDS = {"image_auroc": 0.005, "pixel_auroc": 0.005, "aupro": 0.01}
 # Only the student (OCBE and decoder: the ``/model/ocbe/`` and ``/model/layerN/`` scopes of the
 # exported graph) is quantised. The teacher's features are the reference of both map terms, the
-# student's target and the bank's keys (stored in fp32): quantised, they moved tire's AUPRO by
-# -0.045, where a quantised student moved it by -0.001. The anomaly map after the network
+# student's target and the bank's keys (stored in fp32): quantised, they cost tire far more AUPRO
+# than a quantised student (docs/decisions.md). The anomaly map after the network
 # (cosines, resizes, standardisation, bank distance, blur) stays fp32 too: quantised with the
 # ranges of normal images, it clips a defect's map.
 NOT_STUDENT = r"(?!/model/(ocbe|layer[0-9])/).*"

@@ -16,9 +16,8 @@ CPU_PIXELS_PER_CALL = 256 * 256  # a 256-px image: one image's activations stay 
 def micro_batch(device: torch.device, image_pixels: int) -> int | None:
     """Images per network call at inference: on a CPU as many as hold ``CPU_PIXELS_PER_CALL``
     pixels (one 256-px image, sixteen 64-px ones), whose activations stay in cache where a larger
-    batch's spill to memory (measured with EfficientNet-Lite0 at 256 px on one thread: 33-35 ms
-    per image alone, 41-43 ms per image in a batch of 16, with PyTorch, ONNX Runtime and OpenVINO;
-    WRN50-2's teacher 177 ms alone, 185 ms in fours); the whole batch on a GPU (None)."""
+    batch's spill to memory and cost more per image on every backend (docs/decisions.md); the
+    whole batch on a GPU (None)."""
     return max(1, CPU_PIXELS_PER_CALL // max(1, image_pixels)) if device.type == "cpu" else None
 
 
