@@ -21,7 +21,7 @@ CAT = "synthetic_tiles"
 def filled(weight: float = 0.5, fusion: str = "none", teacher_weights: str | None = "random") -> NFERD:
     """A small model with filled banks (random teacher by default: fast, and enough for the formulas)."""
     torch.manual_seed(0)
-    m = NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2, fusion=fusion, bank_distance_weight=weight),
+    m = NFERD(ModelConfig(distance="bank", image_size=64, n_bank=4, top_k=2, fusion=fusion, bank_distance_weight=weight),
               teacher_weights=teacher_weights)
     with torch.no_grad():
         m.fill_banks(m.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
@@ -29,7 +29,7 @@ def filled(weight: float = 0.5, fusion: str = "none", teacher_weights: str | Non
 
 
 def test_the_default_scores_with_the_two_finest_banks_and_rd4ads_student() -> None:
-    cfg = ModelConfig(image_size=64, n_bank=4, top_k=2)
+    cfg = ModelConfig(distance="bank", image_size=64, n_bank=4, top_k=2)
     assert (cfg.fusion, cfg.bank_stages, cfg.bank_distance_weight) == ("none", (1, 2), 0.5)
     m = NFERD(cfg, teacher_weights="random")
     assert sorted(m.banks) == ["0", "1"] and hasattr(m, "map_norm")
@@ -55,7 +55,7 @@ def test_the_option_needs_the_patch_bank_and_a_sane_weight() -> None:
         ModelConfig(recall="map", bank_distance_weight=0.5)
     with pytest.raises(ValueError, match="bank_distance_weight"):
         ModelConfig(bank_distance_weight=-1.0)
-    assert not hasattr(NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2, bank_distance_weight=0),
+    assert not hasattr(NFERD(ModelConfig(distance="bank", image_size=64, n_bank=4, top_k=2, bank_distance_weight=0),
                              teacher_weights="random"), "map_norm")
 
 
@@ -108,7 +108,7 @@ def test_standardisation_gives_each_term_mean_zero_and_unit_spread_on_its_normal
 
 def test_training_fits_the_standardisation_and_the_checkpoint_keeps_it(synth_root: Path, tmp_path: Path) -> None:
     ds = MVTecDataset(synth_root, CAT, "train", 64)
-    cfg = ModelConfig(image_size=64, n_bank=4, top_k=2, fusion="none", bank_distance_weight=0.25)
+    cfg = ModelConfig(distance="bank", image_size=64, n_bank=4, top_k=2, fusion="none", bank_distance_weight=0.25)
     model, summary = train(ds, cfg, TrainConfig(epochs=1, batch_size=4, holdout=0.25, device="cpu"), tmp_path / "ck",
                            progress=False)
     norm = model.map_norm.tolist()
@@ -158,9 +158,9 @@ def test_the_two_stage_search_is_on_where_the_teacher_has_the_channels_for_it() 
     bank, which the distance does not use, gets no projection; old configs mean the exact search."""
     assert search_dims(256, 4) == 64 and search_dims(512, 4) == 128 and search_dims(64, 4) == 32
     assert search_dims(24, 4) is None and search_dims(40, 4) is None and search_dims(1024, 1) is None
-    m = NFERD(ModelConfig(teacher="resnet18", image_size=64, n_bank=4, top_k=2), teacher_weights="random")
+    m = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=4, top_k=2), teacher_weights="random")
     assert [b.search_proj.shape for b in m.banks.values()] == [(64, 32), (128, 32)]
-    fused = NFERD(ModelConfig(teacher="resnet18", image_size=64, n_bank=4, top_k=2, fusion="hafm"),
+    fused = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=4, top_k=2, fusion="hafm"),
                   teacher_weights="random")
     assert all(b.search_proj is None for b in fused.banks.values())
     old = {k: v for k, v in ModelConfig().to_dict().items() if k != "search_reduction"}
@@ -174,8 +174,8 @@ def test_the_two_stage_search_scores_as_the_exact_search_and_exports_with_a_free
     pytest.importorskip("onnxruntime")
     from nferd.deploy.export import check_export, export_onnx
     torch.manual_seed(0)
-    m = NFERD(ModelConfig(teacher="resnet18", image_size=64, n_bank=8, top_k=2), teacher_weights="random").eval()
-    exact = NFERD(ModelConfig(teacher="resnet18", image_size=64, n_bank=8, top_k=2, search_reduction=1),
+    m = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=8, top_k=2), teacher_weights="random").eval()
+    exact = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=8, top_k=2, search_reduction=1),
                   teacher=m.teacher).eval()
     normals = torch.rand(8, 3, 64, 64)
     with torch.no_grad():

@@ -86,8 +86,22 @@ def test_predict_reports_a_broken_file_and_goes_on(trained, tmp_path) -> None:
     assert len(list((out / "overlays").glob("*.png"))) == 2 and len(list((out / "maps").glob("*.png"))) == 2
 
 
-def test_diagnose_reports_retrieval_health(trained, capsys) -> None:
+def test_diagnose_of_the_default_scores_each_term_alone(trained, capsys) -> None:
     data, ckpt = trained
+    assert main(["diagnose", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert list(rep["stages"]) == ["layer1", "layer2", "layer3", "model", "student", "bank distance"]
+    assert rep["stages"]["student"] != rep["stages"]["bank distance"]
+
+
+def test_diagnose_reports_retrieval_health(trained, capsys, tmp_path) -> None:
+    data, _ = trained
+    ckpt = tmp_path / "banked"  # banks that only score (the nferd 0.3-0.4 design)
+    assert main(["train", "--data", str(data), "--category", "synthetic_tiles", "--image-size", "64", "--epochs", "1",
+                 "--n-bank", "4", "--top-k", "2", "--batch-size", "4", "--holdout", "0.2", "--preset", "nferd_bankdist",
+                 "--out", str(ckpt)]) == 0
+    capsys.readouterr()
     assert main(["diagnose", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
                  "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

@@ -15,6 +15,11 @@ from nferd.models.nferd import NFERD, ModelConfig
 from nferd.engine.train import LAST, TrainConfig, Trainer, train
 
 
+def summary_images(model) -> int:  # type: ignore[no-untyped-def]
+    """Training images behind a filled memory."""
+    return int(model.memory.source.max()) + 1
+
+
 def small_config(**kw) -> ModelConfig:
     return ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2, **kw)
 
@@ -34,7 +39,8 @@ def test_loss_goes_down_and_teacher_stays_frozen(synth_root, tmp_path) -> None:
     for k, v in model.teacher.state_dict().items():  # BN running stats included
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.teacher.parameters())
-    assert model.banks["0"].ids.min() >= 0  # banks were filled from the training images
+    # the memory was filled from the training images: every position of each, the held-out ones excepted
+    assert model.memory.size == summary_images(model) * 8 * 8 and model.memory.source.min() >= 0
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -108,12 +114,12 @@ def test_checkpoint_errors_are_clear(tmp_path) -> None:
     model = NFERD(small_config())
     save_checkpoint(tmp_path / "ck", model)
     meta_path = tmp_path / "ck" / "model.safetensors"
-    # a checkpoint whose config says N=6 but whose banks hold 4 maps
+    # a checkpoint whose config describes another memory than the one it holds
     from safetensors import safe_open
     with safe_open(str(meta_path), framework="pt") as f:
         meta = json.loads(f.metadata()["nferd"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["model"]["n_bank"] = 6
+    meta["model"]["memory_stages"] = [1, 2]
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"nferd": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(tmp_path / "bad.safetensors")

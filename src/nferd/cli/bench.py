@@ -108,7 +108,8 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
     x = channels_last(torch.rand(batch, 3, size, size, device=device))
     with torch.no_grad():  # the "cache": fp16 teacher maps, as FeatureCache stores them
         cache = [channels_last(f.to(torch.float16)) for f in model.teacher(x)]
-    opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.999))  # as nferd train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_adam(params, 1e-4, (0.5, 0.999)) if params else None  # as nferd train (nothing to train: no student)
     ids = torch.arange(batch, device=device) + 10_000  # never in the bank: no masking cost difference
     runner: list[Predictor] = []
 
@@ -128,7 +129,7 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
             runner[0].maps(inp)
         return run
 
-    return BenchPath(step, infer(x[:1]), infer(x), str(amp or torch.float32))
+    return BenchPath(step if opt is not None else None, infer(x[:1]), infer(x), str(amp or torch.float32))
 
 
 def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str, int8: bool = False) -> BenchPath:
@@ -249,23 +250,26 @@ def _paired(a: Callable[[], None], b: Callable[[], None], device: torch.device, 
 
 
 def _bench_model(cfg: ModelConfig) -> NFERD:
+    from .info import full_memory
     torch.manual_seed(0)
     model = NFERD(cfg, teacher_weights="random")
-    if cfg.bank:
+    if len(model.banks):
         with torch.no_grad():
             feats = model.teacher(torch.rand(cfg.n_bank, 3, cfg.image_size, cfg.image_size))
-        model.fill_banks(feats, torch.arange(cfg.n_bank))
+        model.fill_banks(feats, torch.arange(cfg.n_bank), memory=False)
+    full_memory(model)  # as many rows as a 200-image training set leaves: the search's full cost
     return model
 
 
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
               recall: str = "patch", fusion: str | None = None, backend: str = "torch", int8: bool = False,
-              precision: str = "auto", peer: str | None = None) -> dict[str, Any]:
+              precision: str = "auto", peer: str | None = None, preset: str | None = None) -> dict[str, Any]:
     """Training and inference speed of one configuration on random input. ``backend`` "onnx" or
     "openvino" times the same model exported and run by that runtime (CPU, fp32, inference only);
     ``int8`` the OpenVINO IR quantised. ``precision`` is the torch path's (auto: bf16 where the
-    CPU has it). ``peer`` "anomalib" also times anomalib's RD model, interleaved with this one."""
+    CPU has it). ``peer`` "anomalib" also times anomalib's RD model, interleaved with this one.
+    ``preset``: a design of ``PRESETS`` to time instead of ``bank`` / ``recall`` / ``fusion``."""
     dev = resolve_device(device)
     if backend != "torch" and (dev.type != "cpu" or reference or compile):
         raise ValueError("--backend onnx or openvino runs on the CPU, without --reference or --compile")
@@ -273,7 +277,9 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
         raise ValueError("--int8 times the quantised OpenVINO IR: add --backend openvino")
     torch.set_num_threads(default_threads())
     torch.manual_seed(0)
-    cfg = ModelConfig(teacher=teacher, image_size=image_size, bank=bank, recall=recall, fusion=fusion)
+    cfg = (ModelConfig.preset(preset, teacher=teacher, image_size=image_size) if preset else
+           ModelConfig(teacher=teacher, image_size=image_size, bank=bank, recall=recall, fusion=fusion))
+    bank = cfg.bank
     model = _bench_model(cfg)
     gflops = forward_gflops(model, image_size)
     if dev.type == "cuda":

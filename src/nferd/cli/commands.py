@@ -207,7 +207,7 @@ def _evaluate(model, args: argparse.Namespace, cat: str | None, test_set,  # typ
 
 
 def _print_metrics(name: str, m: dict[str, Any]) -> None:
-    keys = ("image_auroc", "image_ap", "image_f1max") + (() if m.get("pixel_metrics_absent") else
+    keys = ("image_auroc", "image_ap", "image_f1max", "miss_at_1pct_fa") + (() if m.get("pixel_metrics_absent") else
                                                          ("pixel_auroc", "aupro", "pixel_ap", "segf1", "aupro_0.05"))
     print(f"{name}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m))
     if m.get("pixel_metrics_absent"):
@@ -536,7 +536,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
                         args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
                         recall=args.recall, fusion=args.fusion, backend=args.backend, int8=args.int8,
-                        precision=args.precision, peer=args.peer)
+                        precision=args.precision, peer=args.peer, preset=args.preset)
     except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from e
     if args.save:
@@ -687,7 +687,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise CLIError(f"--seeds takes integers separated by commas, got '{args.seeds}'") from e
     import os
     threads = args.threads or os.cpu_count() or 1
-    runs = [Run(root, cat, model, args.teacher, args.image_size, args.epochs, seed)
+    runs = [Run(root, cat, model, args.teacher, args.image_size, args.epochs, seed, args.train_images)
             for root in args.data for cat in args.categories.split(",") if cat
             for model in models for seed in seeds]
     for root in args.data:

@@ -172,7 +172,8 @@ IMAGE_SIZE_HELP = (f"input side in pixels: a multiple of 32 (the teacher downsam
 def add_model_options(p: argparse.ArgumentParser) -> None:
     from ..models.hafm import FUSIONS
     from ..models.bank import RECALLS
-    from ..models.nferd import DEFAULT_TEACHER
+    from ..models.coreset import SAMPLERS
+    from ..models.nferd import DEFAULT_TEACHER, DISTANCES, PRESETS
     from ..models.teacher import teacher_names
     g = p.add_argument_group("model")
     g.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(),
@@ -182,8 +183,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="local .pth/.safetensors teacher weights instead of downloading them")
     g.add_argument("--image-size", type=image_size_int, default=256, metavar="PX",
                    help=IMAGE_SIZE_HELP)
-    g.add_argument("--bank", type=on_off, default=True, metavar="on|off",
-                   help="normal feature banks (off: RD4AD)")
+    g.add_argument("--preset", default="nferd", choices=list(PRESETS),
+                   help="the design to start from; the options below change it (default nferd: RD4AD's student "
+                        "and the distance to a memory of every training position in the map; patchcore: that "
+                        "memory alone, no student to train; rd4ad: the student alone; nferd_fusion, nferd_paper: "
+                        "the paper's recall fused into the student; nferd_bankdist: nferd 0.3-0.4's default)")
+    g.add_argument("--bank", type=on_off, default=None, metavar="on|off",
+                   help="normal feature banks and memory (off: RD4AD)")
     g.add_argument("--recall", default=None, choices=RECALLS,
                    help="patch (default): each position recalls its nearest normal positions, keyed by the "
                         "input's teacher features; map: the paper's whole-map recall keyed by the student's map "
@@ -213,19 +219,34 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--map-combine", default=None, choices=["sum", "prod"],
                    help="per-stage maps summed (RD4AD's evaluation, default) or multiplied (anomalib's option)")
     g.add_argument("--bank-distance-weight", default=None, type=FloatRange(0), metavar="W",
-                   help="weight of the banks' nearest-normal distance in the map, both terms standardised on "
-                        "held-out normal images (patch recall; default 0.5, 0 with a fusion; 0 turns it off)")
+                   help="weight of the nearest-normal distance in the map, both terms standardised on normal "
+                        "images (default 1 with the memory, 0.5 with --distance bank, 0 with a fusion; 0 turns it off)")
+    g.add_argument("--distance", default=None, choices=DISTANCES,
+                   help="where the map's nearest-normal distance looks: memory (default: every training position, "
+                        "3 x 3-averaged features of --memory-stages, Euclidean) or bank (the N bank images' raw "
+                        "features of --bank-stages, cosine)")
+    g.add_argument("--memory-stages", default=None, type=stage_list, metavar="2,3",
+                   help="teacher stages (1 = finest) whose averaged maps make a memory feature (default 2,3)")
+    g.add_argument("--memory-mib", default=None, type=positive_float, metavar="MIB",
+                   help="memory size in MiB of fp32 features: every training position while they fit, else a "
+                        "coreset of as many as fit; bounds the search's cost too (default 8)")
+    g.add_argument("--coreset", default=None, choices=list(SAMPLERS),
+                   help="how a memory larger than --memory-mib is thinned: greedy (PatchCore's coreset, default) "
+                        "or random")
 
 
 def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..models.nferd import ModelConfig
-    kw: dict[str, Any] = {"teacher": args.teacher, "image_size": args.image_size, "bank": args.bank}
-    for name in ("recall", "fusion", "n_bank", "top_k", "temperature", "patch_limit", "search_reduction",
-                 "bank_stages", "loss", "map_combine", "bank_distance_weight"):
+    from ..models.nferd import PRESETS
+    kw: dict[str, Any] = {**PRESETS[getattr(args, "preset", None) or "nferd"], "teacher": args.teacher,
+                          "image_size": args.image_size}
+    for name in ("bank", "recall", "fusion", "n_bank", "top_k", "temperature", "patch_limit", "search_reduction",
+                 "bank_stages", "loss", "map_combine", "bank_distance_weight", "distance", "memory_stages",
+                 "memory_mib", "coreset"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
-    if kw["bank"]:  # the one cross-option range, named by its options rather than ModelConfig's fields
+    if kw.get("bank", True):  # the one cross-option range, named by its options rather than ModelConfig's fields
         n_bank, top_k = kw.get("n_bank", ModelConfig.n_bank), kw.get("top_k", ModelConfig.top_k)
         if not 1 <= top_k <= n_bank - 1:
             raise CLIError(f"argument --top-k: must be an integer from 1 to --n-bank - 1 = {n_bank - 1} (one bank "

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from ..deploy.onnx_format import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..models.hafm import FUSIONS
-from ..models.nferd import DEFAULT_TEACHER
+from ..models.nferd import DEFAULT_TEACHER, PRESETS
 from ..models.teacher import teacher_names
 from ..version import __version__
 from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_model_options,
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="the design to time (instead of --bank, --recall and --fusion), e.g. nferd, patchcore or rd4ad")
     p.add_argument("--bank", type=on_off, default=True, metavar="on|off")
     p.add_argument("--recall", default="patch", choices=["patch", "map"], help="bank recall to time (default patch)")
     p.add_argument("--fusion", default=None, choices=FUSIONS,
@@ -249,12 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None, metavar="ROOT",
                    help="run: dataset root (repeat for several)")
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
-    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, nferd_fusion, nferd_paper, rd4ad)")
+    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, patchcore, nferd_bankdist, nferd_fusion, "
+                        "nferd_paper, rd4ad); presets that train the same student share one training")
     p.add_argument("--seeds", type=seed_list, default="0",
                    help="run: seeds, comma-separated, each 0 to 2**32 - 1 (default 0)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
     p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--epochs", type=positive_int, default=200, help="run: training epochs (>= 1; default 200)")
+    p.add_argument("--train-images", type=positive_int, default=None, metavar="N",
+                   help="run: train on a seeded subset of N good training images and calibrate on a hold-out "
+                        "of them (no validation set), as a user with few good images would")
     p.add_argument("--threads", type=positive_int, default=None, help="run: torch threads (>= 1; default: all cores)")
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--results", default="benchmarks/results", help="result files (default benchmarks/results)")

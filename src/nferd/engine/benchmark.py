@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from . import safe_io
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "miss_at_1pct_fa")
 HOLDOUT = 0.1  # good training images a run keeps out when its dataset has no validation/good
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "neon")
 
@@ -47,6 +47,7 @@ class Run:
     image_size: int
     epochs: int
     seed: int
+    train_images: int | None = None  # a seeded subset of this many good training images (few-image settings)
 
     @property
     def dataset(self) -> str:
@@ -54,7 +55,13 @@ class Run:
 
     @property
     def key(self) -> str:
-        return f"{self.model}-{self.teacher}-{self.image_size}px-{self.epochs}ep-seed{self.seed}"
+        few = f"-{self.train_images}img" if self.train_images else ""
+        return f"{self.model}-{self.teacher}-{self.image_size}px-{self.epochs}ep{few}-seed{self.seed}"
+
+    def same_student(self, other: "Run") -> bool:
+        """The two runs train on the same images with the same options and seed."""
+        return (self.data, self.category, self.teacher, self.image_size, self.epochs, self.seed, self.train_images) == \
+            (other.data, other.category, other.teacher, other.image_size, other.epochs, other.seed, other.train_images)
 
     def result_path(self, results: Path) -> Path:
         return results / self.dataset / self.category / f"{self.key}.json"
@@ -115,10 +122,40 @@ def cpu_flags() -> list[str]:
     return [f for f in CPU_FLAGS if f in have]
 
 
-def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "auto",
-            argv: list[str] | None = None, progress: bool = True, image_metrics_only: bool = False) -> dict[str, Any]:
-    """Train and test one grid cell with the product's code; write and return its result file."""
+def few_images(n: int, count: int, seed: int) -> list[int]:
+    """The seeded subset of ``count`` of ``n`` training images that a few-image run trains on."""
+    if count > n:
+        raise ValueError(f"--train-images {count} is more than the {n} training images")
     import torch
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed + 15485863))[:count].tolist())
+
+
+def shared_student(run: Run, work: Path, presets: dict[str, Any], others: list[str]) -> Path | None:
+    """A finished run folder among ``others`` (preset names) of the same images, options and seed whose
+    student is the one ``run`` would train (same :attr:`ModelConfig.student_recipe`): its student is
+    reused instead of trained again, which gives the same weights (training does not depend on what
+    scores beside the student)."""
+    from .train import finished_run
+    recipe = presets[run.model].student_recipe
+    if not recipe:
+        return None
+    for name in others:
+        if name == run.model or presets[name].student_recipe != recipe:
+            continue
+        other = Run(run.data, run.category, name, run.teacher, run.image_size, run.epochs, run.seed, run.train_images)
+        folder = work / other.dataset / other.category / other.key
+        if finished_run(folder, run.epochs) is not None:
+            return folder
+    return None
+
+
+def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "auto",
+            argv: list[str] | None = None, progress: bool = True, image_metrics_only: bool = False,
+            siblings: list[str] = ()) -> dict[str, Any]:
+    """Train and test one grid cell with the product's code; write and return its result file.
+    ``siblings``: the grid's other presets, whose finished students this run may reuse."""
+    import torch
+    from torch.utils.data import Subset
     from ..data.datasets import make_dataset
     from .evaluate import evaluate
     from .train import TrainConfig, train
@@ -127,11 +164,14 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     torch.set_num_threads(threads)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, "auto")
-    mcfg = model_presets(run.teacher, run.image_size)[run.model]
+    presets = model_presets(run.teacher, run.image_size)
+    mcfg = presets[run.model]
     root = Path(run.data)
     train_set = make_dataset("auto", root, run.category, "train", run.image_size)
     cal_set = None
-    if (root / run.category / "validation" / "good").is_dir():
+    if run.train_images:  # a user with this few good images has no separate validation set either
+        train_set = Subset(train_set, few_images(len(train_set), run.train_images, run.seed))
+    elif (root / run.category / "validation" / "good").is_dir():
         cal_set = make_dataset("auto", root, run.category, "validation", run.image_size)
     tcfg = TrainConfig(epochs=run.epochs, seed=run.seed, device=device, threads=threads,
                        holdout=0.0 if cal_set is not None else HOLDOUT)
@@ -144,18 +184,24 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
                              f"has today: move it away (or pass another --work folder) and run again")
         summary = {"train_seconds": meta.get("train_seconds"), "feature_seconds": None}
     else:
+        source = shared_student(run, work, presets, list(siblings))
         model, summary = train(train_set, mcfg, tcfg, out, calibration_set=cal_set,
-                               resume=(out / "last.safetensors").is_file(), progress=progress)
+                               resume=(out / "last.safetensors").is_file(), progress=progress,
+                               student_from=source)
     train_wall = time.perf_counter() - t0
     test_set = make_dataset("auto", root, run.category, "test", run.image_size, image_metrics_only=image_metrics_only)
-    metrics, _ = evaluate(model, test_set, device=device, progress=progress)
+    metrics, raw = evaluate(model, test_set, device=device, progress=progress)
     n = metrics["n_images"]
+    at_threshold = threshold_outcome(raw, summary.get("calibration") or (meta_calibration(out)))
     result = {
         "dataset": run.dataset, "category": run.category, "model": run.model, "teacher": run.teacher,
         "image_size": run.image_size, "epochs": run.epochs, "seed": run.seed,
+        **({"train_images": run.train_images} if run.train_images else {}),
         "metrics": {k: float(metrics[k]) for k in METRICS if k in metrics},
         **({"pixel_metrics_absent": metrics["pixel_metrics_absent"]} if "pixel_metrics_absent" in metrics else {}),
         "n_train": len(train_set), "n_test": n,
+        **({"student_from": summary["student_from"]} if summary.get("student_from") else {}),
+        **({"at_threshold": at_threshold} if at_threshold else {}),
         "timing": {"train_seconds": summary.get("train_seconds"), "feature_seconds": summary.get("feature_seconds"),
                    "train_wall_seconds": train_wall, "inference_seconds": metrics["inference_seconds"],
                    "inference_ms_per_image": 1000 * metrics["inference_seconds"] / max(n, 1)},
@@ -168,6 +214,24 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     return result
 
 
+def meta_calibration(folder: Path) -> dict[str, Any] | None:
+    from .checkpoint import read_metadata
+    return read_metadata(folder).get("calibration")
+
+
+def threshold_outcome(raw: dict[str, Any], cal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the calibrated threshold did on the test split: the share of good images flagged (false
+    alarms) and of defective images passed (misses), beside the false-alarm bound it promised."""
+    if not cal:
+        return None
+    from .calibration import decision_counts
+    c = decision_counts(raw["scores"], raw["labels"], cal)
+    return {**c, "false_alarm_rate": c["false_alarms"] / c["good"] if c["good"] else None,
+            "miss_rate": c["misses"] / c["defective"] if c["defective"] else None,
+            "promised_false_alarm_bound": cal.get("false_alarm_bound"), "calibration_images": cal.get("n_images"),
+            "calibration_source": cal.get("source")}
+
+
 def run_grid(runs: list[Run], results: Path, work: Path, threads: int, device: str = "auto",
              log: Callable[[str], None] = print, argv: list[str] | None = None,
              image_metrics_only: bool = False) -> list[Path]:
@@ -175,9 +239,11 @@ def run_grid(runs: list[Run], results: Path, work: Path, threads: int, device: s
     todo = [r for r in runs if not r.result_path(results).is_file()]
     log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} done before, {len(todo)} to run")
     written = []
+    models = list(dict.fromkeys(r.model for r in runs))
     for i, run in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {run.dataset}/{run.category} {run.key}")
-        res = run_one(run, results, work, threads, device, argv, image_metrics_only=image_metrics_only)
+        res = run_one(run, results, work, threads, device, argv, image_metrics_only=image_metrics_only,
+                      siblings=models)
         m = res["metrics"]
         log(f"[{i}/{len(todo)}] " + "  ".join(f"{k} {m[k]:.4f}" for k in METRICS if k in m and math.isfinite(m[k]))
             + (f"  (pixel metrics absent: {res['pixel_metrics_absent']})" if "pixel_metrics_absent" in res else ""))
@@ -188,6 +254,11 @@ def run_grid(runs: list[Run], results: Path, work: Path, threads: int, device: s
 # ------------------------------------------------------------------------------------------ render
 def load_results(results: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(results).rglob("*.json"))]
+
+
+def setting(r: dict[str, Any]) -> str:
+    """A result's category, with the few-image subset it trained on."""
+    return r["category"] + (f", {r['train_images']} images" if r.get("train_images") else "")
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -201,7 +272,7 @@ def summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS
     sample standard deviation over its seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        k = (r["dataset"], r["category"], r["teacher"], r["image_size"], r["epochs"], r["model"])
+        k = (r["dataset"], setting(r), r["teacher"], r["image_size"], r["epochs"], r["model"])
         groups.setdefault(k, []).append(r)
     head = ["dataset / category", "teacher", "epochs", "model", "seeds", *metrics, "test ms / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -225,9 +296,10 @@ def short_commit(commit: str | None) -> str:
 def provenance_table(rows: list[dict[str, Any]]) -> str:
     head = ["result file", "date", "commit", "CPU", "flags", "threads", "precision", "torch", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["category"], r["model"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["dataset"], setting(r), r["model"], r["seed"])):
         p = r["provenance"]
-        name = f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep-seed{r['seed']}"
+        few = f"-{r['train_images']}img" if r.get("train_images") else ""
+        name = f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep{few}-seed{r['seed']}"
         train_s = r["timing"].get("train_seconds")
         lines.append("| " + " | ".join([name, p["date"][:10], short_commit(p.get("git_commit")), p["cpu_model"],
                                          " ".join(p["cpu_flags"]), str(p["threads"]), p.get("precision", "?"), p["torch_version"],
@@ -391,7 +463,7 @@ def versus_table(rows: list[dict[str, Any]], baseline: str = "rd4ad",
     per-seed differences, with the smallest and largest of them (both > 0: ahead on every seed)."""
     groups: dict[tuple, dict[str, dict[int, dict[str, float]]]] = {}
     for r in rows:
-        k = (r["dataset"], r["category"], r["teacher"], r["image_size"], r["epochs"])
+        k = (r["dataset"], setting(r), r["teacher"], r["image_size"], r["epochs"])
         groups.setdefault(k, {}).setdefault(r["model"], {})[r["seed"]] = r["metrics"]
     head = ["dataset / category", "model", "seeds", *(f"Δ {m}" for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -439,6 +511,46 @@ def screen_table(screen: dict[str, Any], metrics: tuple[str, ...] = ("image_auro
     return "\n".join(lines)
 
 
+PEERS = ("rd4ad", "patchcore", "nferd")
+
+
+def peers_table(rows: list[dict[str, Any]], models: tuple[str, ...] = PEERS) -> str:
+    """The default against both peers per setting: mean ± std over seeds of image AUROC, pixel AUROC,
+    AUPRO and the miss rate at 1 % false alarms, and what its calibrated threshold did on the good
+    test images (mean and worst seed), beside the false-alarm bound the calibration promised."""
+    groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r["model"] in models:
+            k = (r["dataset"], setting(r), r["teacher"], r["image_size"], r["epochs"])
+            groups.setdefault(k, {}).setdefault(r["model"], []).append(r)
+    metrics = ("image_auroc", "pixel_auroc", "aupro", "miss_at_1pct_fa")
+    head = ["setting", "model", "seeds", "image AUROC", "pixel AUROC", "AUPRO", "miss at 1 % false alarms",
+            "false alarms at the threshold (mean, worst seed)", "misses at the threshold", "promised bound"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in sorted(groups):
+        for model in models:
+            g = groups[k].get(model)
+            if not g:
+                continue
+            cells = [f"{k[0]} / {k[1]}", f"**{model}**" if model == "nferd" else model, str(len(g))]
+            for m in metrics:
+                vals = [r["metrics"].get(m) for r in g]
+                cells.append(_mean_spread(vals) if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals)
+                             else "–")
+            at = [r.get("at_threshold") or {} for r in g]
+            fa = [a.get("false_alarm_rate") for a in at]
+            miss = [a.get("miss_rate") for a in at]
+            bound = [a.get("promised_false_alarm_bound") for a in at]
+            ok = all(isinstance(v, (int, float)) for v in fa)
+            cells.append(f"{statistics.mean(fa):.3f}, {max(fa):.3f}" if ok else "–")
+            cells.append(f"{statistics.mean(miss):.3f}" if all(isinstance(v, (int, float)) for v in miss) else "–")
+            cells.append(f"{max(bound):.3f}" if all(isinstance(v, (int, float)) for v in bound) else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PEERS_START = "<!-- peers:start (rendered by `nferd benchmark render`; do not edit) -->"
+PEERS_END = "<!-- peers:end -->"
 VERSUS_START = "<!-- versus-rd4ad:start (rendered by `nferd benchmark render`; do not edit) -->"
 VERSUS_END = "<!-- versus-rd4ad:end -->"
 SCREEN_START = "<!-- map-terms:start (rendered by `nferd benchmark render`; do not edit) -->"
@@ -450,6 +562,8 @@ def render_method_doc(text: str, rows: list[dict[str, Any]], screen: dict[str, A
     replaced by the rendered tables; a page without the markers is returned unchanged."""
     if VERSUS_START in text:
         text = replace_between(text, VERSUS_START, VERSUS_END, versus_table(rows))
+    if PEERS_START in text:
+        text = replace_between(text, PEERS_START, PEERS_END, peers_table(rows))
     if screen is not None and SCREEN_START in text:
         text = replace_between(text, SCREEN_START, SCREEN_END, screen_table(screen))
     return text

@@ -162,7 +162,7 @@ def fit_normal(scores: np.ndarray, maps: np.ndarray, false_alarm_rate: float = 0
     warning = None
     if rank is None:
         rank = 1
-        warning = (f"{n} held-out normal images are too few to keep the false-alarm rate under "
+        warning = (f"{n} normal images (never trained on) are too few to keep the false-alarm rate under "
                    f"{_pct(false_alarm_rate)} with {_pct(confidence)} confidence: that needs at least {needed}. "
                    f"The threshold is the highest normal score, which keeps it under "
                    f"{_pct(false_alarm_bound(n, 1, confidence))}")

@@ -174,6 +174,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     f = weights_file(path)
     with safe_open(str(f), framework="pt") as sf:
         tensors = {k: sf.get_tensor(k) for k in sf.keys() if not k.startswith("optimizer.")}
+    if model.memory is not None and "memory.rows" in tensors:  # its size is known only from the file
+        model.memory.resize(tensors["memory.rows"].shape[0])
     own = model.state_dict()
     if config.fusion == "none":  # projections that nferd 0.2 saved for banks it never fused
         tensors = {k: v for k, v in tensors.items() if not (k.startswith("banks.") and k.endswith(".proj.weight"))}

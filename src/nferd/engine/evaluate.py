@@ -26,7 +26,8 @@ from ..metrics import compute_metrics
 from ..data.tiles import Tiling
 from ..models.nferd import NFERD
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap", "segf1", "aupro_0.05")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap", "miss_at_1pct_fa", "segf1",
+               "aupro_0.05")
 PIXEL_KEYS = ("pixel_auroc", "aupro", "pixel_ap")
 
 
@@ -81,24 +82,43 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
 
 
 @torch.no_grad()
-def fit_map_norm(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | torch.device = "auto",
-                 precision: str = "auto") -> list[float]:
+def fit_map_norm(model: NFERD, dataset: Dataset | None, batch_size: int = 16, device: str | torch.device = "auto",
+                 precision: str = "auto", left_out: Dataset | None = None,
+                 folds: list[tuple[NFERD, Dataset]] = ()) -> list[float]:
     """Mean and standard deviation, over every pixel of ``dataset`` (normal images, never the test
     split), of the student's and the bank's blurred maps; stored in ``model.map_norm`` so that the
-    two enter the anomaly map on one scale. Returns [mean_s, std_s, mean_d, std_d]."""
+    two enter the anomaly map on one scale. Returns [mean_s, std_s, mean_d, std_d].
+
+    ``left_out``: the training images, whose memory distance is scored with each image's own
+    memory rows left out, so the distance's statistics come from more good images than the
+    hold-out (the student's come from ``dataset`` alone, since it has seen the training images,
+    unless there is no ``dataset``). ``folds``: cross-fitted models with the training images they
+    never saw (``engine.crossfit``), whose student maps count among the normals' too."""
     if not hasattr(model, "map_norm"):
         raise ValueError("this model has no bank distance in its map (bank_distance_weight is 0)")
     device = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(device, precision)
     model = place(model.eval(), device)
     sums = torch.zeros(2, 3, dtype=torch.float64)  # per term: count, sum, sum of squares
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images = channels_last(batch["image"].to(device))
-        with autocast(device, amp):
-            t, s = model(images)
-        for row, m in zip(sums, model.term_maps(t, s, tuple(images.shape[-2:]))):
-            m = m.double().cpu()
-            row += torch.stack([torch.tensor(float(m.numel()), dtype=torch.float64), m.sum(), (m * m).sum()])
+    passes = [(model, dataset, False)] if dataset is not None else []
+    if left_out is not None:
+        passes.append((model, left_out, True))
+    passes += [(place(fm.eval(), device), fset, None) for fm, fset in folds]
+    honest_student = dataset is not None or bool(folds)
+    for scorer, images_set, leave_out in passes:
+        start = 0
+        for batch in DataLoader(images_set, batch_size=batch_size, shuffle=False):
+            images = channels_last(batch["image"].to(device))
+            ids = torch.arange(start, start + len(images), device=device) if leave_out else None
+            start += len(images)
+            with autocast(device, amp):
+                t, s = scorer(images)
+            terms = scorer.term_maps(t, s, tuple(images.shape[-2:]), exclude=ids)
+            for j, (row, m) in enumerate(zip(sums, terms)):
+                if (leave_out and j == 0 and honest_student) or (leave_out is None and j == 1):
+                    continue  # the student has seen these images (its map there is no normal's); a fold's memory is not the model's
+                m = m.double().cpu()
+                row += torch.stack([torch.tensor(float(m.numel()), dtype=torch.float64), m.sum(), (m * m).sum()])
     mean = sums[:, 1] / sums[:, 0]
     std = (sums[:, 2] / sums[:, 0] - mean ** 2).clamp_min(0).sqrt()
     if not bool(torch.isfinite(std).all() and (std > 0).all()):

@@ -56,6 +56,7 @@ def make_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, f
 
 
 LR_SCHEDULES = ("constant", "cosine")
+CROSS_FIT_MAX_TRAIN = 100  # cross-fitting trains 5 more students: only where they are cheap
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the dense modules (see device.compile_dense)
     tile: int | None = None  # train on, and score, tiles of this size cut from full-resolution images
     tile_overlap: float = 0.25  # neighbouring tiles' overlap, a fraction of a tile
+    cross_fit: bool = True  # few held-out images and a small training set: calibrate on cross-fitted scores too
 
     @property
     def tiling(self) -> Tiling | None:
@@ -188,10 +190,12 @@ class Trainer:
         if config.compile:
             compile_dense(self.model)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_adam(params, config.lr, (config.beta1, config.beta2))
+        # a model without a student (the memory alone) has nothing to optimise
+        self.optimizer = make_adam(params, config.lr, (config.beta1, config.beta2)) if params else None
         self.start_epoch = 0
         self.prior_seconds = 0.0  # training time spent before a resume
         self.cache: FeatureCache | None = None
+        self.student_from: Path | None = None  # a finished run whose student this run took (no epochs to train)
 
     # ---------------------------------------------------------------- set-up
     def prepare(self) -> None:
@@ -206,10 +210,21 @@ class Trainer:
                                             store_dtype=self.cache_dtype)
         if self.device.type == "cuda":
             self.cache = self.cache.to(self.device)
-        if self.model.config.bank:
+        if len(self.model.banks):
             idx = bank_indices(len(self.cache), self.model.config.n_bank, self.config.seed)
-            self.model.fill_banks([s[idx].float() for s in self.cache.stages], idx)
+            self.model.fill_banks([s[idx].float() for s in self.cache.stages], idx, memory=False)
+        if self.model.memory is not None:
+            self.fill_memory()
         self.feature_seconds = time.perf_counter() - t0
+
+    def fill_memory(self) -> None:
+        """Every training position's locally aware feature into the memory (thinned to its size)."""
+        n, step = len(self.cache), 64
+        cfg = self.model.config
+        grid = self.cache.stages[(cfg.memory_grid or cfg.memory_stages[0]) - 1].shape[-2:]
+        batches = ((self.cache.get(torch.arange(a, min(a + step, n)), self.device), torch.arange(a, min(a + step, n)))
+                   for a in range(0, n, step))
+        self.model.fill_memory(batches, n * grid[0] * grid[1], seed=self.config.seed)
 
     def resume(self) -> bool:
         """Continue from ``out/last.safetensors`` if present; returns True when it did. Temporary files
@@ -224,7 +239,8 @@ class Trainer:
             raise ValueError(f"cannot resume from '{last}': it was trained with another model config "
                              f"({meta['model']}); use another --out or delete it")
         from safetensors.torch import load_file
-        tensors = {k: v for k, v in load_file(str(last)).items() if not k.startswith("optimizer.")}
+        # the memory is filled again from the training images (the same rows): only the weights come back
+        tensors = {k: v for k, v in load_file(str(last)).items() if not k.startswith(("optimizer.", "memory."))}
         self.model.load_state_dict(tensors, strict=False)
         load_optimizer_state(last, self.optimizer)
         self.start_epoch = int(meta["epoch"])
@@ -297,7 +313,9 @@ class Trainer:
             bar = tqdm(total=self.config.epochs, initial=self.start_epoch, desc="train", unit="epoch")
         t_start = time.perf_counter()
         history = []
-        for epoch in range(self.start_epoch, self.config.epochs):
+        trains = self.optimizer is not None and self.student_from is None
+        epochs = self.config.epochs if trains else self.start_epoch  # nothing to train
+        for epoch in range(self.start_epoch, epochs):
             rec = self.train_epoch(epoch)
             history.append(rec)
             if log is not None:
@@ -330,7 +348,7 @@ class Trainer:
                    "feature_seconds": self.feature_seconds,
                    "final_loss": history[-1]["loss"] if history else _logged_loss(self.out / LOG)}
         # the last epoch is done (also when a run was killed after its last checkpoint, before the model)
-        if self.start_epoch + len(history) == self.config.epochs and self.main:
+        if (self.start_epoch + len(history) == self.config.epochs or not trains) and self.main:
             summary["calibration"] = self.calibrate()
             meta = self._meta(self.config.epochs, summary["calibration"])
             meta["train_seconds"] = summary["train_seconds"] + self.prior_seconds
@@ -339,21 +357,59 @@ class Trainer:
             ddp.barrier()
         return summary
 
-    def calibrate(self) -> dict[str, Any] | None:
-        if self.model.config.bank_distance_weight > 0:
-            self.fit_map_norm()
-        if self.calibration_set is None or len(self.calibration_set) < 2:
-            return None
-        return calibrate(self.model, self.calibration_set, self.config.false_alarm_rate, self.device,
-                         self.config.precision, tiling=self.config.tiling)
+    def cross_fits(self) -> bool:
+        """Whether the training images are scored by cross-fitting too: fewer than ``CROSS_FIT_BELOW``
+        good images held out, at most ``CROSS_FIT_MAX_TRAIN`` training images (so the extra students
+        are cheap), whole images (no tiling) and a single process."""
+        from .crossfit import CROSS_FIT_BELOW, FOLDS
+        held = len(self.calibration_set) if self.calibration_set is not None else 0
+        return (self.config.cross_fit and held < CROSS_FIT_BELOW and 2 * FOLDS <= len(self.train_set) <= CROSS_FIT_MAX_TRAIN
+                and self.config.tiling is None and not self.distributed)
 
-    def fit_map_norm(self) -> None:
+    def calibrate(self) -> dict[str, Any] | None:
+        from .crossfit import FOLDS, left_out_results, merge_results, train_folds
+        from .calibration import fit_calibration
+        from .evaluate import infer
+        folds = []
+        few = self.cross_fits()
+        if few and self.model.ocbe is not None:
+            folds = train_folds(self.model, self.train_set, self.config, self.out, take_from=self.student_from)
+        if hasattr(self.model, "map_norm"):
+            self.fit_map_norm(folds)
+            for fm, _ in folds:
+                fm.map_norm.copy_(self.model.map_norm)
+        if not few:
+            if self.calibration_set is None or len(self.calibration_set) < 2:
+                return None
+            return calibrate(self.model, self.calibration_set, self.config.false_alarm_rate, self.device,
+                             self.config.precision, tiling=self.config.tiling)
+        kw = {"device": self.device, "precision": self.config.precision}
+        parts = [infer(self.model, self.calibration_set, **kw)] if self.calibration_set is not None else []
+        if folds:
+            parts += [infer(fm, Subset(self.train_set, fold), **kw) for fm, fold in folds]
+            how = f"{FOLDS}-fold cross-fitted training images"
+        else:  # no student: the memory scores each training image without its own rows
+            parts.append(left_out_results(self.model, self.train_set, self.device, self.config.precision))
+            how = "training images scored with their own memory rows left out"
+        cal = fit_calibration(merge_results(parts), self.calibration_set, self.config.false_alarm_rate)
+        held = getattr(self.calibration_set, "calibration_source", "holdout") if self.calibration_set is not None else None
+        cal["source"] = f"{held} and {how}" if held else how
+        return cal
+
+    def fit_map_norm(self, folds: list[tuple[NFERD, list[int]]] = ()) -> None:
         """Standardise the map's two terms on held-out normal images, or, without any, on the
-        training images that are not in the bank (a bank image would find itself at distance 0)."""
+        training images that are not in the bank (a bank image would find itself at distance 0).
+        A memory's distance is standardised on the training images too, each scored with its own
+        memory rows left out (an unseen image's distance): more good images than the hold-out."""
         from .evaluate import fit_map_norm
         images = self.calibration_set
         if images is not None and self.config.tiling is not None:  # the model's inputs: tiles
             images = TiledDataset(images, self.config.tiling)
+        if self.model.memory is not None:
+            fit_map_norm(self.model, images if images is not None and len(images) >= 2 else None,
+                         device=self.device, precision=self.config.precision, left_out=self.train_set,
+                         folds=[(fm, Subset(self.train_set, fold)) for fm, fold in folds])
+            return
         if images is None or len(images) < 2:
             in_bank = set(next(iter(self.model.banks.values())).ids.tolist())
             images = Subset(self.train_set, [i for i in range(len(self.train_set)) if i not in in_bank])
@@ -365,7 +421,32 @@ class Trainer:
     def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
         tiling = self.config.tiling
         return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration,
-                **({"tiling": tiling.to_dict()} if tiling else {}), **self.extra_meta}
+                **({"tiling": tiling.to_dict()} if tiling else {}),
+                **({"student_from": str(self.student_from)} if self.student_from else {}), **self.extra_meta}
+
+    def take_student(self, folder: str | Path) -> float | None:
+        """Use the student of the finished run in ``folder`` instead of training one: it must have
+        been trained with the same student recipe and training options (and so has the weights this
+        run would train). Returns that run's training seconds."""
+        meta = finished_run(folder, self.config.epochs)
+        if meta is None:
+            raise ValueError(f"'{folder}' holds no finished run of {self.config.epochs} epochs to take a student from")
+        other = ModelConfig.from_dict(meta["model"])
+        if other.student_recipe != self.model.config.student_recipe or not self.model.config.student_recipe:
+            raise ValueError(f"the student in '{folder}' was trained for another design ({other.describe()})")
+        ignore = {"device", "threads", "checkpoint_every", "feature_cache_dir", "compile", "precision", "cross_fit"}
+        mine = {k: v for k, v in asdict(self.config).items() if k not in ignore}
+        theirs = {k: v for k, v in meta["train"].items() if k not in ignore}
+        if mine != {k: theirs.get(k) for k in mine}:
+            raise ValueError(f"the student in '{folder}' was trained with other training options")
+        from safetensors.torch import load_file
+        tensors = load_file(str(weights_file(folder)))
+        own = {k: v for k, v in tensors.items() if k.split(".")[0] in ("ocbe", "decoder")}
+        missing = self.model.load_state_dict(own, strict=False).missing_keys
+        if any(k.split(".")[0] in ("ocbe", "decoder") for k in missing):
+            raise ValueError(f"the student in '{folder}' does not fit this model")
+        self.student_from = Path(folder)
+        return meta.get("train_seconds")
 
 
 def truncate_log(path: Path, epochs: int) -> None:
@@ -418,15 +499,17 @@ def _tensorboard(out: Path):  # type: ignore[no-untyped-def]
 def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path,
           teacher_weights: str | None = None, calibration_set: Dataset | None = None, resume: bool = False,
           progress: bool = True, extra_meta: dict[str, Any] | None = None, distributed: bool | None = None,
-          sync_bn: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None
-          ) -> tuple[NFERD, dict[str, Any]]:
+          sync_bn: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          student_from: str | Path | None = None) -> tuple[NFERD, dict[str, Any]]:
     """Python API: train a model on ``train_set`` (normal images) and write its checkpoint to ``out_dir``.
 
     When ``calibration_set`` is None, ``train_config.holdout`` of the training images are kept
     out for calibration. ``distributed`` / ``sync_bn``: see ``Trainer`` (None = DDP when
     launched by torchrun with more than one process; rank 0 then writes the checkpoint).
     ``on_epoch`` gets each epoch's log record (experiment tracking, see ``engine.tracking``).
-    ``resume`` on a run that already finished its ``train_config.epochs`` (``out_dir/model.safetensors``
+    ``student_from``: a finished run folder whose student (same recipe, options and seed) is taken
+    instead of trained again; only what scores beside it (bank, memory, standardisation, thresholds)
+    is built. ``resume`` on a run that already finished its ``train_config.epochs`` (``out_dir/model.safetensors``
     written) trains nothing and writes nothing: it returns the saved model and a summary with
     ``finished`` True. A finished run asked for more epochs continues from its last checkpoint.
     """
@@ -442,19 +525,23 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
             raise ValueError(f"with tiles of {train_config.tile} px the model input is a tile: image size "
                              f"{model_config.image_size} must equal the tile size")
         train_set = TiledDataset(train_set, train_config.tiling)
-    if model_config.bank and model_config.n_bank > len(train_set):
+    has_banks = model_config.fusion != "none" or (model_config.distance == "bank" and model_config.bank_distance_weight > 0)
+    if model_config.bank and has_banks and model_config.n_bank > len(train_set):
         n = len(train_set)
         print(f"note: --n-bank {model_config.n_bank} > {n} training images: the banks hold all {n}", file=sys.stderr)
         model_config = dataclasses.replace(model_config, n_bank=n, top_k=min(model_config.top_k, n - 1))
     model = NFERD(model_config, teacher_weights=teacher_weights)
     trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress,
                       distributed=distributed, sync_bn=sync_bn, on_epoch=on_epoch)
-    if resume:
+    source_seconds = trainer.take_student(student_from) if student_from is not None else None
+    if resume and student_from is None:
         trainer.resume()
-    elif trainer.last_exists():
+    elif trainer.last_exists() and student_from is None:
         raise FileExistsError(f"'{Path(out_dir) / LAST}' exists: pass --resume to continue that run, "
                               "or choose another --out")
     summary = trainer.fit()
+    if student_from is not None:
+        summary.update(student_from=str(student_from), train_seconds=source_seconds)
     summary["n_train"] = len(train_set)
     summary["n_calibration"] = len(calibration_set) if calibration_set is not None else 0
     summary["checkpoint"] = str(weights_file(out_dir))

@@ -5,10 +5,12 @@ With ``bank=False`` and ``fusion="none"`` the model is exactly RD4AD (Deng & Li,
 same modules, same outputs, so the bank's gain is measured in one code base.
 
 The banks' evidence enters in one of two places. By default it enters the anomaly map: each
-position's distance to its nearest normal bank position (stages 1 and 2) is added to the
-student's map, both standardised on held-out normal images. With a fusion module (the paper's
-design) the bank's recall at each banked stage i (1 = finest) is fused into the map that enters
-the decoder stage rebuilding stage i. ``PRESETS`` names the designs a user picks between.
+position's distance to its nearest normal feature in a memory of every training position
+(PatchCore's locally aware features, ``memory.py``) is added to the student's map, both
+standardised on normal images. With a fusion module (the paper's design) the bank's recall at each
+banked stage i (1 = finest) is fused into the map that enters the decoder stage rebuilding stage i.
+Without a student (``student=False``) the memory alone scores, as PatchCore does. ``PRESETS`` names
+the designs a user picks between.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 from ..version import __version__
 from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, combine_stages, image_score
 from .bank import BANKS, RECALLS, NormalFeatureBank, Recall
+from .coreset import SAMPLERS
+from .memory import MemoryBank
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
 from .loss import LOSSES
@@ -35,7 +39,10 @@ LAST_VERSION_WITH_READINGS = "0.1.0"
 _LEGACY_NEUTRAL = {"weighting": "softmax", "patch_sampling": "random", "student_act": "auto", "student_width": None}
 # What a saved config that lacks a field meant: the defaults of nferd 0.2.0 and earlier, whose
 # default design fused the recall at every stage and had no bank distance in its map.
-_SAVED_DEFAULTS = {"fusion": "hafm", "bank_stages": [1, 2, 3], "bank_distance_weight": 0.0, "search_reduction": 1}
+_SAVED_DEFAULTS = {"fusion": "hafm", "bank_stages": [1, 2, 3], "bank_distance_weight": 0.0, "search_reduction": 1,
+                   "distance": "bank"}
+DISTANCES = ("memory", "bank")
+DEFAULT_MEMORY_WEIGHT = 1.0
 MIN_SEARCH_DIMS = 32  # fewer directions miss too many nearest keys (measured on 24 to 40 channels)
 
 
@@ -59,6 +66,8 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
         else:
             removed.append(f"bank reading '{reading}'")
     d.pop("rebuild_key_stages", None)  # used by reading G only
+    if not d.get("bank", True):
+        d.setdefault("distance", "memory")  # irrelevant without a bank: today's default, so configs compare equal
     for key, value in _SAVED_DEFAULTS.items():
         d.setdefault(key, value)
     for key, neutral in _LEGACY_NEUTRAL.items():
@@ -98,11 +107,20 @@ class ModelConfig:
         blur_sigma: Gaussian smoothing of the anomaly map, in pixels.
         bank_stages: teacher stages (1 = finest) that get a bank (and its fusion, if any).
             Default: 1, 2 when the bank scores through the map, else 1, 2, 3.
-        bank_distance_weight: weight of the banks' own evidence in the anomaly map: each
-            position's distance to its nearest normal bank position (patch recall), added to the
-            student's map after both are standardised on held-out normal images; 0 turns it off.
-            Default: 0.5 with the patch recall and no fusion (the student is then RD4AD's and
-            the bank only scores), else 0.
+        bank_distance_weight: weight of the normal features' own evidence in the anomaly map:
+            each position's distance to its nearest normal feature, added to the student's map
+            after both are standardised on normal images; 0 turns it off. Default: 1 with no
+            fusion (the student is then RD4AD's and the normal features only score), else 0.
+        distance: where that distance looks: ``memory`` (every training position, PatchCore's
+            locally aware features of ``memory_stages``, Euclidean) or ``bank`` (the N bank
+            images' raw features of ``bank_stages``, cosine; nferd 0.3 and 0.4).
+        student: train the reverse student (False: the memory alone scores, PatchCore).
+        memory_stages: teacher stages (1 = finest) whose 3 x 3-averaged maps form a memory feature.
+        memory_grid: the teacher stage whose grid the memory's features are on (default: the finest
+            of ``memory_stages``); a coarser grid makes the search cheaper.
+        memory_mib: size of the memory in MiB of fp32 features: every training position while they
+            fit, else a coreset of as many as fit (the search's cost per position is bounded too).
+        coreset: how the memory is thinned: ``greedy`` (PatchCore's coreset) or ``random``.
     """
 
     teacher: str = DEFAULT_TEACHER
@@ -120,15 +138,22 @@ class ModelConfig:
     blur_sigma: float = 4.0
     bank_stages: tuple[int, ...] | None = None
     bank_distance_weight: float | None = None
+    distance: str = "memory"
+    student: bool = True
+    memory_stages: tuple[int, ...] = (2, 3)
+    memory_grid: int | None = None
+    memory_mib: float = 8.0
+    coreset: str = "greedy"
 
     def __post_init__(self) -> None:
         scores_by_map = self.bank and self.recall == "patch" and self.fusion in (None, "none")
         if self.fusion is None:  # the paper's recall only makes sense fused
             self.fusion = "hafm" if self.bank and self.recall == "map" else "none"
-        if self.bank_stages is None:  # a fusion at every stage; the map's distance at the two finest
-            self.bank_stages = (1, 2) if scores_by_map else (1, 2, 3)
+        if self.bank_stages is None:  # a fusion at every stage; the bank's distance at the two finest
+            self.bank_stages = (1, 2) if scores_by_map and self.distance == "bank" else (1, 2, 3)
         if self.bank_distance_weight is None:
-            self.bank_distance_weight = 0.5 if scores_by_map else 0.0
+            self.bank_distance_weight = (DEFAULT_MEMORY_WEIGHT if self.distance == "memory" else 0.5) \
+                if scores_by_map else 0.0
 
         def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
             if value not in choices:
@@ -137,6 +162,19 @@ class ModelConfig:
         choose("fusion", self.fusion, FUSIONS)
         choose("loss", self.loss, LOSSES)
         choose("map combine", self.map_combine, COMBINES)
+        choose("distance", self.distance, DISTANCES)
+        choose("coreset", self.coreset, tuple(SAMPLERS))
+        self.memory_stages = tuple(sorted({int(i) for i in self.memory_stages}))
+        if not self.memory_stages or not set(self.memory_stages) <= {1, 2, 3}:
+            raise ValueError(f"memory stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
+                             f"got {self.memory_stages}")
+        if self.memory_grid is not None and self.memory_grid not in (1, 2, 3):
+            raise ValueError(f"memory grid must be a teacher stage 1, 2 or 3, got {self.memory_grid}")
+        if not (0 < self.memory_mib < float("inf")):
+            raise ValueError(f"memory_mib must be a finite number > 0, got {self.memory_mib}")
+        if not self.student and not (self.bank and self.distance == "memory" and self.fusion == "none"):
+            raise ValueError("a model without a student scores with the memory alone: it needs --bank on, "
+                             "--distance memory and no fusion")
         if self.image_size % 32 or self.image_size < 64:
             raise ValueError(f"image size must be a multiple of 32 and at least 64, got {self.image_size}")
         if self.bank and not 1 <= self.top_k <= self.n_bank - 1:
@@ -164,6 +202,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bank_stages"] = list(self.bank_stages)  # the JSON form, so saved and live configs compare equal
+        d["memory_stages"] = list(self.memory_stages)
         return d
 
     @classmethod
@@ -176,10 +215,28 @@ class ModelConfig:
         if not self.bank:
             return "RD4AD"
         stages = ",".join(map(str, self.bank_stages))
+        memory = f"memory of every training position (stages {','.join(map(str, self.memory_stages))})"
+        if not self.student:
+            return f"memory bank alone (PatchCore): {memory}"
+        if self.fusion == "none" and self.distance == "memory":
+            return f"NFERD, distance to a {memory} in the map (weight {self.bank_distance_weight:g})"
         if self.fusion == "none":
             return f"NFERD, bank distance in the map (stages {stages}, weight {self.bank_distance_weight:g})"
         extra = f", bank distance weight {self.bank_distance_weight:g}" if self.bank_distance_weight else ""
         return f"NFERD, {self.recall} recall fused by {self.fusion} (stages {stages}{extra})"
+
+    @property
+    def uses_memory(self) -> bool:
+        """The map's distance looks in a memory of every training position."""
+        return self.bank and self.distance == "memory" and (self.bank_distance_weight > 0 or not self.student)
+
+    @property
+    def student_recipe(self) -> dict[str, Any]:
+        """What decides the student's trained weights: models with the same recipe (and training
+        options and seed) train the same student, whatever scores beside it."""
+        if not self.student or self.fusion != "none":
+            return {}
+        return {"teacher": self.teacher, "image_size": self.image_size, "loss": self.loss}
 
     @classmethod
     def preset(cls, name: str, **options: Any) -> "ModelConfig":
@@ -191,8 +248,12 @@ class ModelConfig:
 
 # The designs a user chooses between, as the ModelConfig fields that pick them.
 PRESETS: dict[str, dict[str, Any]] = {
-    # RD4AD's student; the banks' nearest-normal distance (stages 1 and 2) added to its map.
+    # RD4AD's student; the distance to the nearest normal feature of every training position added to its map.
     "nferd": {},
+    # The memory of every training position alone, no student (PatchCore on the same teacher).
+    "patchcore": {"student": False},
+    # RD4AD's student; the nearest-normal distance in 64 bank images' raw stage 1 and 2 features (nferd 0.3-0.4).
+    "nferd_bankdist": {"distance": "bank"},
     # The recall fused into the student at every stage by HAFM, keyed per position.
     "nferd_fusion": {"fusion": "hafm"},
     # The paper as written: whole-map recall keyed by the student's map, fused by HAFM.
@@ -243,16 +304,20 @@ class NFERD(nn.Module):
         self.teacher = teacher if teacher is not None else build_teacher(config.teacher, teacher_weights)
         c = self.teacher.stage_channels
         spec = student_spec(config, c)
-        self.ocbe = OCBE(c, spec.enc_block, spec.embed_planes, spec.ocbe_blocks, spec.width)
+        # a model without a student has none of its modules (OCBE, decoder, fusions)
+        self.ocbe = OCBE(c, spec.enc_block, spec.embed_planes, spec.ocbe_blocks, spec.width) if config.student else None
         self.decoder = ReverseDecoder(self.ocbe.out_channels, c, spec.dec_block, spec.layers, spec.width,
-                                      self.teacher.nonnegative)
+                                      self.teacher.nonnegative) if config.student else None
+        embed = self.ocbe.out_channels if config.student else spec.embed_planes * 4
         s = config.image_size
         # Bank i meets the map entering the decoder stage that rebuilds teacher stage i: the
         # student's rebuild of stage i + 1, or the OCBE embedding for the coarsest stage.
-        targets = [(c[1], (s // 8, s // 8)), (c[2], (s // 16, s // 16)), (self.ocbe.out_channels, (s // 32, s // 32))]
+        targets = [(c[1], (s // 8, s // 8)), (c[2], (s // 16, s // 16)), (embed, (s // 32, s // 32))]
         # Keyed "0".."2" by teacher stage (state-dict keys banks.<i>.*).
         self.banks = nn.ModuleDict()
-        banked = [i for i in range(3) if config.bank and i + 1 in config.bank_stages]
+        # the N-image banks: fused into the student, or (distance "bank") searched by the map's distance
+        needs_banks = config.fusion != "none" or (config.distance == "bank" and config.bank_distance_weight > 0)
+        banked = [i for i in range(3) if config.bank and needs_banks and i + 1 in config.bank_stages]
         for i in banked:
             dims = search_dims(c[i], config.search_reduction) if config.bank_distance_weight > 0 else None
             extra = {"patch_limit": config.patch_limit, "search_dims": dims} if config.recall == "patch" else {}
@@ -261,17 +326,31 @@ class NFERD(nn.Module):
                                                       config.top_k, config.temperature, **extra)
         self.fusions = nn.ModuleList([make_fusion(config.fusion if i in banked else "none", targets[i][0])
                                       for i in range(3)])
+        self.memory = MemoryBank(sum(c[i - 1] for i in config.memory_stages), config.memory_stages,
+                                 config.memory_grid) if config.uses_memory else None
         self.blur = GaussianBlur(config.blur_sigma)
-        if config.bank_distance_weight > 0:  # mean and std of the student's and the bank's blurred maps on normals
+        if config.bank_distance_weight > 0 and config.student:  # mean and std of the two terms' blurred maps on normals
             self.register_buffer("map_norm", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.last_recalls: list[Recall | None] = [None, None, None]
 
     # ----------------------------------------------------------------- banks
     @torch.no_grad()
-    def fill_banks(self, teacher_maps: list[Tensor], ids: Tensor) -> None:
-        """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids."""
+    def fill_banks(self, teacher_maps: list[Tensor], ids: Tensor, memory: bool = True) -> None:
+        """Store N teacher maps per stage (list of three N x C x H x W tensors) and their image ids, in
+        the banks and (every position of them) in the memory."""
         for i, bank in self.banks.items():
             bank.fill(teacher_maps[int(i)].to(bank.maps.device), ids.to(bank.ids.device))
+        if self.memory is not None and memory:
+            grid = teacher_maps[(self.config.memory_grid or self.config.memory_stages[0]) - 1].shape
+            self.fill_memory([(teacher_maps, ids)], grid[0] * grid[2] * grid[3])
+
+    @torch.no_grad()
+    def fill_memory(self, batches: Any, positions: int, seed: int = 0) -> None:
+        """Fill the memory from ``batches`` ((three teacher maps, image ids) per batch, covering
+        ``positions`` positions in all), thinned to ``memory_mib`` by the configured sampler."""
+        from .memory import memory_rows
+        rows = memory_rows(positions, self.memory.rows.shape[1], self.config.memory_mib)
+        self.memory.fill(batches, rows, SAMPLERS[self.config.coreset](seed=seed))
 
     def fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
         """The map ``x`` entering the decoder stage that rebuilds teacher stage ``i``, with the
@@ -289,7 +368,10 @@ class NFERD(nn.Module):
         """The student's three maps, in teacher order, from the teacher's three maps.
 
         ``exclude_ids`` (training only): dataset indices of the batch, masked out of the banks.
+        A model without a student returns no maps.
         """
+        if self.ocbe is None:
+            return []
         x = self.ocbe(teacher_feats)
         outs: list[Tensor] = [x, x, x]
         for j, stage in enumerate(self.decoder.stages):
@@ -305,28 +387,35 @@ class NFERD(nn.Module):
         return t, self.student_features(t, exclude_ids)
 
     def anomaly_maps(self, teacher_feats: list[Tensor], student_feats: list[Tensor],
-                     size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
-        """Blurred anomaly maps (B x 1 x H x W) and image scores (B) from both feature lists."""
+                     size: tuple[int, int] | None = None, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Blurred anomaly maps (B x 1 x H x W) and image scores (B) from both feature lists.
+        ``exclude``: image ids whose own memory rows are left out (leave-one-out scores of training images)."""
         size = size or (self.config.image_size, self.config.image_size)
-        raw = anomaly_map(teacher_feats, student_feats, size, self.config.map_combine)
-        if self.config.bank_distance_weight > 0:
-            mu_s, sd_s, mu_d, sd_d = self.map_norm
-            raw = (raw - mu_s) / sd_s + self.config.bank_distance_weight * (
-                self.bank_distance(teacher_feats, size) - mu_d) / sd_d
+        if not self.config.student:  # the memory alone, as PatchCore scores
+            raw = self.bank_distance(teacher_feats, size, exclude)
+        else:
+            raw = anomaly_map(teacher_feats, student_feats, size, self.config.map_combine)
+            if self.config.bank_distance_weight > 0:
+                mu_s, sd_s, mu_d, sd_d = self.map_norm
+                raw = (raw - mu_s) / sd_s + self.config.bank_distance_weight * (
+                    self.bank_distance(teacher_feats, size, exclude) - mu_d) / sd_d
         maps = self.blur(raw)  # linear: standardising before or after the blur is the same
         return maps, image_score(maps)
 
-    def bank_distance(self, teacher_feats: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """Unblurred map at ``size`` of each position's distance to its nearest normal bank
-        position, summed over the banks."""
+    def bank_distance(self, teacher_feats: list[Tensor], size: tuple[int, int],
+                      exclude: Tensor | None = None) -> Tensor:
+        """Unblurred map at ``size`` of each position's distance to its nearest normal feature: in
+        the memory, or summed over the banks."""
+        if self.memory is not None:
+            return combine_stages([self.memory.distance(teacher_feats, exclude)], size)
         return combine_stages([bank.nearest_distance(teacher_feats[int(i)]) for i, bank in self.banks.items()], size)
 
     @torch.no_grad()
     def term_maps(self, teacher_feats: list[Tensor], student_feats: list[Tensor],
-                  size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+                  size: tuple[int, int], exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The blurred student map and bank-distance map, unstandardised (for fitting ``map_norm``)."""
         s = self.blur(anomaly_map(teacher_feats, student_feats, size, self.config.map_combine))
-        return s, self.blur(self.bank_distance(teacher_feats, size))
+        return s, self.blur(self.bank_distance(teacher_feats, size, exclude))
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -339,6 +428,8 @@ class NFERD(nn.Module):
         def n(m: nn.Module) -> int:
             return sum(p.numel() for p in m.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"teacher": n(self.teacher), "ocbe": n(self.ocbe), "decoder": n(self.decoder),
+        return {"teacher": n(self.teacher), "ocbe": n(self.ocbe) if self.ocbe else 0,
+                "decoder": n(self.decoder) if self.decoder else 0,
                 "bank": n(self.banks), "fusion": n(self.fusions), "trainable": trainable,
-                "bank_buffers": sum(b.maps.numel() for b in self.banks.values())}
+                "bank_buffers": sum(b.maps.numel() for b in self.banks.values())
+                + (self.memory.rows.numel() if self.memory is not None else 0)}
