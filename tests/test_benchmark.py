@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nferd.cli import main
-from nferd.engine.benchmark import (README_END, README_START, Run, load_calibration_results, load_results,
+from nferd.engine.benchmark import (few_images, README_END, README_START, Run, load_calibration_results, load_results,
                                     load_speed_results,
                                     render_method_doc, render_readme, render_results_doc, run_grid, summary_table,
                                     versus_table)
@@ -36,6 +36,24 @@ def test_grid_writes_one_result_per_run_and_skips_done_runs(synth_root: Path, tm
         assert 0.0 <= res["metrics"]["pixel_auroc"] <= 1.0 and res["n_test"] > 0
     again = run_grid(runs, tmp_path / "results", tmp_path / "work", threads=2, log=logs.append)
     assert again == [] and "2 done before, 0 to run" in logs[-1]
+    # RD4AD's student is the default's: the second run took the first one's instead of training it
+    nferd, rd = (json.loads(p.read_text()) for p in written)
+    assert "student_from" not in nferd and rd["student_from"].endswith(runs[0].key)
+    assert rd["metrics"] != nferd["metrics"]
+    for res in (nferd, rd):  # what the calibrated threshold did on the test split, beside its promise
+        at = res["at_threshold"]
+        assert at["good"] + at["defective"] == res["n_test"] and 0 < at["promised_false_alarm_bound"] < 1
+
+
+def test_a_few_image_run_trains_on_a_seeded_subset_and_names_it(synth_root: Path, tmp_path: Path) -> None:
+    cat = next(p.name for p in synth_root.iterdir() if p.is_dir())
+    run = Run(str(synth_root), cat, "patchcore", "efficientnet_lite0", 64, 1, 3, train_images=10)
+    assert run.key.endswith("-1ep-10img-seed3")
+    res = json.loads(run_grid([run], tmp_path / "r", tmp_path / "w", threads=2, log=lambda _: None)[0].read_text())
+    assert res["n_train"] == 10 and res["train_images"] == 10
+    assert few_images(12, 10, 3) != few_images(12, 10, 4) and len(set(few_images(12, 10, 3))) == 10
+    with pytest.raises(ValueError, match="more than"):
+        few_images(12, 13, 0)
 
 
 def fake(model: str, seed: int, auroc: float) -> dict:

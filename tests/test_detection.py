@@ -43,7 +43,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[MVTecDataset, M
 def trained(request: pytest.FixtureRequest, synthetic, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """(model, its test metrics, test set) after a short seeded training."""
     train_set, test_set = synthetic
-    tcfg = TrainConfig(epochs=EPOCHS, seed=0, holdout=0.1, lr_schedule="cosine")
+    tcfg = TrainConfig(epochs=EPOCHS, seed=0, holdout=0.1, lr_schedule="cosine", cross_fit=False)
     model, _ = train(train_set, CONFIGS[request.param], tcfg, tmp_path_factory.mktemp(request.param),
                      progress=False)
     metrics, _ = evaluate(model, test_set, device="cpu")
@@ -113,6 +113,8 @@ def misaligned(model: NFERD) -> NFERD:
     broken = copy.deepcopy(model)
     for bank in broken.banks.values():
         bank.maps.copy_(bank.maps.roll(1, dims=1))
+    if broken.memory is not None:  # the same norms, the features in the wrong channels
+        broken.memory.rows.copy_(broken.memory.rows.roll(1, dims=1))
     return broken
 
 

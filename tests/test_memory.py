@@ -12,7 +12,7 @@ from nferd import MVTecDataset, ModelConfig, TrainConfig, evaluate, train
 from nferd.engine.checkpoint import load_checkpoint
 from nferd.engine.crossfit import FOLDS, fold_file, fold_indices
 from nferd.metrics import miss_at_false_alarm
-from nferd.models.coreset import GreedyCoreset, RandomSubset
+from nferd.models.coreset import GreedyCoreset
 from nferd.models.memory import MemoryBank, locally_aware, memory_rows, nearest_euclidean
 
 
@@ -32,7 +32,7 @@ def test_locally_aware_features_average_each_neighbourhood_and_join_stages_on_th
 
 def test_blocked_nearest_search_equals_brute_force_and_skips_excluded_keys() -> None:
     g = torch.Generator().manual_seed(1)
-    q, keys = torch.randn(2, 150, 7, generator=g), torch.randn(9000, 7, generator=g)  # ragged blocks of both
+    q, keys = torch.randn(2, 1100, 7, generator=g), torch.randn(9000, 7, generator=g)  # ragged blocks of both
     sq = (keys * keys).sum(1)
     got = nearest_euclidean(q, keys, sq)
     want = torch.cdist(q, keys[None].expand(2, -1, -1)).amin(2) ** 2
@@ -54,7 +54,7 @@ def test_greedy_coreset_covers_rare_rows_that_a_random_subset_misses() -> None:
     rare = torch.randn(6, 16, generator=g) * 0.1 + 5 * torch.eye(16)[:6]  # six rare appearances, far away
     x = torch.cat([common, rare])
     greedy = GreedyCoreset(projection_dims=8, seed=0).select(x, 60)
-    random = RandomSubset(seed=0).select(x, 60)
+    random = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:60]
     assert len(set(greedy.tolist())) == 60 and greedy.tolist() == sorted(greedy.tolist())
     assert set(range(3000, 3006)) <= set(greedy.tolist())  # every rare row kept
     assert coverage(x, greedy) < 0.5 * coverage(x, random)

@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            checkpoint_every=args.checkpoint_every,
                            holdout=0.0 if cal_set is not None else args.holdout,
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
-                           compile=args.compile, tile=args.tile,
+                           compile=args.compile, tile=args.tile, cross_fit=args.cross_fit,
                            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap)
         if lead:
             print(f"training {mcfg.describe()} ({mcfg.teacher} teacher) on {cat or args.data}: "
@@ -451,7 +451,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     test_set = MVTecDataset(cat_dir.parent, cat_dir.name, "test")
     print(f"[1/3] synthetic dataset: {cat_dir} ({len(train_set)} train, {len(test_set)} test images)")
     mcfg = ModelConfig()
-    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, holdout=0.15)
+    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, holdout=0.15, cross_fit=False)  # the demo stays quick
     ckpt = out / "model"
     if (ckpt / "last.safetensors").is_file() and not (ckpt / "model.safetensors").is_file():
         resume = True

@@ -172,7 +172,6 @@ IMAGE_SIZE_HELP = (f"input side in pixels: a multiple of 32 (the teacher downsam
 def add_model_options(p: argparse.ArgumentParser) -> None:
     from ..models.hafm import FUSIONS
     from ..models.bank import RECALLS
-    from ..models.coreset import SAMPLERS
     from ..models.nferd import DEFAULT_TEACHER, DISTANCES, PRESETS
     from ..models.teacher import teacher_names
     g = p.add_argument_group("model")
@@ -226,13 +225,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "3 x 3-averaged features of --memory-stages, Euclidean) or bank (the N bank images' raw "
                         "features of --bank-stages, cosine)")
     g.add_argument("--memory-stages", default=None, type=stage_list, metavar="2,3",
-                   help="teacher stages (1 = finest) whose averaged maps make a memory feature (default 2,3)")
+                   help="teacher stages (1 = finest) whose averaged maps make a memory feature (default 1,2)")
+    g.add_argument("--memory-grid", default=None, type=int, choices=[1, 2, 3], metavar="STAGE",
+                   help="the teacher stage whose grid the memory's features are on, finer stages averaged over "
+                        "its cells (default 2; 1 searches four times the positions)")
     g.add_argument("--memory-mib", default=None, type=positive_float, metavar="MIB",
                    help="memory size in MiB of fp32 features: every training position while they fit, else a "
                         "coreset of as many as fit; bounds the search's cost too (default 8)")
-    g.add_argument("--coreset", default=None, choices=list(SAMPLERS),
-                   help="how a memory larger than --memory-mib is thinned: greedy (PatchCore's coreset, default) "
-                        "or random")
+
 
 
 def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -242,7 +242,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                           "image_size": args.image_size}
     for name in ("bank", "recall", "fusion", "n_bank", "top_k", "temperature", "patch_limit", "search_reduction",
                  "bank_stages", "loss", "map_combine", "bank_distance_weight", "distance", "memory_stages",
-                 "memory_mib", "coreset"):
+                 "memory_grid", "memory_mib"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation/good folder (>= 0 and < 1; default 0.1)")
     g.add_argument("--false-alarm-rate", type=fraction_open, default=0.01,
                    help="calibration target on normal images (> 0 and < 1; default 0.01)")
+    g.add_argument("--no-cross-fit", dest="cross_fit", action="store_false",
+                   help="with fewer than 20 held-out good images and at most 100 training images, nferd trains 5 "
+                        "more students on folds of the training images so that every image gets a score from a "
+                        "model that never saw it, and calibrates on those too; this turns that off")
     g.add_argument("--checkpoint-every", type=positive_int, default=10,
                    help="epochs between resumable checkpoints (>= 1; default 10)")
     g.add_argument("--feature-cache-dir", default=None, help="keep teacher features in memory-mapped files here")

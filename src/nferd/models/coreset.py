@@ -59,18 +59,3 @@ class GreedyCoreset:
         return torch.cat(chosen).sort().values
 
 
-class RandomSubset:
-    """A seeded uniform subset: cheaper to draw than the coreset, but it keeps the dense middle of
-    the feature space and leaves rare normal appearances without a close neighbour."""
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def select(self, features: Tensor, count: int) -> Tensor:
-        p = features.shape[0]
-        if count >= p:
-            return torch.arange(p)
-        return torch.randperm(p, generator=torch.Generator().manual_seed(self.seed))[:count].sort().values
-
-
-SAMPLERS: dict[str, type] = {"greedy": GreedyCoreset, "random": RandomSubset}

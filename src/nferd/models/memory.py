@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .coreset import Sampler
 
-QUERY_BLOCK, KEY_BLOCK = 64, 4096  # one block of the search: 1 MiB of products per image
+QUERY_BLOCK, KEY_BLOCK = 512, 2048  # one block of the search: 4 MiB of products per image, few enough calls
 
 
 def locally_aware(stages: list[Tensor], which: tuple[int, ...], pool: int = 3, grid: int | None = None) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..version import __version__
 from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, combine_stages, image_score
 from .bank import BANKS, RECALLS, NormalFeatureBank, Recall
-from .coreset import SAMPLERS
+from .coreset import GreedyCoreset
 from .memory import MemoryBank
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
@@ -66,6 +66,8 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
         else:
             removed.append(f"bank reading '{reading}'")
     d.pop("rebuild_key_stages", None)  # used by reading G only
+    if d.get("coreset", "greedy") == "greedy":  # the memory's one sampler, named in configs of 0.5.0 development runs
+        d.pop("coreset", None)
     if not d.get("bank", True):
         d.setdefault("distance", "memory")  # irrelevant without a bank: today's default, so configs compare equal
     for key, value in _SAVED_DEFAULTS.items():
@@ -116,11 +118,11 @@ class ModelConfig:
             images' raw features of ``bank_stages``, cosine; nferd 0.3 and 0.4).
         student: train the reverse student (False: the memory alone scores, PatchCore).
         memory_stages: teacher stages (1 = finest) whose 3 x 3-averaged maps form a memory feature.
-        memory_grid: the teacher stage whose grid the memory's features are on (default: the finest
-            of ``memory_stages``); a coarser grid makes the search cheaper.
+        memory_grid: the teacher stage whose grid the memory's features are on (finer stages
+            averaged over its cells; None: the finest of ``memory_stages``). Stage 2's grid
+            searches a quarter of stage 1's positions.
         memory_mib: size of the memory in MiB of fp32 features: every training position while they
             fit, else a coreset of as many as fit (the search's cost per position is bounded too).
-        coreset: how the memory is thinned: ``greedy`` (PatchCore's coreset) or ``random``.
     """
 
     teacher: str = DEFAULT_TEACHER
@@ -140,10 +142,9 @@ class ModelConfig:
     bank_distance_weight: float | None = None
     distance: str = "memory"
     student: bool = True
-    memory_stages: tuple[int, ...] = (2, 3)
-    memory_grid: int | None = None
+    memory_stages: tuple[int, ...] = (1, 2)
+    memory_grid: int | None = 2
     memory_mib: float = 8.0
-    coreset: str = "greedy"
 
     def __post_init__(self) -> None:
         scores_by_map = self.bank and self.recall == "patch" and self.fusion in (None, "none")
@@ -163,7 +164,6 @@ class ModelConfig:
         choose("loss", self.loss, LOSSES)
         choose("map combine", self.map_combine, COMBINES)
         choose("distance", self.distance, DISTANCES)
-        choose("coreset", self.coreset, tuple(SAMPLERS))
         self.memory_stages = tuple(sorted({int(i) for i in self.memory_stages}))
         if not self.memory_stages or not set(self.memory_stages) <= {1, 2, 3}:
             raise ValueError(f"memory stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
@@ -248,7 +248,8 @@ class ModelConfig:
 
 # The designs a user chooses between, as the ModelConfig fields that pick them.
 PRESETS: dict[str, dict[str, Any]] = {
-    # RD4AD's student; the distance to the nearest normal feature of every training position added to its map.
+    # RD4AD's student; the distance to the nearest normal feature of every training position (stages 1 and 2 on
+    # stage 2's grid) added to its map.
     "nferd": {},
     # The memory of every training position alone, no student (PatchCore on the same teacher).
     "patchcore": {"student": False},
@@ -347,10 +348,10 @@ class NFERD(nn.Module):
     @torch.no_grad()
     def fill_memory(self, batches: Any, positions: int, seed: int = 0) -> None:
         """Fill the memory from ``batches`` ((three teacher maps, image ids) per batch, covering
-        ``positions`` positions in all), thinned to ``memory_mib`` by the configured sampler."""
+        ``positions`` positions in all), thinned to ``memory_mib`` by PatchCore's greedy coreset."""
         from .memory import memory_rows
         rows = memory_rows(positions, self.memory.rows.shape[1], self.config.memory_mib)
-        self.memory.fill(batches, rows, SAMPLERS[self.config.coreset](seed=seed))
+        self.memory.fill(batches, rows, GreedyCoreset(seed=seed))
 
     def fuse(self, i: int, x: Tensor, teacher_feats: list[Tensor], exclude_ids: Tensor | None) -> Tensor:
         """The map ``x`` entering the decoder stage that rebuilds teacher stage ``i``, with the
