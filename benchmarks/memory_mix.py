@@ -44,7 +44,10 @@ MEMORIES: dict[str, dict[str, Any]] = {
 }
 if "--all-memories" in sys.argv:  # also all three stages
     MEMORIES.update({"stages123_grid2": {"memory_stages": (1, 2, 3), "memory_grid": 2}})
-WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
+if "--memories" in sys.argv:  # only the named designs, e.g. --memories stages12_grid2
+    _names = sys.argv[sys.argv.index("--memories") + 1].split(",")
+    MEMORIES = {k: v for k, v in MEMORIES.items() if k in _names}
 CANDIDATES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0)  # weights the synthetic-defect selection chooses from
 
 
@@ -137,7 +140,7 @@ def score_run(run: str) -> dict[str, Any]:
         scorers = [(model, cal_set)]
         if few:  # the fold students the run saved, each with its own memory, score the images they never saw
             with tempfile.TemporaryDirectory() as tmp:
-                folds = train_folds(model, fit_set, tcfg, Path(tmp), take_from=Path(run_dir))
+                folds = train_folds(model, fit_set, tcfg, Path(tmp), Trainer, take_from=Path(run_dir))
             scorers += [(fm, Subset(fit_set, fold)) for fm, fold in folds]
         syn = synthetic_terms(scorers, seed)
         w_star, marks = choose_weight(syn, mu_s, sd_s, mu_m, sd_m)
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--all-memories", action="store_true", help="also screen the slower memory designs")
+    p.add_argument("--memories", default=None, help="only these memory designs, comma-separated")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)

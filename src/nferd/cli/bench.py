@@ -297,7 +297,7 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
     res: dict[str, Any] = {"backend": backend, "teacher": teacher, "image_size": image_size, "batch_size": batch_size,
                            "device": str(dev), "threads": torch.get_num_threads(), "bank": bank,
                            "recall": cfg.recall if bank else None, "fusion": cfg.fusion,
-                           "design": cfg.describe(), "compile": compile,
+                           "design": cfg.describe(), "compile": compile, **({"preset": preset} if preset else {}),
                            "train_images_per_s": batch_size / statistics.median(train_t) if train_t else None,
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,

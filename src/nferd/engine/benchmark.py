@@ -415,7 +415,7 @@ def save_speed_result(res: dict[str, Any], folder: Path) -> Path:
     """One ``nferd bench`` run as a result file with its provenance, named by what it measured."""
     precision = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "int8": "int8"}.get(str(res["precision"]), "fp32")
     key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], precision,
-                    res["fusion"] if res["bank"] else "rd4ad",
+                    res.get("preset") or (res["fusion"] if res["bank"] else "rd4ad"),
                     f"b{res['batch_size']}", f"t{res['threads']}", res["device"].replace(":", "")]
                    + ([f"vs-{res['peer']['name']}"] if res.get("peer") else []))
     path = Path(folder) / f"{key}.json"

@@ -37,14 +37,14 @@ def fold_file(out: Path, k: int) -> Path:
     return Path(out) / FOLD_DIR / f"fold{k}.safetensors"
 
 
-def train_folds(model: Any, train_set: Dataset, config: Any, out: Path, take_from: Path | None = None,
-                progress: bool = False) -> list[tuple[Any, list[int]]]:
+def train_folds(model: Any, train_set: Dataset, config: Any, out: Path, trainer: Any,
+                take_from: Path | None = None) -> list[tuple[Any, list[int]]]:
     """K fold models of ``model``'s design (sharing its frozen teacher), each trained on the training
-    images outside its fold, with the fold's indices. Fold students are saved under ``out/folds`` (and
-    taken from ``take_from/folds`` when a run with the same student saved them)."""
+    images outside its fold by ``trainer`` (``engine.train.Trainer``), with the fold's indices. Fold
+    students are saved under ``out/folds`` (and taken from ``take_from/folds`` when a run with the
+    same student saved them)."""
     from safetensors.torch import load_file, save_file
     from ..models.nferd import NFERD
-    from .train import Trainer
     folds = fold_indices(len(train_set), FOLDS, config.seed)
     quiet = dataclasses.replace(config, checkpoint_every=10**9)
     found = []
@@ -53,15 +53,15 @@ def train_folds(model: Any, train_set: Dataset, config: Any, out: Path, take_fro
         fm = NFERD(model.config, teacher=model.teacher)
         keep = sorted(set(range(len(train_set))) - set(fold))
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(fm, Subset(train_set, keep), quiet, tmp, progress=False, distributed=False)
+            run = trainer(fm, Subset(train_set, keep), quiet, tmp, progress=False, distributed=False)
             saved = fold_file(take_from, k) if take_from is not None else None
             if fm.ocbe is not None and saved is not None and saved.is_file():
                 fm.load_state_dict(load_file(str(saved)), strict=False)
-                trainer.student_from = saved
-            trainer.prepare()  # the fold's own bank and memory
-            if fm.ocbe is not None and trainer.student_from is None:
+                run.student_from = saved
+            run.prepare()  # the fold's own bank and memory
+            if fm.ocbe is not None and run.student_from is None:
                 for epoch in range(config.epochs):
-                    trainer.train_epoch(epoch)
+                    run.train_epoch(epoch)
                 target = fold_file(out, k)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp_file = target.with_name(target.name + ".tmp")

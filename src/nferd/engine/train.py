@@ -373,7 +373,7 @@ class Trainer:
         folds = []
         few = self.cross_fits()
         if few and self.model.ocbe is not None:
-            folds = train_folds(self.model, self.train_set, self.config, self.out, take_from=self.student_from)
+            folds = train_folds(self.model, self.train_set, self.config, self.out, Trainer, take_from=self.student_from)
         if hasattr(self.model, "map_norm"):
             self.fit_map_norm(folds)
             for fm, _ in folds:

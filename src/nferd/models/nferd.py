@@ -194,6 +194,8 @@ class ModelConfig:
             raise ValueError("the bank distance in the map needs the bank with patch recall (--bank on --recall patch)")
         if not self.bank and self.fusion != "none":
             raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or leave --fusion out (or none) for RD4AD")
+        if not self.uses_memory:  # options that do not apply take their defaults, so equal designs compare equal
+            self.memory_stages, self.memory_grid, self.memory_mib = (1, 2), 2, 8.0
         self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
         if not self.bank_stages or not set(self.bank_stages) <= {1, 2, 3}:
             raise ValueError(f"bank stages must be a non-empty subset of 1, 2, 3 (teacher stages, 1 = finest); "
