@@ -35,7 +35,7 @@ def locally_aware(stages: list[Tensor], which: tuple[int, ...], pool: int = 3, g
         if pool > 1:
             m = F.avg_pool2d(m, pool, stride=1, padding=pool // 2, count_include_pad=False)
         if m.shape[-2] > size[0]:
-            m = F.adaptive_avg_pool2d(m, size)
+            m = F.avg_pool2d(m, int(m.shape[-2]) // int(size[0]))  # a fixed kernel: exports as a constant
         elif m.shape[-2:] != size:
             m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         out.append(m)
