@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn import metrics as skm
 
 from nferd import metrics
-from nferd.metrics import (
+from nferd.metrics import (miss_at_false_alarm, 
     aupro,
     auroc,
     average_precision,
@@ -331,13 +331,14 @@ def test_compute_metrics_matches_individual_metrics():
         "image_auroc": auroc(image_scores, image_labels),
         "image_f1max": f1_max(image_scores, image_labels),
         "image_ap": average_precision(image_scores, image_labels),
+        "miss_at_1pct_fa": miss_at_false_alarm(image_scores, image_labels),
         "pixel_auroc": pixel_auroc(maps, masks),
         "pixel_ap": pixel_ap(maps, masks),
         "aupro": aupro(maps, masks),
     }
     assert all(type(v) is float and 0.0 <= v <= 1.0 for v in results.values())
 
-    assert set(compute_metrics(image_scores, image_labels)) == {"image_auroc", "image_f1max", "image_ap"}
+    assert set(compute_metrics(image_scores, image_labels)) == {"image_auroc", "image_f1max", "image_ap", "miss_at_1pct_fa"}
 
 
 def test_compute_metrics_without_defect_pixels_gives_nan():

@@ -119,7 +119,7 @@ def test_checkpoint_errors_are_clear(tmp_path) -> None:
     with safe_open(str(meta_path), framework="pt") as f:
         meta = json.loads(f.metadata()["nferd"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["model"]["memory_stages"] = [1, 2]
+    meta["model"]["memory_stages"] = [2, 3]
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"nferd": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(tmp_path / "bad.safetensors")
