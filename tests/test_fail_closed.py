@@ -126,11 +126,11 @@ def test_nan_in_one_decoder_tensor_is_refused_naming_file_and_tensor(ckpt, image
     assert not (tmp_path / "pred" / "summary.json").exists()
 
 
-def test_infinite_bank_value_is_refused_too(ckpt) -> None:
+def test_infinite_memory_value_is_refused_too(ckpt) -> None:
     def poison(tensors):
-        tensors["banks.0.maps"].view(-1)[5] = float("inf")
+        tensors["memory.rows"].view(-1)[5] = float("inf")
     rewrite(ckpt, tensors_edit=poison)
-    with pytest.raises(CheckpointError, match=re.escape("banks.0.maps")):
+    with pytest.raises(CheckpointError, match=re.escape("memory.rows")):
         load_checkpoint(ckpt)
 
 
