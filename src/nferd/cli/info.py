@@ -30,8 +30,7 @@ def full_memory(model: NFERD, images: int = 200) -> None:
     if model.memory is None:
         return
     from ..models.memory import memory_rows
-    stage = model.config.memory_grid or model.config.memory_stages[0]
-    s = model.config.image_size // (4 * 2 ** (stage - 1))
+    s = model.config.image_size // (4 * 2 ** (model.config.memory_grid_stage - 1))
     rows = memory_rows(images * s * s, model.memory.rows.shape[1], model.config.memory_mib)
     model.memory.resize(rows)
     model.memory.rows.normal_()

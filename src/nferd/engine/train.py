@@ -220,8 +220,7 @@ class Trainer:
     def fill_memory(self) -> None:
         """Every training position's locally aware feature into the memory (thinned to its size)."""
         n, step = len(self.cache), 64
-        cfg = self.model.config
-        grid = self.cache.stages[(cfg.memory_grid or cfg.memory_stages[0]) - 1].shape[-2:]
+        grid = self.cache.stages[self.model.config.memory_grid_stage - 1].shape[-2:]
         batches = ((self.cache.get(torch.arange(a, min(a + step, n)), self.device), torch.arange(a, min(a + step, n)))
                    for a in range(0, n, step))
         self.model.fill_memory(batches, n * grid[0] * grid[1], seed=self.config.seed)

@@ -228,6 +228,11 @@ class ModelConfig:
         return f"NFERD, {self.recall} recall fused by {self.fusion} (stages {stages}{extra})"
 
     @property
+    def memory_grid_stage(self) -> int:
+        """The teacher stage whose grid the memory's features are on."""
+        return self.memory_grid or self.memory_stages[0]
+
+    @property
     def uses_memory(self) -> bool:
         """The map's distance looks in a memory of every training position."""
         return self.bank and self.distance == "memory" and (self.bank_distance_weight > 0 or not self.student)
@@ -344,7 +349,7 @@ class NFERD(nn.Module):
         for i, bank in self.banks.items():
             bank.fill(teacher_maps[int(i)].to(bank.maps.device), ids.to(bank.ids.device))
         if self.memory is not None and memory:
-            grid = teacher_maps[(self.config.memory_grid or self.config.memory_stages[0]) - 1].shape
+            grid = teacher_maps[self.config.memory_grid_stage - 1].shape
             self.fill_memory([(teacher_maps, ids)], grid[0] * grid[2] * grid[3])
 
     @torch.no_grad()
