@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def page_server(synth_root: Path):  # type: ignore[no-untyped-def]
     images = torch.stack([load_image(p, 64) for p in train[:8]])
     with torch.no_grad():
         model.fill_banks([t[:4] for t in model.teacher(images)], torch.arange(4))
-    predictor = Predictor(model, None, device="cpu")
+    predictor = Predictor(model, None, device="cpu", memory_images=[str(p) for p in train[:4]])
     maps, scores = predictor.maps(images[4:])
     predictor.calibration = fit_normal(scores, maps)
     with serve_in_thread(create_app(predictor)) as url:
@@ -89,9 +90,12 @@ def test_upload_shows_decision_and_heatmap(page_server: str, synth_root: Path, t
             first = page.locator("#recent figure").first
             assert (first.locator("img").get_attribute("src") or "").startswith("data:image/png;base64,")
             assert first.get_attribute("class") == api["decision"]
+            if api["decision"] == "NOK":  # why: this region beside the closest normal one, from a named image
+                assert page.locator("#nearest").is_visible()
+                assert api["nearest_normal"]["normal_image"] in page.inner_text("#whytext")
             assert page.inner_text("#drift") == "unavailable"  # this calibration holds no normal scores
             assert "nferd calibrate" in page.inner_text("#driftinfo")
-            shot = tmp_path / "page.png"
+            shot = Path(os.environ.get("NFERD_SCREENSHOTS", tmp_path)) / "page.png"
             page.screenshot(path=str(shot), full_page=True)
             overlay_shot = overlay.screenshot()
         finally:
@@ -118,5 +122,12 @@ def test_a_non_image_shows_the_reason(page_server: str, tmp_path: Path) -> None:
             msg = page.inner_text("#error")
             assert "415" in msg and "not a PNG/JPEG/BMP/TIFF/WEBP image" in msg
             assert not page.locator("#images").is_visible()
+            # in the line panel the rejected upload says why, and shows no broken-image icon
+            rejected = page.locator("#recent figure", has=page.locator(".nothumb")).first
+            rejected.wait_for(timeout=30_000)
+            assert rejected.locator("img").count() == 0
+            assert "not a PNG/JPEG/BMP/TIFF/WEBP image" in rejected.locator(".why").inner_text()
+            page.screenshot(path=str(Path(os.environ.get("NFERD_SCREENSHOTS", tmp_path)) / "rejected.png"),
+                            full_page=True)
         finally:
             browser.close()

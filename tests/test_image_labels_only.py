@@ -91,8 +91,14 @@ def test_folder_with_ok_and_nok_folders_and_no_masks(trained, tmp_path) -> None:
     out = tmp_path / "folder_test"
     assert main(["test", "--checkpoint", str(ckpt), "--format", "folder", "--data", str(data),
                  "--test-normal-dir", str(test / "good"), "--test-abnormal-dir", str(nok), "--out", str(out)]) == 0
-    cat = json.loads((out / "results.json").read_text())["categories"]["folder"]
-    assert 0 <= cat["image_auroc"] <= 1 and cat["aupro"] is None
+    cat = json.loads((out / "results.json").read_text())["categories"][data.name]  # named after the folder
+    assert cat["aupro"] is None and cat["pixel_auroc"] is None
+    # the same images in the dataset's own layout: the same image metrics
+    assert main(["test", "--checkpoint", str(ckpt), "--data", str(data), "--category", "synthetic_tiles",
+                 "--out", str(tmp_path / "layout")]) == 0
+    ref = json.loads((tmp_path / "layout" / "results.json").read_text())["categories"]["synthetic_tiles"]
+    for k in ("image_auroc", "image_ap", "image_f1max"):
+        assert cat[k] == pytest.approx(ref[k], abs=1e-6), k
 
 
 def test_report_of_a_labels_only_set(trained, tmp_path) -> None:

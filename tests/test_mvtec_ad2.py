@@ -133,6 +133,22 @@ def test_submission_folder_is_what_the_server_takes(ad2, tmp_path) -> None:
                  "--out", str(out)]) != 0
 
 
+def test_a_missing_private_split_leaves_nothing_and_the_rerun_works(ad2, tmp_path) -> None:
+    pytest.importorskip("tifffile")
+    root, ckpt = ad2
+    broken = tmp_path / "ad2"
+    shutil.copytree(root, broken)
+    shutil.rmtree(broken / CAT / "test_private_mixed")
+    out = tmp_path / "submission"
+    assert main(["mvtec-ad2-submission", "--checkpoint", str(ckpt), "--data", str(broken), "--category", CAT,
+                 "--out", str(out)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad2"]  # no folder, no archive, no temporary folder
+    shutil.copytree(root / CAT / "test_private_mixed", broken / CAT / "test_private_mixed")
+    assert main(["mvtec-ad2-submission", "--checkpoint", str(ckpt), "--data", str(broken), "--category", CAT,
+                 "--out", str(out)]) == 0
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 12
+
+
 def test_a_private_split_is_never_evaluated(ad2) -> None:
     from nferd import evaluate, load_checkpoint
     root, ckpt = ad2

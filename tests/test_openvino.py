@@ -17,9 +17,8 @@ pytest.importorskip("openvino")
 from nferd.cli import main  # noqa: E402
 from nferd.data.images import load_image  # noqa: E402
 from nferd.deploy.onnx_runtime import OnnxModelError  # noqa: E402
-from nferd.deploy.openvino_runtime import OpenVinoPredictor, export_openvino  # noqa: E402
+from nferd.deploy.openvino_runtime import OpenVinoPredictor  # noqa: E402
 from nferd.deploy.predict import Predictor  # noqa: E402
-from nferd.engine.checkpoint import load_checkpoint  # noqa: E402
 
 CAT = "synthetic_tiles"
 

@@ -141,7 +141,8 @@ def test_nferd_test_report_matches_results_and_shows_curves_and_gallery(tiny_che
     # the checkpoint is calibrated: its threshold is reported
     calibration = json.loads((ckpt / "config.json").read_text())["calibration"]
     text = "".join(p.text)
-    assert "At the calibrated threshold" in text and f"image_threshold {calibration['image_threshold']:.4f}" in text
+    assert "At the calibrated threshold" in text and f"image threshold {calibration['image_threshold']:.4g}" in text
+    assert "false-alarm rate on new good parts at most" in text  # what the threshold promises, in words
 
     # gallery: K per group, the right images, each with image, overlay and GT mask
     test_dir = data / category / "test"
@@ -160,13 +161,16 @@ def test_nferd_test_report_matches_results_and_shows_curves_and_gallery(tiny_che
     assert shown["false_alarm"] == good_by_score[:2]
     assert shown["detection"] == bad_by_score[::-1][:2]
     for e in p.entries:
-        assert set(e["panels"]) == {"image", "overlay", "mask"}
+        assert set(e["panels"]) == {"image", "overlay", "mask", "nearest"}  # and why: the closest normal region
+        pair, _ = decode_png(e["panels"]["nearest"])
+        assert pair.shape[1] > pair.shape[0] and pair.shape[2] == 3  # two panes side by side
         image, _ = decode_png(e["panels"]["image"])
         overlay, _ = decode_png(e["panels"]["overlay"])
         mask, _ = decode_png(e["panels"]["mask"])
         assert image.shape == overlay.shape == mask.shape == (64, 64, 3)
         assert not np.array_equal(image, overlay)
         assert (mask.max() > 0) == (e["data-label"] == "1")  # synthetic defects all have a mask
+    assert "closest normal region: training image" in text
 
 
 def test_category_all_report_has_every_category_and_the_mean(tiny_checkpoint, tmp_path) -> None:

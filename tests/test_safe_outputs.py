@@ -109,6 +109,60 @@ def test_write_helpers_replace_links_and_append_refuses_them(tmp_path) -> None:
         safe_io.make_dir(tmp_path / "maps")
 
 
+def plant(path: Path, target: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+def test_exports_and_reports_never_write_through_planted_links(run_dir, synth_root, tmp_path) -> None:
+    """At every output name and at the temporary names an older nferd wrote through."""
+    target = tmp_path / "target"
+    target.write_text("keep")
+    onnx_out = tmp_path / "ex" / "m.onnx"
+    for name in ("m.onnx", "m.onnx.tmp"):
+        plant(onnx_out.parent / name, target)
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(onnx_out)]) == 0
+    assert not onnx_out.is_symlink() and onnx_out.stat().st_size > 1000
+    pytest.importorskip("openvino")
+    ov_out = tmp_path / "exv" / "ov.xml"
+    for name in ("ov.xml", "ov.bin"):
+        plant(ov_out.parent / name, target)
+    assert main(["export", "--checkpoint", str(run_dir), "--format", "openvino", "--out", str(ov_out)]) == 0
+    assert not ov_out.is_symlink() and not ov_out.with_suffix(".bin").is_symlink()
+    report = tmp_path / "t"
+    for name in ("report.html", "report.html.tmp"):
+        plant(report / name, target)
+    assert main(["test", "--checkpoint", str(run_dir), "--data", str(synth_root), "--category", CAT,
+                 "--out", str(report), "--report"]) == 0
+    assert not (report / "report.html").is_symlink() and "<html" in (report / "report.html").read_text()
+    assert target.read_text() == "keep"
+    leftovers = [p.name for d in (onnx_out.parent, ov_out.parent, report) for p in d.iterdir()
+                 if ".tmp" in p.name and p.name not in ("m.onnx.tmp", "report.html.tmp")]
+    assert leftovers == []
+
+
+def test_a_library_that_fails_leaves_nothing_at_the_final_name(tmp_path) -> None:
+    out = tmp_path / "model.xml"
+    with pytest.raises(RuntimeError):
+        with safe_io.staged(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("the writer failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_of_a_killed_prediction_removes_its_temporary_files(run_dir, synth_root, tmp_path) -> None:
+    images = good_images(synth_root)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run_dir), *map(str, images), "--out", str(out)]) == 0
+    stale = out / "maps" / f"{images[0].stem}.npy.0badc0de.tmp"  # killed between a write and its rename
+    stale.write_bytes(b"half")
+    (out / "summary.json.12345678.tmp").write_bytes(b"half")
+    mine = out / "maps" / "notes.tmp"  # not a name nferd makes: left alone
+    mine.write_text("the user's")
+    assert main(["predict", "--checkpoint", str(run_dir), *map(str, images), "--out", str(out)]) == 0
+    assert not stale.exists() and not (out / "summary.json.12345678.tmp").exists() and mine.is_file()
+
+
 # ----------------------------------------------------------------------------- CSV formulas
 def test_formula_file_name_is_neutralised_in_summary_csv(run_dir, synth_root, tmp_path, monkeypatch) -> None:
     name = '=HYPERLINK("http:evil","click").png'

@@ -36,7 +36,7 @@ def test_train_and_test_runs_appear_in_a_local_mlflow_store(data, tmp_path, caps
     assert set(runs) == {"train synthetic_tiles", "test synthetic_tiles"}
     tr = runs["train synthetic_tiles"]
     assert tr.info.status == "FINISHED"
-    assert tr.data.params["model.fusion"] == "none" and tr.data.params["model.bank_stages"] == "1,2"
+    assert tr.data.params["model.distance"] == "memory" and tr.data.params["model.memory_stages"] == "1,2"
     assert tr.data.params["train.epochs"] == "2" and tr.data.params["data.category"] == "synthetic_tiles"
     loss = client.get_metric_history(tr.info.run_id, "loss")
     assert [m.step for m in loss] == [1, 2] and all(m.value > 0 for m in loss)

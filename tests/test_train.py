@@ -94,7 +94,8 @@ def test_checkpoint_round_trip_gives_identical_maps(synth_root, tmp_path) -> Non
         model.fill_banks(model.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
     for single_file in (False, True):
         path = tmp_path / ("one.safetensors" if single_file else "folder")
-        save_checkpoint(path, model, {"calibration": {"image_threshold": 1.0}})
+        save_checkpoint(path, model, {"calibration": {"image_threshold": 1.0, "pixel_threshold": 0.5,
+                                                      "score_min": 0.0}})
         loaded, meta = load_checkpoint(path)
         assert meta["calibration"]["image_threshold"] == 1.0
         a = infer(model, ds, precision="fp32")["maps"]

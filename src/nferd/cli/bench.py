@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, inference_copy, place,
+from ..engine.device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, place,
                      resolve_device)
 from .info import forward_gflops
 from ..models.loss import distillation_loss

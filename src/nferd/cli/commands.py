@@ -13,6 +13,7 @@ from typing import Any
 from ..engine import jsonio
 from ..engine.safe_io import write_json
 from .options import CLIError, model_config_from
+from .wording import count, plural
 
 
 def _datasets(args: argparse.Namespace, category: str | None, split: str, image_size: int):  # type: ignore[no-untyped-def]
@@ -34,11 +35,42 @@ def _categories(args: argparse.Namespace) -> list[str | None]:
     if args.data_format == "folder":
         return [None]
     if args.category is None:
-        raise CLIError("--category is required (a category name under --data, or 'all')")
+        raise CLIError(f"--category is required: a category folder under '{args.data}', or 'all'. (--data "
+                       "holds no images itself; for a folder of good images give that folder, or --format folder)")
     if args.category == "all":
         from ..data.datasets import discover_categories
         return list(discover_categories(args.data))
     return [args.category]
+
+
+def _label(args: argparse.Namespace, category: str | None) -> str:
+    """The name results are filed under: the category, or for a plain folder the folder's name."""
+    if category:
+        return category
+    folder = args.data or args.test_normal_dir or args.test_abnormal_dir
+    name = Path(folder).resolve().name if folder else ""
+    return (Path(folder).resolve().parent.name if name in ("good", "train", "ok") else name) or "images"
+
+
+def _recorded_data(args: argparse.Namespace) -> None:
+    """No --data (and no folder test options): the data the checkpoint records it was trained on."""
+    if args.data or args.data_format == "folder":
+        return
+    from ..engine.checkpoint import read_metadata
+    ckpt = Path(args.checkpoint)
+    recorded = (read_metadata(ckpt if (ckpt / "model.safetensors").is_file() or ckpt.is_file() else
+                              next(ckpt.glob("*/model.safetensors"), ckpt)).get("data") or {})
+    if not recorded.get("root") or not Path(recorded["root"]).exists():
+        raise CLIError("--data is required: the test images (a dataset root with --category, or --test-normal-dir "
+                       "and --test-abnormal-dir for a model trained on a plain folder)"
+                       + (f"; the checkpoint's training data '{recorded['root']}' is not there any more"
+                          if recorded.get("root") else ""))
+    args.data, args.data_format = recorded["root"], recorded.get("format") or "auto"
+    if args.category is None:
+        args.category = recorded.get("category")
+    if args.data_format == "folder":
+        raise CLIError("this model was trained on a plain folder of good images: pass its labelled test images "
+                       "with --test-normal-dir and --test-abnormal-dir (and --mask-dir)")
 
 
 def _tiling(args: argparse.Namespace, recorded: dict[str, Any] | None, image_size: int):  # type: ignore[no-untyped-def]
@@ -115,13 +147,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                            holdout=0.0 if cal_set is not None else args.holdout,
                            false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
                            compile=args.compile, tile=args.tile, cross_fit=args.cross_fit,
+                           strict_images=args.strict_images,
                            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap)
         if lead:
             print(f"training {mcfg.describe()} ({mcfg.teacher} teacher) on {cat or args.data}: "
-                  f"{len(train_set)} images, {args.epochs} epochs"
+                  f"{count(len(train_set), 'image')}, {count(args.epochs, 'epoch')}"
                   + (f", {ddp.env_world_size()} processes" if ddp.launched() and not round_robin else ""))
         data_meta = {"data": {"root": str(args.data), "category": cat, "format": args.data_format}}
-        with _tracking(args, f"train {cat or 'folder'}", lead) as run:
+        with _tracking(args, f"train {_label(args, cat)}", lead) as run:
             if run is not None:
                 run.params({"model": mcfg.to_dict(), "train": vars(tcfg), **data_meta, "out": str(out)})
             model, summary = train(train_set, mcfg, tcfg, out, teacher_weights=args.teacher_weights,
@@ -133,8 +166,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 continue
             write_json(out / "train_summary.json", summary, default=str)
             loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+            skipped = len(summary.get("skipped_images", []))
             print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
-                  f"final loss {loss}; checkpoint {summary['checkpoint']}")
+                  f"final loss {loss}; {summary['n_train']} {plural(summary['n_train'], 'image')} trained on"
+                  + (f", {skipped} unreadable {plural(skipped, 'image')} skipped" if skipped else "")
+                  + f"; checkpoint {summary['checkpoint']}")
             if run is not None:
                 run.tag("checkpoint", summary["checkpoint"])
                 run.metrics({k: summary.get(k) for k in ("final_loss", "train_seconds", "feature_seconds")})
@@ -169,10 +205,10 @@ def _report_finished(out: Path, args: argparse.Namespace, lead: bool) -> bool:
         return False
     if lead:
         epochs = meta.get("epoch")
-        longer = (f"; it was trained for {epochs} epochs, more than --epochs {args.epochs}: train into another "
+        longer = (f"; it was trained for {count(epochs, 'epoch')}, more than --epochs {args.epochs}: train into another "
                   "--out for a shorter run") if epochs != args.epochs else ""
         test = f"; test it with `nferd test --checkpoint {out}`" if args.test else ""
-        print(f"{out}: training finished earlier ({epochs} epochs, {out / 'model.safetensors'}): nothing to resume, "
+        print(f"{out}: training finished earlier ({count(epochs, 'epoch')}, {out / 'model.safetensors'}): nothing to resume, "
               f"nothing changed{longer}{test}")
     return True
 
@@ -188,8 +224,8 @@ def _test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info:
     metrics, raw = _evaluate(model, args, cat, test_set, kw)
     run = {"teacher": model.config.teacher, "model": model.config.to_dict(), "eval_seconds": time.perf_counter() - t0,
            **info}
-    path = write_results(out, {cat or "folder": metrics}, run)
-    _print_metrics(cat or "folder", metrics)
+    path = write_results(out, {_label(args, cat): metrics}, run)
+    _print_metrics(_label(args, cat), metrics)
     print(f"results: {path}")
     return metrics
 
@@ -219,7 +255,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from ..engine.evaluate import write_results
     report = getattr(args, "report", False)
     if report:
-        from ..deploy.report import prepare_category, require_matplotlib
+        from ..deploy.report import add_explanations, prepare_category, require_matplotlib
         require_matplotlib()  # before the evaluation, not after it
         if args.report_gallery < 0:
             raise CLIError(f"--report-gallery must be >= 0, got {args.report_gallery}")
@@ -227,6 +263,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, Any]] = {}
     run: dict[str, Any] = {}
     t0, report_seconds = time.perf_counter(), 0.0
+    _recorded_data(args)
     for cat in _categories(args):
         ckpt = Path(args.checkpoint) / cat if (args.category == "all" and cat) else Path(args.checkpoint)
         model, meta = load_checkpoint(ckpt)
@@ -234,16 +271,18 @@ def cmd_test(args: argparse.Namespace) -> int:
         test_set = _datasets(args, cat, "test", None if tiling else model.config.image_size)
         kw = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision, "tiling": tiling}
         metrics, raw = _evaluate(model, args, cat, test_set, kw)
-        rows[cat or "folder"] = metrics
+        rows[_label(args, cat)] = metrics
         if meta.get("calibration"):
             metrics["at_threshold"] = _at_threshold(raw, meta["calibration"])
         if report:  # reduced now, so only one category's maps are held at a time
             t1 = time.perf_counter()
-            sections[cat or "folder"] = prepare_category({**raw, "metrics": metrics}, meta.get("calibration"),
+            sections[_label(args, cat)] = prepare_category({**raw, "metrics": metrics}, meta.get("calibration"),
                                                          gallery_size=args.report_gallery)
+            if tiling is None:
+                add_explanations(sections[_label(args, cat)], model, meta.get("memory_images"), raw["maps"])
             report_seconds += time.perf_counter() - t1
         del raw
-        _print_metrics(cat or "folder", metrics)
+        _print_metrics(_label(args, cat), metrics)
         if "at_threshold" in metrics:
             a = metrics["at_threshold"]
             print(f"at the calibrated threshold: {a['false_alarms']} of {a['good']} good images flagged "
@@ -259,7 +298,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     run["provenance"] = provenance(torch.get_num_threads(), str(resolve_device(args.device)))
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
-    with _tracking(args, f"test {args.category or 'folder'}") as tracked:
+    with _tracking(args, f"test {_label(args, args.category)}") as tracked:
         if tracked is not None:
             tracked.params({"checkpoint": str(args.checkpoint), "data": str(args.data), "category": args.category,
                             "model": run.get("model"), "epochs": run.get("epochs")})
@@ -329,7 +368,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"skipped {r['path']}: {r['error']}")
     nok = sum(r.get("decision") == "NOK" for r in rows)
-    print(f"{len(rows) - len(failed)} images scored ({nok} NOK), {len(failed)} failed; "
+    print(f"{count(len(rows) - len(failed), 'image')} scored ({nok} NOK), {len(failed)} failed; "
           f"summary: {Path(args.out) / 'summary.csv'}")
     return 0 if not failed else 3
 
@@ -459,8 +498,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         resume = False
         for f in ("last.safetensors", "model.safetensors", "train_log.jsonl"):
             (ckpt / f).unlink(missing_ok=True)
-    print(f"[2/3] training {mcfg.describe()} ({mcfg.teacher} teacher) for {args.epochs} epochs")
-    model, summary = train(train_set, mcfg, tcfg, ckpt, resume=resume)
+    print(f"[2/3] training {mcfg.describe()} ({mcfg.teacher} teacher) for {count(args.epochs, 'epoch')}")
+    import warnings
+    from ..engine.calibration import CalibrationWarning
+    with warnings.catch_warnings():  # said below in words a newcomer can act on
+        warnings.simplefilter("ignore", CalibrationWarning)
+        model, summary = train(train_set, mcfg, tcfg, ckpt, resume=resume)
+    cal = summary.get("calibration") or {}
+    if cal.get("warning"):
+        print(f"      note: the demo keeps {count(cal['n_images'], 'good image')} out to set its OK/NOK threshold, "
+              f"which bounds false alarms only loosely (under {cal['false_alarm_bound']:.0%}); with your own "
+              f"product keep {cal['images_needed']} or more good images out (--holdout or a validation folder) "
+              "for a 1 % bound")
     metrics, _ = evaluate(model, test_set)
     write_results(out / "test", {cat_dir.name: metrics}, {"teacher": mcfg.teacher, "epochs": args.epochs,
                                                           "train_seconds": summary["train_seconds"]})
@@ -495,10 +544,23 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
             validation.calibration_source = "validation/good"
         normal_set, cal_set = training_split(train_set, float(train_cfg.get("holdout", 0.1)),
                                              int(train_cfg.get("seed", 0)), validation)
-        test_set = make_dataset(fmt, root, category, "test", size) if fmt != "folder" else None
+        if fmt == "folder":
+            if not args.test_abnormal_dir:
+                raise CLIError("--int8 is gated on labelled test images, and this model was trained on a plain "
+                               "folder: pass --test-normal-dir and --test-abnormal-dir (and --mask-dir), as for "
+                               "`nferd test`")
+            test_set = make_dataset("folder", None, None, "test", size, test_normal_dir=args.test_normal_dir,
+                                    test_abnormal_dir=args.test_abnormal_dir, mask_dir=args.mask_dir)
+        else:
+            test_set = make_dataset(fmt, root, category, "test", size)
     except (OSError, ValueError) as e:
         raise CLIError(f"--int8 cannot read the data at '{root}' (category {category}): {e}; pass --data ROOT "
                        "--category C") from e
+    labels = set(getattr(test_set, "labels", ()))
+    if labels != {0, 1} and not args.allow_accuracy_loss:  # found now, not after the quantisation
+        raise CLIError(f"--int8 is gated on a test split with good and defective images; the one at '{root}' has "
+                       f"{'only good' if labels == {0} else 'only defective'} images (--allow-accuracy-loss writes "
+                       "the INT8 model without a gate)")
     return TiledDataset(normal_set, tiling) if tiling else normal_set, cal_set, test_set
 
 
@@ -523,8 +585,8 @@ def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
         return 3
     size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     print(f"exported {model.config.describe()} ({model.config.teacher}) as INT8 to {path} ({size / 2**20:.1f} MiB, "
-          f"{time.perf_counter() - t0:.1f} s; statistics from {report['statistics_images']} normal training "
-          f"images); calibration {report['calibration']}")
+          f"{time.perf_counter() - t0:.1f} s; statistics from {count(report['statistics_images'], 'normal training image')}); "
+          f"calibration {report['calibration']}")
     if not gate["ok"]:
         print(f"warning: the accuracy gate failed ({gate['reason']}); written because of --allow-accuracy-loss")
     return 0
@@ -610,7 +672,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     counts = cal["fitted_set"]
     previous = meta.get("calibration")
     update_metadata(args.checkpoint, calibration=cal)
-    print(f"calibration ({cal['method']}, {cal['n_images']} images from {cal['source']}): image threshold "
+    print(f"calibration ({cal['method']}, {count(cal['n_images'], 'image')} from {cal['source']}): image threshold "
           f"{cal['image_threshold']:.5f}, pixel threshold {cal['pixel_threshold']:.5f}"
           + (f" (was {previous['image_threshold']:.5f} / {previous['pixel_threshold']:.5f})"
              if previous and all(isinstance(previous.get(k), (int, float))

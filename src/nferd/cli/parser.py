@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..deploy.onnx_format import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from ..models.hafm import FUSIONS
-from ..models.nferd import DEFAULT_TEACHER, PRESETS
-from ..models.teacher import teacher_names
+from ..models.choices import DEFAULT_TEACHER, FUSIONS, LR_SCHEDULES, PRESETS, TEACHER_NAMES
 from ..version import __version__
-from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_model_options,
+from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_folder_test_options,
+                      add_model_options,
                       add_tiling_options, add_tracking_options, device,
                       fraction_open, holdout_fraction, image_size_int, non_negative_int, on_off, port_int,
                       positive_float, positive_int, seed_int, seed_list)
@@ -85,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true")
 
-    from ..engine.train import LR_SCHEDULES
     p = cmd("train", "train NFERD (or RD4AD with --bank off) on normal images")
     add_model_options(p)
     add_data_options(p)
@@ -110,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with fewer than 20 held-out good images and at most 100 training images, nferd trains 5 "
                         "more students on folds of the training images so that every image gets a score from a "
                         "model that never saw it, and calibrates on those too; this turns that off")
+    g.add_argument("--strict-images", action="store_true",
+                   help="stop when a training image cannot be read (default: skip it, warn, and list it in "
+                        "OUT/train_summary.json)")
     g.add_argument("--checkpoint-every", type=positive_int, default=10,
                    help="epochs between resumable checkpoints (>= 1; default 10)")
     g.add_argument("--feature-cache-dir", default=None, help="keep teacher features in memory-mapped files here")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("test", "evaluate a checkpoint on a labelled test split (image/pixel AUROC, AUPRO, F1, AP)")
     p.add_argument("--checkpoint", required=True)
-    add_data_options(p)
+    add_data_options(p, required=False)
     add_tiling_options(p)
     add_tracking_options(p)
     p.add_argument("--out", required=True)
@@ -201,12 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: the dataset root the model was trained on (default: the one recorded in the "
                         "checkpoint)")
     p.add_argument("--category", default=None, help="with --int8 and --data: the category")
+    add_folder_test_options(p.add_argument_group("--int8 on a model trained on a plain folder: its gate's test images"))
     p.add_argument("--allow-accuracy-loss", action="store_true",
                    help="with --int8: write the INT8 model even when the gate fails or cannot measure (a warning "
                         "and the gate's figures go into its metadata)")
 
     p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=list(TEACHER_NAMES), help=f"default {DEFAULT_TEACHER}")
     p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nferd_paper, rd4ad); presets that train the same student share one training")
     p.add_argument("--seeds", type=seed_list, default="0",
                    help="run: seeds, comma-separated, each 0 to 2**32 - 1 (default 0)")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=teacher_names(), help=f"default {DEFAULT_TEACHER}")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=list(TEACHER_NAMES), help=f"default {DEFAULT_TEACHER}")
     p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--epochs", type=positive_int, default=200, help="run: training epochs (>= 1; default 200)")
     p.add_argument("--train-images", type=positive_int, default=None, metavar="N",

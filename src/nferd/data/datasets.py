@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, list_images, load_image, load_mask
+from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, load_mask
 
 __all__ = [
     "DATASET_KINDS",
@@ -519,6 +519,33 @@ def discover_categories(root: str | Path) -> list[str]:
             f"(MVTec layout) or a VisA split_csv/1cls.csv"
         )
     return found
+
+
+def sample_path(dataset: Dataset, index: int) -> str | None:
+    """The file of item ``index`` (through ``Subset`` wrappers), or None for a dataset without files."""
+    from torch.utils.data import Subset
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None)
+    return str(samples[index].path) if samples is not None else None
+
+
+def readable(dataset: Dataset, progress: bool = False) -> tuple[Dataset, list[dict[str, str]]]:
+    """The images of ``dataset`` that decode (all of it, or a ``Subset``) and, for each one that
+    does not, its path and the reason: one bad file among thousands should not stop a training run."""
+    from torch.utils.data import Subset
+    keep, bad = [], []
+    indices = range(len(dataset))
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc="checking images", unit="img", leave=False)
+    for i in indices:
+        try:
+            dataset[i]
+            keep.append(i)
+        except ImageLoadError as e:
+            bad.append({"path": sample_path(dataset, i) or str(i), "error": str(e)})
+    return (dataset if not bad else Subset(dataset, keep)), bad
 
 
 def detect_format(root: str | Path, category: str | None = None) -> str:

@@ -17,6 +17,10 @@ Decisions worth knowing:
 * EXIF orientation is **not** applied (masks would not follow it).
 * Multi-frame files (TIFF stacks, animations) use their first frame.
 * ``size`` given as a tuple is ``(height, width)``, the torch convention.
+* Only PNG, JPEG, BMP, TIFF and WebP are opened (:data:`IMAGE_FORMATS`), whatever the file's
+  name: Pillow's other readers include EPS, which runs Ghostscript, and formats that few
+  cameras write and that see little scrutiny. Every file nferd reads as an image goes through
+  :func:`open_image`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy, as Pillow's: call ``load``)."""
+    try:
+        return Image.open(path, formats=list(IMAGE_FORMATS))
+    except UnidentifiedImageError as exc:
+        raise UnidentifiedImageError("not one of the formats nferd reads (PNG, JPEG, BMP, TIFF, WebP)") from exc
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -97,7 +111,7 @@ def _decoded(path: str | Path) -> Iterator[Image.Image]:
         raise _error(path, "the path is not a file")
     img: Image.Image | None = None
     try:
-        img = Image.open(path)
+        img = open_image(path)
         img.load()
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
         if img is not None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine import safe_io
 from ..engine.calibration import check_calibration
 from ..engine.jsonio import dumps
 from ..models.nferd import NFERD
@@ -179,8 +180,7 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     s = m.config.image_size
     dummy = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
     dyn = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with safe_io.staged(path) as tmp:
         with warnings.catch_warnings():
             # The spatial size is fixed at export, so the shape-dependent Python branches (TF 'SAME'
             # padding, blur border mode, bank resize) are constants by design.
@@ -205,9 +205,6 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
                             "images -> anomaly_map, score")
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -21,7 +21,10 @@ error, never a submission.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import AD2_PRIVATE_SPLITS, MVTecAD2Dataset
+from ..data.images import open_image
 from ..engine import safe_io
 from ..metrics import validation_threshold
 from .predict import _resize_map
@@ -62,22 +66,28 @@ def tiff_float16(amap: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_category(predictor: Any, root: str | Path, category: str, out: str | Path,
+def category_splits(root: str | Path, category: str, size: int) -> dict[str, Dataset]:
+    """The validation split and every private split of ``category``: raises ``DatasetError``
+    naming the first missing one, before anything is written."""
+    return {split: MVTecAD2Dataset(root, category, split, size) for split in ("validation", *AD2_PRIVATE_SPLITS)}
+
+
+def write_category(predictor: Any, splits: dict[str, Dataset], category: str, out: str | Path,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Maps and binarised maps of one category's private splits under ``out``; returns what it wrote."""
+    """Maps and binarised maps of one category's private splits (``category_splits``) under
+    ``out``; returns what it wrote."""
     out = Path(out)
-    size = int(predictor.size)
-    thr = segmentation_threshold(predictor, MVTecAD2Dataset(root, category, "validation", size))
+    thr = segmentation_threshold(predictor, splits["validation"])
     written: dict[str, int] = {}
     for split in AD2_PRIVATE_SPLITS:
         n = 0
         maps_dir = safe_io.make_dir(out / "anomaly_images" / category / split)
         binary_dir = safe_io.make_dir(out / "anomaly_images_thresholded" / category / split)
-        for paths, maps in _maps(predictor, MVTecAD2Dataset(root, category, split, size)):
+        for paths, maps in _maps(predictor, splits[split]):
             for path, small in zip(paths, maps):
                 if not np.isfinite(small).all():
                     raise ValueError(f"the anomaly map of '{path}' is not finite: no submission can hold it")
-                with Image.open(path) as im:
+                with open_image(path) as im:
                     w, h = im.size
                 full = _resize_map(small, (h, w))
                 stem = Path(path).stem
@@ -106,13 +116,30 @@ def pack(out: str | Path) -> Path:
 
 def write_submission(predictors: dict[str, Any], root: str | Path, out: str | Path,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole submission for ``predictors`` (category -> predictor), then its archive."""
+    """The whole submission for ``predictors`` (category -> predictor), then its archive.
+
+    Every category's splits are found before the first map is computed, and the folder is built
+    under a temporary name and renamed to ``out`` (absent or empty) only when it is complete: a
+    missing split or a failure leaves nothing behind, and the same command can simply be run again.
+    """
     try:
         import tifffile  # noqa: F401  (the server reads float16 TIFF, which Pillow cannot write)
     except ImportError as e:
         raise RuntimeError("the MVTec AD 2 submission writes float16 TIFF maps with tifffile: "
                            "pip install 'nferd[mvtec-ad2]'") from e
-    with torch.no_grad():
-        summary = {cat: write_category(p, root, cat, out, log) for cat, p in predictors.items()}
-    safe_io.write_json(Path(out).parent / f"{Path(out).name}.json", {"categories": summary})
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise ValueError(f"'{out}' is not an empty folder: the server refuses a submission with extra files")
+    splits = {cat: category_splits(root, cat, int(p.size)) for cat, p in predictors.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        with torch.no_grad():
+            summary = {cat: write_category(p, splits[cat], cat, partial, log) for cat, p in predictors.items()}
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    safe_io.write_json(out.parent / f"{out.name}.json", {"categories": summary})
     return {"categories": summary, "archive": str(pack(out))}

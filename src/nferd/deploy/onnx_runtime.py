@@ -20,6 +20,7 @@ import torch
 from ..data.tiles import Tiling
 from ..engine.calibration import check_calibration
 from ..engine.device import micro_batch
+from ..models.limits import MAX_IMAGE_SIZE
 from .onnx_format import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .predict import BasePredictor
 
@@ -71,6 +72,23 @@ def read_onnx_metadata(session: Any, path: str | Path) -> dict[str, Any]:
         raise OnnxModelError(f"'{path}' has an unusable calibration: {e}. Its decisions cannot be trusted: "
                              "export it again from a sound checkpoint") from e
     return meta
+
+
+def check_image_size(meta: dict[str, Any], input_shape: list[Any], path: str | Path) -> None:
+    """Refuse metadata whose ``image_size`` is not the side of the images the graph takes (metadata
+    copied from another export, or edited): every input would be refused or resized wrongly. A
+    graph that resizes in itself (``preprocess``) takes any size; only the number is checked."""
+    size = meta.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 64 <= size <= MAX_IMAGE_SIZE:
+        raise OnnxModelError(f"'{path}' has nferd metadata with image_size {size!r}, not a side from 64 to "
+                             f"{MAX_IMAGE_SIZE}: export it again with `nferd export`")
+    if meta.get("preprocess"):
+        return
+    sides = list(input_shape)[-2:]
+    if any(isinstance(d, int) and d > 0 and d != size for d in sides):
+        raise OnnxModelError(f"'{path}' says it takes {size} px images, but its graph takes "
+                             f"{' x '.join(map(str, sides))}: the metadata does not belong to this graph; export it "
+                             "again with `nferd export`")
 
 
 def check_weights(path: str | Path) -> None:
@@ -131,6 +149,7 @@ class OnnxPredictor(BasePredictor):
             raise OnnxModelError(f"cannot load ONNX model '{p}': {type(e).__name__}: {e}. The file is damaged or "
                                  "not an ONNX model; re-export it with `nferd export`") from e
         meta = read_onnx_metadata(session, p)
+        check_image_size(meta, session.get_inputs()[0].shape, p)
         check_weights(p)
         return cls(session, meta, p)
 

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from ..data.tiles import Tiling
+from ..engine import safe_io
 from ..engine.calibration import check_calibration
 from ..engine.device import micro_batch
 from .onnx_format import ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
-from .onnx_runtime import OnnxModelError
+from .onnx_runtime import OnnxModelError, check_image_size
 from .predict import BasePredictor
 
 INSTALL_HINT = "pip install nferd[openvino]"
@@ -55,7 +56,8 @@ def export_openvino(model: Any, path: str | Path, calibration: dict[str, Any] | 
     for key, value in meta.items():  # the same JSON strings as the ONNX file's metadata_props
         ir.set_rt_info(value, [RT_SECTION, key])
     out.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ir, str(out), compress_to_fp16=False)
+    with safe_io.staged(out) as tmp:  # FILE.xml and FILE.bin, never through a planted link
+        ov.save_model(ir, str(tmp), compress_to_fp16=False)
     return out
 
 
@@ -89,6 +91,8 @@ class OpenVinoPredictor(BasePredictor):
         except Exception as e:  # OpenVINO raises its own classes
             raise OnnxModelError(f"cannot read OpenVINO IR '{p}': {type(e).__name__}: {e}") from e
         meta = read_metadata(model, p)
+        shape = model.input(0).get_partial_shape()
+        check_image_size(meta, [d.get_length() if d.is_static else None for d in shape], p)
         try:
             check_calibration(meta.get("calibration"))
         except ValueError as e:

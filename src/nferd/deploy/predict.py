@@ -35,10 +35,12 @@ from ..data.tiles import Tiling
 from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
 from ..engine.device import (autocast, autocast_dtype, channels_last, inference_copy, micro_batch, place,
                              resolve_device)
-from ..engine.safe_io import make_dir, open_append, save_image, save_npy, write_dict_csv, write_json
-from ..data.images import ImageLoadError, is_image_file, list_images, load_image
+from ..engine.safe_io import (make_dir, open_append, remove_own_temps, save_image, save_npy, write_dict_csv,
+                              write_json)
+from ..data.images import ImageLoadError, is_image_file, list_images, load_image, open_image
 from ..models.nferd import NFERD
-from .visualize import overlay
+from .explain import cell_box, nearest_normal, side_by_side
+from .visualize import captioned, overlay
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:
@@ -97,6 +99,12 @@ class BasePredictor:
         """One network call of the backend (what ``maps`` splits a batch into)."""
         raise NotImplementedError
 
+    def explain(self, image: torch.Tensor, amap: np.ndarray) -> dict[str, Any]:
+        """The ``nearest_normal`` entry of one scored image (``deploy.explain``): the closest normal
+        region in the memory at the map's peak. Exported graphs do not carry the memory's sources."""
+        return {"available": False, "reason": "the exported model does not carry the memory's training images: "
+                                              "explanations come from the checkpoint (torch backend)"}
+
     def load(self, path: Path) -> torch.Tensor:
         """One image file as the backend's input (float 3 x S x S in [0, 1] by default; at its own
         size when tiled)."""
@@ -150,15 +158,19 @@ class BasePredictor:
             for p in chunk:  # input order, failures included
                 if p in errors:
                     yield {"path": str(p), "error": errors[p]}
-                else:
-                    yield self.image_result(p, *results[p])
+                    continue
+                res = self.image_result(p, *results[p])
+                if "error" not in res:
+                    res["nearest_normal"] = self.explain(loaded[p], results[p][0])
+                yield res
 
 
 class Predictor(BasePredictor):
     """A loaded model plus its calibration, ready for batches of image files."""
 
     def __init__(self, model: NFERD, calibration: dict[str, Any] | None = None, device: str = "auto",
-                 precision: str = "auto", tiling: Tiling | None = None) -> None:
+                 precision: str = "auto", tiling: Tiling | None = None,
+                 memory_images: list[str] | None = None) -> None:
         self.device = resolve_device(device)
         self.model = place(model.eval(), self.device)
         self.amp = autocast_dtype(self.device, precision)
@@ -168,6 +180,12 @@ class Predictor(BasePredictor):
         self.size = model.config.image_size
         self.micro_batch = micro_batch(self.device, self.size ** 2)
         self.tiling = tiling
+        self.memory_images = memory_images  # the training image behind each memory id (checkpoint metadata)
+
+    def explain(self, image: torch.Tensor, amap: np.ndarray) -> dict[str, Any]:
+        if self.tiling is not None:
+            return {"available": False, "reason": "a tiled model's explanation is not computed yet"}
+        return nearest_normal(self.model, image, amap, self.memory_images)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto",
@@ -175,7 +193,8 @@ class Predictor(BasePredictor):
         """The checkpoint's model and calibration; tiled as it was trained unless ``tiling`` is given."""
         from ..engine.checkpoint import load_checkpoint
         model, meta = load_checkpoint(path, device="cpu")
-        return cls(model, meta.get("calibration"), device, precision, tiling or Tiling.from_dict(meta.get("tiling")))
+        return cls(model, meta.get("calibration"), device, precision, tiling or Tiling.from_dict(meta.get("tiling")),
+                   memory_images=meta.get("memory_images"))
 
     @torch.no_grad()
     def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +215,7 @@ def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, A
     """Write map (.npy float32 or 16-bit PNG scaled to the display range), mask and overlay PNGs."""
     src = Path(result["path"])
     stem = result.get("name", src.stem)
-    with Image.open(src) as im:
+    with open_image(src) as im:
         rgb = np.asarray(im.convert("RGB"))
     amap = _resize_map(result["map"], rgb.shape[:2])
     vmin, vmax = display_range(calibration, amap)
@@ -212,7 +231,17 @@ def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, A
         save_image(out_dir / "masks" / f"{stem}.png", Image.fromarray((mask * 255).astype(np.uint8)))
         row["defect_area_px"] = int(mask.sum())
         row["defect_area_fraction"] = float(mask.mean())
-    save_image(out_dir / "overlays" / f"{stem}.png", Image.fromarray(overlay(rgb, amap, vmin, vmax, mask=mask)))
+    shown = captioned(overlay(rgb, amap, vmin, vmax, mask=mask), result.get("decision"), float(result["score"]),
+                      None if calibration is None else float(calibration["image_threshold"]))
+    save_image(out_dir / "overlays" / f"{stem}.png", Image.fromarray(shown))
+    near = row.get("nearest_normal") or {}
+    if near.get("available"):  # the box in the input's own pixels
+        near["input_box"] = cell_box(tuple(near["input_cell"]), tuple(near["grid"]), (rgb.shape[1], rgb.shape[0]))
+        if row.get("decision") == "NOK":
+            pair = side_by_side(src, near)
+            if pair is not None:
+                save_image(out_dir / "explanations" / f"{stem}.png", Image.fromarray(pair))
+                row["explanation"] = f"explanations/{stem}.png"
     return row
 
 
@@ -276,7 +305,8 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     inputs = list(inputs)
     paths = expand_inputs(inputs)
     if not paths:
-        raise ValueError(f"no images found in {inputs}")
+        raise ValueError(f"no images found in {', '.join(map(repr, inputs))}: give image files, folders or glob "
+                         "patterns (PNG, JPEG, BMP, TIFF, WebP)")
     names = output_names(paths)
     out = Path(out_dir)
     ddp.init(backend="gloo", timeout=timedelta(hours=24))  # torchrun only; barriers wait for the slowest rank
@@ -295,9 +325,12 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
         make_dir(prog)
         write_json(prog / "manifest.json", manifest)
     ddp.barrier()
-    for sub in ("maps", "masks", "overlays"):
+    for sub in ("maps", "masks", "overlays", "explanations"):
         make_dir(out / sub)
     make_dir(prog)
+    if ddp.is_main():  # temporary files of a run killed between a write and its rename
+        for folder in (out, out / "maps", out / "masks", out / "overlays", out / "explanations"):
+            remove_own_temps(folder)
     done = _read_progress(prog)
     ddp.barrier()  # every rank has the same `done` before any rank appends
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]

@@ -10,7 +10,9 @@ by less than an int8 step, so all three stay fp32.
 
 Quantisation moves the anomaly map, so the decision thresholds are fitted again on the int8
 model's maps of the calibration images (the checkpoint's held-out good images, or the dataset's
-validation split) with the checkpoint's false-alarm rate and confidence. The gate compares the
+validation split) with the checkpoint's false-alarm rate and confidence. A calibration fitted on
+cross-fitted scores (a small training set) cannot be fitted again: its thresholds are shifted by
+the int8 model's median change of score and pixel value on the training images. The gate compares the
 int8 and fp32 models on labelled images (the test split): it fails when image or pixel AUROC moves
 by more than 0.005 or AUPRO by more than 0.01, or when there are no defects to measure with.
 """
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..engine import safe_io
 from ..engine.calibration import DEFAULT_CONFIDENCE, fit_calibration
 from ..metrics import aupro, auroc, pixel_auroc
 from .openvino_runtime import RT_SECTION, OpenVinoPredictor, compile_cpu, export_openvino, read_metadata, require_openvino
@@ -120,6 +124,30 @@ def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None) -> dict[str, Any]:
             "n_images": len(test_set), **({"reason": f"{', '.join(failed)} moved beyond the bounds"} if failed else {})}
 
 
+def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any, images: list[torch.Tensor]) -> dict[str, Any]:
+    """The fp32 thresholds moved by the int8 model's median change of image score and of pixel
+    value on ``images``: a calibration fitted on cross-fitted scores (fold students that saw the
+    other images) cannot be fitted again on the int8 model, and quantisation shifts both terms."""
+    d_score, d_pixel = [], []
+    for image in images:
+        m32, s32 = fp32.batch_maps([image])
+        m8, s8 = int8.batch_maps([image])
+        d_score.append(float(s8[0]) - float(s32[0]))
+        d_pixel.append(float(np.median(m8[0] - m32[0])))
+    ds, dp = float(np.median(d_score)), float(np.median(d_pixel))
+    cal = dict(calibration)
+    for key in ("image_threshold", "score_min"):
+        if key in cal:
+            cal[key] = float(cal[key]) + ds
+    if "normal_scores" in cal:
+        cal["normal_scores"] = [float(v) + ds for v in cal["normal_scores"]]
+    for key in ("pixel_threshold", "pixel_median"):
+        if key in cal:
+            cal[key] = float(cal[key]) + dp
+    cal["int8_shift"] = {"image_score": ds, "pixel": dp, "n_images": len(images)}
+    return cal
+
+
 def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: Any | None, test_set: Any | None,
                 calibration: dict[str, Any] | None, extra_meta: dict[str, Any] | None = None,
                 allow_accuracy_loss: bool = False, threads: int | None = None) -> tuple[Path | None, dict[str, Any]]:
@@ -135,11 +163,20 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         report: dict[str, Any] = {"gate": accuracy_gate(fp32, int8, test_set), "statistics_images":
                                   min(len(normal_set), STATISTICS_IMAGES), "nncf": require_nncf().__version__}
         cal = None
-        if calibration_set is not None and len(calibration_set) >= 2:
+        held = len(calibration_set) if calibration_set is not None else 0
+        if calibration and calibration.get("n_images", 0) > held:
+            # fitted on cross-fitted scores of fp32 fold students, which no int8 model can give again
+            cal = shifted_calibration(calibration, fp32, int8, [torch.from_numpy(x[0]) for x in
+                                                                 _images(normal_set, STATISTICS_IMAGES)])
+            report["calibration"] = (f"carried over from the fp32 model, shifted by the int8 model's median change "
+                                     f"on {cal['int8_shift']['n_images']} training images")
+        elif held >= 2:
             old = calibration or {}
             cal = fit_calibration(run_over(int8, calibration_set), calibration_set,
                                   old.get("false_alarm_rate", 0.01), old.get("confidence", DEFAULT_CONFIDENCE))
-        report["calibration"] = "refitted on the int8 model" if cal else "absent (no calibration images)"
+            report["calibration"] = "refitted on the int8 model"
+        else:
+            report["calibration"] = "absent (no calibration images)"
         if not report["gate"]["ok"] and not allow_accuracy_loss:
             return None, report
         meta = {**int8.metadata, "calibration": cal, "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
@@ -147,5 +184,6 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         for key, value in meta.items():
             quantised.set_rt_info(json.dumps(value), [RT_SECTION, key])
         out.parent.mkdir(parents=True, exist_ok=True)
-        ov.save_model(quantised, str(out), compress_to_fp16=False)
+        with safe_io.staged(out) as staged_out:
+            ov.save_model(quantised, str(staged_out), compress_to_fp16=False)
     return out, report

@@ -28,11 +28,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
+from ..engine import safe_io
+from ..engine.calibration import (NonFiniteError, check_calibration, decision, describe_calibration, display_range,
+                                  normalize)
 from ..engine.evaluate import METRIC_KEYS
 from ..engine.jsonio import dumps
 from ..data.images import ImageLoadError, load_image
 from ..metrics import pro_curve
+from .explain import nearest_normal, side_by_side
 from .visualize import overlay
 
 __all__ = ["ReportError", "prepare_category", "require_matplotlib", "write_report"]
@@ -327,6 +330,32 @@ def _decision_html(entry: Mapping[str, Any]) -> str:
     return f' &middot; <span class="{cls}">{entry["decision"]}{tag}</span> ({entry["normalized_score"]:.3f})'
 
 
+def add_explanations(prep: dict[str, Any], model: Any, memory_images: list[str] | None, maps: np.ndarray) -> None:
+    """Beside each gallery entry, its highest-scoring region and the closest normal region in the
+    model's memory (``deploy.explain``); ``maps`` are the category's maps at the model's size."""
+    for g in prep["gallery"]:
+        try:
+            image = load_image(g["path"], model.config.image_size)
+        except ImageLoadError:
+            continue
+        near = nearest_normal(model, image, np.asarray(maps[g["index"]]), memory_images)
+        g["nearest_normal"] = near
+        pair = side_by_side(g["path"], near, side=96)
+        if pair is not None:
+            g["nearest_png"] = _png_b64(pair)
+
+
+def _nearest_html(g: dict[str, Any]) -> str:
+    near = g.get("nearest_normal")
+    if not near:
+        return ""
+    if not near.get("available"):
+        return f'<br><span class="note">no explanation: {_e(near["reason"])}</span>'
+    where = f"training image {_e(near['normal_image'])}" if near.get("normal_image") else "a training image"
+    return (f"<br>closest normal region: {where}, distance {near['distance']:.4g}"
+            + ("" if "nearest_png" in g else f' <span class="note">({_e(near.get("normal_note", ""))})</span>'))
+
+
 def _gallery_html(name: str, prep: dict[str, Any]) -> str:
     parts = []
     for kind, heading in GALLERY_GROUPS:
@@ -337,11 +366,12 @@ def _gallery_html(name: str, prep: dict[str, Any]) -> str:
         for g in entries:
             imgs = "".join(f'<img data-panel="{p}" alt="{p} of {_e(Path(g["path"]).name)}" '
                            f'src="data:image/png;base64,{g[p + "_png"]}">'
-                           for p in ("image", "overlay", "mask") if p + "_png" in g)
+                           for p in ("image", "overlay", "mask", "nearest") if p + "_png" in g)
             where = "/".join(Path(g["path"]).parts[-2:])
             cap = (f"{_e(where)}<br>{'defective' if g['label'] else 'good'}"
                    f"{' (' + _e(g['defect_type']) + ')' if g['label'] and g['defect_type'] else ''}"
                    f" &middot; score {g['score']:.4g}{_decision_html(g)}")
+            cap += _nearest_html(g)
             if "problem" in g:
                 cap += f'<br><span class="note">{_e(g["problem"])}</span>'
             figs.append(f'<figure class="entry" data-category="{_e(name)}" data-kind="{kind}" '
@@ -353,7 +383,9 @@ def _gallery_html(name: str, prep: dict[str, Any]) -> str:
     legend = ("image, heatmap overlay" + (" (white outline: pixels above the calibrated pixel threshold)"
                                           if prep["calibration"] is not None else
                                           " (no calibration: colours scaled on this test set's good images)")
-              + (", ground-truth mask" if any("mask_png" in g for g in prep["gallery"]) else ""))
+              + (", ground-truth mask" if any("mask_png" in g for g in prep["gallery"]) else "")
+              + (", and the highest-scoring region (red) beside the closest normal region in the memory (green)"
+                 if any("nearest_png" in g for g in prep["gallery"]) else ""))
     return f'<h3>Gallery</h3><p class="note">Each entry: {legend}.</p>' + "".join(parts)
 
 
@@ -364,9 +396,7 @@ def _threshold_html(prep: dict[str, Any]) -> str:
     y = prep["labels"]
     dec = np.array([_decision(s, cal) for s in prep["scores"]], dtype=object)
     n_good, n_bad, n_err = int((y == 0).sum()), int((y == 1).sum()), int((dec == "ERROR").sum())
-    desc = ", ".join(f"{k} {_fmt(cal[k])}" for k in ("method", "image_threshold", "pixel_threshold",
-                                                      "false_alarm_rate", "confidence", "false_alarm_bound",
-                                                      "n_images") if k in cal)
+    desc = _e(describe_calibration(cal))
     errors = (f" <b>{n_err}</b> images have a NaN or infinite score: ERROR, no decision." if n_err else "")
     return (f'<p class="threshold">At the calibrated threshold: <b>{int((dec[y == 0] == "NOK").sum())} of {n_good}'
             f"</b> good images flagged (false alarms), <b>{int((dec[y == 1] == 'OK').sum())} of {n_bad}</b> "
@@ -429,10 +459,6 @@ def write_report(out_dir: str | Path, categories: Mapping[str, Mapping[str, Any]
            f'<p class="note">generated {stamp}</p>{_run_html(run_info)}<h2>Metrics</h2>'
            f"{_metrics_table({n: d['metrics'] for n, d in prepared.items()})}"
            f"{''.join(_category_html(n, d) for n, d in prepared.items())}</body></html>\n")
-    out = Path(out_dir)
+    out = Path(out_dir)  # the folder the user names may be a link (safe_io's policy); the file never is
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return safe_io.write_text(out / "report.html", doc)

@@ -20,9 +20,12 @@ it with uvicorn (``nferd serve``). Design choices, and why:
 * Fail closed: a NaN or infinite anomaly map or score is an error for that image (500), never a
   decision, and /health reports the model unhealthy until a forward pass is finite again. A
   model that is not finite on a synthetic image does not start. Every response is strict JSON.
-* Uploads are bounded twice: the request body (Content-Length header and the bytes actually
-  received, for chunked uploads too) and every file's size; both give 413. Uploads stay in the
-  files the multipart parser spools them to; Pillow reads them from there.
+* Uploads are bounded before and while they are parsed, not after: the request body (Content-Length
+  header, then the bytes actually received, for chunked uploads too), the number of parts (the
+  parser stops at the first one over the route's files plus a few small fields) and every file's
+  size; each gives 413 with the limit. Every part beyond SPOOL_BYTES goes to a temporary file on
+  disk as it arrives, so receiving a body holds at most parts x SPOOL_BYTES in memory, whatever
+  its size; Pillow reads the uploads from those files.
 * Only real images pass: Pillow opens them restricted to PNG/JPEG/BMP/TIFF/WebP (no plug-in that
   shells out), ``verify()`` then a full ``load()``, so non-images get 415 and corrupt or truncated
   ones 400, each with a JSON ``detail`` saying why. Pixel counts are capped before decoding.
@@ -47,7 +50,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,10 +66,13 @@ from ..engine.jsonio import NonFiniteJSONError, finite_or_none
 from ..data.images import _image_tensor
 from .monitor import DRIFT_ALPHA, DRIFT_WINDOW, LineMonitor, thumbnail_png
 from .predict import _resize_map
+from .explain import cell_box, side_by_side
 from .visualize import overlay
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 MULTIPART_SLACK = 64 * 1024  # multipart boundaries and part headers on top of the file bytes
+SPOOL_BYTES = 64 * 1024  # an uploaded file moves from memory to a temporary file on disk beyond this
+FORM_FIELDS = 8  # non-file form fields accepted (and ignored) besides the files, MULTIPART_SLACK bytes each
 DRAIN_CAP = 8 * 1024 * 1024  # bytes of an oversize body read and dropped so the client sees the 413
 DRAIN_SECONDS = 5.0
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
@@ -157,13 +163,14 @@ class Limits:
     overlay_max_side: int = 1024
     max_image_memory_bytes: int = 1024 * 1024 * 1024
 
+    def max_files(self, path: str) -> int | None:
+        """Files a path takes in one request; None for routes that take no body."""
+        return {"/predict": 1, "/predict/batch": self.max_batch_files}.get(path)
+
     def body_limit(self, path: str) -> int | None:
-        """Request-body limit for a path; None for routes that take no body."""
-        if path == "/predict":
-            return self.max_upload_bytes + MULTIPART_SLACK
-        if path == "/predict/batch":
-            return self.max_batch_files * (self.max_upload_bytes + MULTIPART_SLACK)
-        return None
+        """Request-body limit for a path (the most it could ever accept); None for routes that take no body."""
+        files = self.max_files(path)
+        return None if files is None else files * (self.max_upload_bytes + MULTIPART_SLACK)
 
 
 @dataclass
@@ -333,6 +340,13 @@ def check_finite(amap: np.ndarray, score: float, filename: str) -> None:
                                "so no decision was made; the model or checkpoint is broken")
 
 
+def explain_path(predictor: Any, near: dict[str, Any]) -> str | None:
+    """The training image file behind a ``nearest_normal`` entry, from the predictor's checkpoint."""
+    images = getattr(predictor, "memory_images", None) or []
+    i = near.get("normal_image_id", -1)
+    return images[i] if 0 <= i < len(images) else None
+
+
 def build_result(predictor: Any, dec: Decoded, amap: np.ndarray, score: float, want_overlay: bool,
                  want_mask: bool, max_side: int = 1024) -> dict[str, Any]:
     """One image's JSON: decision, defect area at the image's own size, optional overlay/mask PNGs.
@@ -357,6 +371,17 @@ def build_result(predictor: Any, dec: Decoded, amap: np.ndarray, score: float, w
         area = defect_area(amap, (dec.height, dec.width), cal["pixel_threshold"])
         res["defect_area_px"] = area
         res["defect_area_fraction"] = area / (dec.height * dec.width)
+    explain = getattr(predictor, "explain", None)
+    if explain is not None:  # why it is NOK: the closest normal region (deploy.explain)
+        near = explain(dec.tensor, amap)
+        if near.get("available"):
+            near = {**near, "input_box": cell_box(tuple(near["input_cell"]), tuple(near["grid"]),
+                                                  (dec.width, dec.height))}
+            near.pop("normal_path", None)  # the server's file system is not the client's business
+            if want_overlay and res.get("decision") == "NOK" and dec.display is not None:
+                pair = side_by_side(dec.display, {**near, "normal_path": explain_path(predictor, near)})
+                res["nearest_normal_png_base64"] = png_base64(pair) if pair is not None else None
+        res["nearest_normal"] = near
     if want_overlay or want_mask:
         hw = dec.display.shape[:2] if dec.display is not None else overlay_hw(dec.width, dec.height, max_side)
         small = _resize_map(amap, hw)
@@ -520,11 +545,78 @@ def self_check(predictor: Any) -> None:
         raise ModelOutputError(f"not serving: {e}") from None
 
 
+class TooManyParts(Exception):
+    """A multipart body with more parts than its route takes; answered 413."""
+
+
+def upload_route(limits: Limits) -> type:
+    """An APIRoute class whose multipart forms are parsed within ``limits``, as the body arrives.
+
+    Starlette's parser, as FastAPI calls it, takes up to 1000 files and keeps each file of up to
+    1 MiB in memory, so a body of hundreds of files just under 1 MiB was held whole before the
+    endpoint could count them. Here the parser stops (413) as the first part beyond the route's
+    files plus FORM_FIELDS begins, and every file beyond SPOOL_BYTES goes to a temporary file.
+    """
+    from fastapi import HTTPException
+    from fastapi.routing import APIRoute
+    from starlette.formparsers import MultiPartException, MultiPartParser
+    from starlette.requests import Request
+
+    class Parser(MultiPartParser):
+        spool_max_size = SPOOL_BYTES
+
+        def __init__(self, headers: Any, stream: Any, max_parts: int) -> None:
+            super().__init__(headers, stream, max_files=max_parts, max_fields=max_parts)
+            self.max_part_size = MULTIPART_SLACK  # a non-file field is held in memory: keep it small
+            self.max_parts, self.parts = max_parts, 0
+
+        def on_part_begin(self) -> None:
+            self.parts += 1
+            if self.parts > self.max_parts:
+                raise TooManyParts
+            super().on_part_begin()
+
+    class UploadRequest(Request):
+        def __init__(self, scope: dict, receive: Any, files: int) -> None:
+            super().__init__(scope, receive)
+            self.files, self.limited_form = files, None
+
+        async def form(self, **_: Any) -> Any:  # replaces FastAPI's own form limits, where it has them
+            if self.limited_form is not None:
+                return self.limited_form
+            max_parts = self.files + FORM_FIELDS
+            if self.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+                self.limited_form = await super().form(max_files=0, max_fields=max_parts)
+                return self.limited_form
+            try:
+                async with aclosing(self.stream()) as stream:
+                    self.limited_form = await Parser(self.headers, stream, max_parts).parse()
+            except TooManyParts:
+                raise HTTPException(413, detail=f"the form has more than {max_parts} parts; {self.url.path} "
+                                                f"takes at most {self.files} file(s) and {FORM_FIELDS} other "
+                                                "fields") from None
+            except MultiPartException as e:
+                raise HTTPException(400, detail=f"invalid multipart body: {e.message}") from None
+            return self.limited_form
+
+    class UploadRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Any], Awaitable[Any]]:
+            handler, files = super().get_route_handler(), limits.max_files(self.path) or 0
+
+            async def limited(request: Any) -> Any:
+                return await handler(UploadRequest(request.scope, request.receive, files))
+            return limited
+
+    return UploadRoute
+
+
 class BodyLimit:
     """ASGI middleware: 413 when Content-Length or the bytes actually received pass the limit.
 
-    Before answering, up to DRAIN_CAP further bytes are read and dropped (for at most
-    DRAIN_SECONDS), so that a client still sending its body reads the 413 instead of a reset.
+    Before answering (this 413, or any answer the app gives while the body is still coming, such
+    as the parser's 413 for too many parts), up to DRAIN_CAP further bytes are read and dropped
+    (for at most DRAIN_SECONDS), so that a client still sending its body reads the answer instead
+    of a reset; then the connection is closed.
     """
 
     def __init__(self, app: Any, limits: Limits) -> None:
@@ -553,6 +645,11 @@ class BodyLimit:
         except TimeoutError:
             pass
 
+    def _why(self, path: str) -> str:
+        files = self.limits.max_files(path)
+        return (f"{files} file(s) of at most {self.limits.max_upload_bytes} bytes, plus {MULTIPART_SLACK} bytes "
+                "of multipart headers per file")
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         limit = self.limits.body_limit(scope.get("path", "")) if scope["type"] == "http" else None
         if limit is None:
@@ -564,29 +661,35 @@ class BodyLimit:
                 n = int(declared)
             except ValueError:
                 return await self._reject(send, 400, "invalid Content-Length header")
-            if n > limit:
+            if n > limit:  # refused before a byte of the body is read
                 await self._drain(receive, True)
                 return await self._reject(send, 413, f"request body of {n} bytes is over the limit of {limit} "
-                                                     f"bytes (max upload {self.limits.max_upload_bytes} bytes "
-                                                     "per file)")
-        received, answered = 0, False
+                                                     f"bytes ({self._why(scope['path'])})")
+        received, answered, finished = 0, False, False
 
         async def counted_receive() -> dict:
-            nonlocal received, answered
+            nonlocal received, answered, finished
             msg = await receive()
             if msg["type"] == "http.request" and not answered:
                 received += len(msg.get("body", b""))
+                finished = not msg.get("more_body", False)
                 if received > limit:
                     answered = True
-                    await self._drain(receive, msg.get("more_body", False))
+                    await self._drain(receive, not finished)
                     await self._reject(send, 413, f"request body passed the limit of {limit} bytes "
-                                                  f"(max upload {self.limits.max_upload_bytes} bytes per file)")
+                                                  f"({self._why(scope['path'])})")
                     return {"type": "http.disconnect"}
+            elif msg["type"] == "http.disconnect":
+                finished = True
             return msg
 
         async def guarded_send(msg: dict) -> None:
-            if not answered:  # after our 413 the app's own error answer is dropped
-                await send(msg)
+            if answered:  # after our 413 the app's own error answer is dropped
+                return
+            if msg["type"] == "http.response.start" and not finished:  # answered before the whole body came
+                await self._drain(receive, True)
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"connection", b"close")]}
+            await send(msg)
 
         try:
             await self.app(scope, counted_receive, guarded_send)
@@ -712,6 +815,7 @@ def create_app(predictor: Any, metadata: dict[str, Any] | None = None, *,
     app = FastAPI(title="nferd inspection service", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, default_response_class=StrictJSONResponse,
                   description="Anomaly score, OK/NOK decision and heat map for uploaded images.")
+    app.router.route_class = upload_route(limits)  # before the routes are declared
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, monitor=monitor)
     app.state.queue, app.state.limits, app.state.budget, app.state.monitor = queue, limits, budget, monitor

@@ -1,8 +1,12 @@
-"""Heatmap overlays without matplotlib: a fixed 256-entry colour map blended onto the image."""
+"""Heatmap overlays without matplotlib: a fixed 256-entry colour map blended onto the image, and
+a caption band with the decision and score, so an overlay read on its own says what was decided."""
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+DECISION_COLOURS = {"NOK": (200, 30, 30), "OK": (30, 140, 60), None: (90, 90, 90)}
 
 
 def _jet_lut() -> np.ndarray:
@@ -32,3 +36,18 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha
         edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
         out[edge] = 255
     return out
+
+
+def captioned(image: np.ndarray, decision: str | None, score: float, threshold: float | None) -> np.ndarray:
+    """``image`` (H x W x 3 uint8) under a band that reads e.g. "NOK  score 0.731 > 0.512"."""
+    h, w = image.shape[:2]
+    band = max(16, min(48, h // 12))
+    font = ImageFont.load_default(size=max(10, band * 2 // 3))
+    if threshold is None:
+        text = f"score {score:.4g} (no calibration: no decision)"
+    else:
+        text = f"{decision}  score {score:.4g} {'>' if decision == 'NOK' else '<='} threshold {threshold:.4g}"
+    canvas = Image.new("RGB", (w, h + band), DECISION_COLOURS.get(decision, DECISION_COLOURS[None]))
+    canvas.paste(Image.fromarray(image), (0, band))
+    ImageDraw.Draw(canvas).text((4, band // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.asarray(canvas)

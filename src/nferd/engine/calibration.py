@@ -89,16 +89,30 @@ def images_needed(false_alarm_rate: float, confidence: float = DEFAULT_CONFIDENC
     return n
 
 
+REQUIRED_NUMBERS = ("image_threshold", "pixel_threshold", "score_min")  # read by every decision and map
+NORMAL_BOUND_NUMBERS = ("false_alarm_rate", "confidence", "rank", "false_alarm_bound", "n_images")
+
+
 def check_calibration(cal: Any) -> None:
-    """Refuse a calibration no decision can be trusted on: not a mapping, no finite ``image_threshold``, or
-    any NaN or infinite number in it (None, no calibration at all, is fine: decisions are then None)."""
+    """Refuse a calibration no decision can be trusted on: not a mapping, a number the decisions
+    read missing or not a number, or any NaN or infinite number in it (None, no calibration at
+    all, is fine: decisions are then None). Checked as a whole when a file is loaded, so a
+    tampered or truncated calibration fails there, with its key named, and not at the first image."""
     if cal is None:
         return
     if not isinstance(cal, dict):
         raise ValueError(f"calibration is a {type(cal).__name__}, not a JSON object")
-    thr = cal.get("image_threshold")
-    if isinstance(thr, bool) or not isinstance(thr, numbers.Real):
-        raise ValueError(f"calibration.image_threshold is {thr!r}, not a number")
+    needed = REQUIRED_NUMBERS + (NORMAL_BOUND_NUMBERS if cal.get("method") == "normal_bound" else ())
+    for key in needed:
+        value = cal.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"calibration.{key} is {value!r}, not a number: fit the calibration again")
+    for key in ("pixel_median",):
+        if key in cal and (isinstance(cal[key], bool) or not isinstance(cal[key], numbers.Real)):
+            raise ValueError(f"calibration.{key} is {cal[key]!r}, not a number: fit the calibration again")
+    scores = cal.get("normal_scores", [])
+    if not isinstance(scores, list) or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in scores):
+        raise ValueError("calibration.normal_scores is not a list of numbers: fit the calibration again")
 
     def walk(obj: Any, where: str) -> None:
         if isinstance(obj, dict):
@@ -139,6 +153,19 @@ def describe_guarantee(cal: dict[str, Any]) -> str:
     return (f"false-alarm rate on new good parts at most {_pct(cal['false_alarm_bound'])} with "
             f"{_pct(cal['confidence'])} confidence ({_pct(cal['false_alarm_rate'])} requested; threshold: the {nth} "
             f"of {cal['n_images']} normal scores)")
+
+
+def describe_calibration(cal: dict[str, Any]) -> str:
+    """The calibration in one sentence for an operator or a report: where the thresholds come from
+    and what they promise."""
+    source = cal.get("source", "held-out good images")
+    thresholds = f"image threshold {cal['image_threshold']:.4g}, pixel threshold {cal['pixel_threshold']:.4g}"
+    if cal.get("method") == "normal_bound":
+        return f"{thresholds}; fitted on {cal['n_images']} good images ({source}): {describe_guarantee(cal)}"
+    if cal.get("method") == "validation_f1":
+        return (f"{thresholds}; the F1-optimal threshold on {cal['n_images']} validation images, "
+                f"{cal.get('n_defective', 0)} of them defective ({source})")
+    return f"{thresholds} ({source})"
 
 
 def fit_normal(scores: np.ndarray, maps: np.ndarray, false_alarm_rate: float = 0.01, pixel_fpr: float = 0.001,

@@ -14,8 +14,6 @@ A checkpoint whose weights or calibration hold NaN or infinite values is refused
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..version import __version__
 from ..models.nferd import NFERD, ModelConfig
+from . import safe_io
 from .calibration import check_calibration
 from .jsonio import NonFiniteJSONError, dumps
 from .safe_io import write_json
@@ -55,15 +54,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     except NonFiniteJSONError as e:
         raise CheckpointError(f"refusing to write checkpoint '{path}': its metadata entry {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+    with safe_io.staged(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"nferd": header})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_metadata(model: NFERD, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -189,6 +182,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                               f"unexpected {unexpected[:5]}, wrong shapes {sorted(wrong)[:5]}")
     check_finite(tensors, f)
     model.load_state_dict(tensors, strict=has_teacher)
+    for module in model.modules():  # index tensors against the shapes they index
+        if hasattr(module, "check_loaded"):
+            try:
+                module.check_loaded()
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint '{f}' is inconsistent: {e}. It was damaged or edited: "
+                                      "restore a copy, or train it again") from e
     if has_teacher:
         model.teacher.weights_sha256 = meta["teacher"].get("weights_sha256")
     return model.to(device).eval(), meta

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import safe_io
 from .device import autocast, autocast_dtype, channels_last, place
 
 CROSS_FIT_BELOW = 20  # fewer held-out good images than this: cross-fit (when the training set allows K folds)
@@ -64,10 +65,9 @@ def train_folds(model: Any, train_set: Dataset, config: Any, out: Path, trainer:
                     run.train_epoch(epoch)
                 target = fold_file(out, k)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp_file = target.with_name(target.name + ".tmp")
-                save_file({n: t.detach().contiguous().cpu() for n, t in fm.state_dict().items()
-                           if n.split(".")[0] in ("ocbe", "decoder")}, str(tmp_file))
-                tmp_file.replace(target)
+                with safe_io.staged(target) as tmp_file:
+                    save_file({n: t.detach().contiguous().cpu() for n, t in fm.state_dict().items()
+                               if n.split(".")[0] in ("ocbe", "decoder")}, str(tmp_file))
         found.append((fm.eval(), fold))
     return found
 

@@ -167,6 +167,13 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
 
 
+def _info_value(key: str, value: Any) -> str:
+    """Run facts for people: times in seconds to 0.1 s, other floats to 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.1f} s" if key.endswith("_seconds") else f"{value:.4g}"
+    return str(value)
+
+
 def write_results(out_dir: str | Path, rows: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> Path:
     """``results.json`` (mean metrics at top level, per category, run info; strict JSON, a metric that
     cannot be computed is ``null``) + Markdown and CSV tables."""
@@ -184,7 +191,7 @@ def write_results(out_dir: str | Path, rows: dict[str, dict[str, Any]], run_info
         lines.append(f"| {name} | " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
     notes = [f"{name}: pixel metrics absent: {r['pixel_metrics_absent']}" for name, r in rows.items()
              if r.get("pixel_metrics_absent")]
-    info = ", ".join(f"{k}: {v}" for k, v in run_info.items() if not isinstance(v, dict))
+    info = ", ".join(f"{k}: {_info_value(k, v)}" for k, v in run_info.items() if not isinstance(v, dict))
     safe_io.write_text(out / "results.md", "\n".join(lines) + "".join(f"\n\n{n}" for n in notes) + f"\n\n{info}\n")
     safe_io.write_csv(out / "results.csv", ["category", *keys],  # a category name cannot run as a formula
                       ([name, *(r.get(k, "") for k in keys)] for name, r in [*rows.items(), ("mean", mean)]))

@@ -6,6 +6,10 @@ symbolic link planted at that name instead of writing through it, and a reader n
 file. Files that grow a line at a time (progress and training logs) are opened with
 ``O_NOFOLLOW`` and refused when they are a link or have a second hard link.
 
+Files a library writes by name (ONNX, OpenVINO's .xml and .bin, safetensors) are written by
+:func:`staged` into a fresh private folder beside their final place, then renamed into place the
+same way.
+
 Policy: the output folder the user names (``--out``) may itself be a symbolic link; it is the
 user's choice and is followed. Sub-folders nferd creates inside it (``maps``, ``overlays``,
 ``progress``, ...) must be real folders, and no file inside them is ever written through a link.
@@ -16,9 +20,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import secrets
+import shutil
 import stat
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -113,6 +121,25 @@ def save_npy(path: str | Path, array: Any) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
+@contextmanager
+def staged(path: str | Path) -> Iterator[Path]:
+    """A path to hand a library that writes ``path`` (and files beside it) by name: it lies in a
+    new folder only this process can enter, and every file written there is renamed next to
+    ``path`` when the block ends without an error. A link planted at a final name is replaced,
+    never followed; on an error nothing reaches the final names."""
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield folder / path.name
+        for f in sorted(folder.iterdir()):
+            if f.is_symlink() or not f.is_file():
+                raise UnsafePathError(f"'{f}' is not a plain file; nothing was written at '{path}'")
+        for f in sorted(folder.iterdir(), key=lambda f: f == folder / path.name):  # `path` itself last
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def make_dir(path: str | Path) -> Path:
     """Create a folder nferd owns (and its parents); refuse one that is a symbolic link."""
     path = Path(path)
@@ -142,6 +169,17 @@ def open_append(path: str | Path) -> IO[str]:
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
+def remove_own_temps(folder: str | Path) -> list[Path]:
+    """Delete every ``NAME.<random>.tmp`` file in ``folder`` (what ``write_bytes`` leaves when the
+    process is killed between its write and its rename); returns the removed paths."""
+    removed = []
+    for p in Path(folder).glob("*.tmp"):
+        if re.fullmatch(r".+\.[0-9a-f]{8}\.tmp", p.name) and (p.is_symlink() or p.is_file()):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> list[Path]:
     """Delete temporary files an interrupted atomic write left in ``folder`` (``NAME.<random>.tmp``
     or ``NAME.tmp`` for each of ``names``); returns the removed paths."""
@@ -151,5 +189,8 @@ def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> list[Path]:
         for p in [*folder.glob(f"{name}.*.tmp"), folder / f"{name}.tmp"]:
             if p.is_symlink() or p.is_file():
                 p.unlink(missing_ok=True)
+                removed.append(p)
+            elif p.is_dir():  # a folder `staged` left
+                shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

@@ -1,4 +1,4 @@
-"""Experiment tracking in MLflow, beside the JSONL and TensorBoard logs every run writes.
+"""Experiment tracking in MLflow, beside the JSONL log every run writes.
 
 Asked for with ``--mlflow`` (or ``mlflow: true`` in a ``--config`` file), a training or test
 run becomes an MLflow run: its parameters (model, training, data), the loss of every epoch, the

@@ -31,10 +31,13 @@ from torch.utils.data import Dataset, Subset
 from . import distributed as ddp
 from . import jsonio
 from .calibration import calibrate
+from ..models.choices import LR_SCHEDULES
 from .checkpoint import (WEIGHTS_NAME, load_checkpoint, load_optimizer_state, read_metadata, save_checkpoint,
                          weights_file)
 from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
+from ..data.datasets import readable, sample_path
+from ..data.images import ImageLoadError
 from ..data.tiles import TiledDataset, Tiling
 from .safe_io import open_append, remove_stale_temps, write_text
 from ..models.loss import distillation_loss
@@ -55,7 +58,6 @@ def make_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, f
         return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
-LR_SCHEDULES = ("constant", "cosine")
 CROSS_FIT_MAX_TRAIN = 100  # cross-fitting trains 5 more students: only where they are cheap
 
 
@@ -81,6 +83,7 @@ class TrainConfig:
     tile: int | None = None  # train on, and score, tiles of this size cut from full-resolution images
     tile_overlap: float = 0.25  # neighbouring tiles' overlap, a fraction of a tile
     cross_fit: bool = True  # few held-out images and a small training set: calibrate on cross-fitted scores too
+    strict_images: bool = False  # an unreadable training image stops the run (default: skipped and listed)
 
     @property
     def tiling(self) -> Tiling | None:
@@ -301,12 +304,11 @@ class Trainer:
         """Train to ``config.epochs`` (or stop early after ``stop_after`` epochs, for tests)."""
         if self.cache is None:
             self.prepare()
-        log, tb, bar = None, None, None
+        log, bar = None, None
         if self.main:  # rank 0 alone writes files (every process in a single-process run)
             self.out.mkdir(parents=True, exist_ok=True)
             truncate_log(self.out / LOG, self.start_epoch)  # epochs a killed run logged after its checkpoint
             log = open_append(self.out / LOG)
-            tb = _tensorboard(self.out)
         if self.progress and self.main:
             from tqdm import tqdm
             bar = tqdm(total=self.config.epochs, initial=self.start_epoch, desc="train", unit="epoch")
@@ -320,8 +322,6 @@ class Trainer:
             if log is not None:
                 log.write(jsonio.dumps(rec) + "\n")
                 log.flush()
-            if tb is not None:
-                tb.add_scalar("loss", rec["loss"], rec["epoch"])
             if self.on_epoch is not None and self.main:
                 self.on_epoch(rec)
             if bar is not None:
@@ -341,8 +341,6 @@ class Trainer:
             bar.close()
         if log is not None:
             log.close()
-        if tb is not None:
-            tb.close()
         summary = {"epochs_run": len(history), "train_seconds": time.perf_counter() - t_start,
                    "feature_seconds": self.feature_seconds,
                    "final_loss": history[-1]["loss"] if history else _logged_loss(self.out / LOG)}
@@ -419,8 +417,12 @@ class Trainer:
 
     def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
         tiling = self.config.tiling
+        # the image behind each memory id, so a decision can show the normal region it was measured against
+        images = [sample_path(self.train_set, i) for i in range(len(self.train_set))] \
+            if self.model.memory is not None and tiling is None else None
         return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration,
                 **({"tiling": tiling.to_dict()} if tiling else {}),
+                **({"memory_images": images} if images and None not in images else {}),
                 **({"student_from": str(self.student_from)} if self.student_from else {}), **self.extra_meta}
 
     def take_student(self, folder: str | Path) -> float | None:
@@ -433,7 +435,8 @@ class Trainer:
         other = ModelConfig.from_dict(meta["model"])
         if other.student_recipe != self.model.config.student_recipe or not self.model.config.student_recipe:
             raise ValueError(f"the student in '{folder}' was trained for another design ({other.describe()})")
-        ignore = {"device", "threads", "checkpoint_every", "feature_cache_dir", "compile", "precision", "cross_fit"}
+        ignore = {"device", "threads", "checkpoint_every", "feature_cache_dir", "compile", "precision", "cross_fit",
+                  "strict_images"}
         mine = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         theirs = {k: v for k, v in meta["train"].items() if k not in ignore}
         if mine != {k: theirs.get(k) for k in mine}:
@@ -487,14 +490,6 @@ def finished_run(out_dir: str | Path, epochs: int | None = None) -> dict[str, An
     return meta if epochs is None or int(meta.get("epoch") or 0) >= epochs else None
 
 
-def _tensorboard(out: Path):  # type: ignore[no-untyped-def]
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
 def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path,
           teacher_weights: str | None = None, calibration_set: Dataset | None = None, resume: bool = False,
           progress: bool = True, extra_meta: dict[str, Any] | None = None, distributed: bool | None = None,
@@ -519,6 +514,17 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     torch.manual_seed(train_config.seed)
     np.random.seed(train_config.seed)
     train_set, calibration_set = training_split(train_set, train_config.holdout, train_config.seed, calibration_set)
+    train_set, skipped = readable(train_set, progress)
+    if calibration_set is not None:
+        calibration_set, more = readable(calibration_set, progress)
+        skipped += more
+    if skipped:
+        listed = "\n  ".join(f"{s['path']}: {s['error']}" for s in skipped[:10])
+        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        if train_config.strict_images:
+            raise ImageLoadError(f"{len(skipped)} training image(s) cannot be read:\n  {listed}{more}")
+        print(f"warning: skipped {len(skipped)} unreadable training image(s) (listed in train_summary.json):\n  "
+              f"{listed}{more}", file=sys.stderr)
     if train_config.tiling is not None:  # whole images held out above; the model learns from their tiles
         if model_config.image_size != train_config.tile:
             raise ValueError(f"with tiles of {train_config.tile} px the model input is a tile: image size "
@@ -542,6 +548,7 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     if student_from is not None:
         summary.update(student_from=str(student_from), train_seconds=source_seconds)
     summary["n_train"] = len(train_set)
+    summary["skipped_images"] = skipped
     summary["n_calibration"] = len(calibration_set) if calibration_set is not None else 0
     summary["checkpoint"] = str(weights_file(out_dir))
     return model, summary

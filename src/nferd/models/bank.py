@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .choices import RECALLS
+
 
 @dataclass
 class Recall:
@@ -71,6 +73,11 @@ class NormalFeatureBank(nn.Module):
     @property
     def size(self) -> int:
         return self.maps.shape[0]
+
+    def check_loaded(self) -> None:
+        """Refuse loaded index tensors that point outside what they index (a tampered file)."""
+        if bool((self.ids < -1).any()):
+            raise ValueError(f"bank ids hold {int(self.ids.min())}; an image id is -1 (empty) or more")
 
     @torch.no_grad()
     def fill(self, maps: Tensor, ids: Tensor) -> None:
@@ -176,6 +183,13 @@ class PatchBank(NormalFeatureBank):
         # counter: a refill or an in-place edit of ``maps`` is seen, nothing is gathered twice.
         self._rows: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
         self._projected: tuple[tuple, Tensor] | None = None  # the keys on the coarse search's directions
+
+    def check_loaded(self) -> None:
+        super().check_loaded()
+        total = self.maps.shape[0] * self.maps.shape[2] * self.maps.shape[3]
+        if self.patch_index.numel() and not (0 <= int(self.patch_index.min()) and int(self.patch_index.max()) < total):
+            raise ValueError(f"patch_index holds {int(self.patch_index.max())} (or {int(self.patch_index.min())}), "
+                             f"outside the bank's {total} positions")
 
     def reset(self) -> None:
         self._memo = None
@@ -298,7 +312,7 @@ class PatchBank(NormalFeatureBank):
 
 
 BANKS: dict[str, type[NormalFeatureBank]] = {"patch": PatchBank, "map": MapBank}
-RECALLS = tuple(BANKS)
+assert tuple(BANKS) == RECALLS
 
 
 SEARCH_BLOCK_BYTES = 8 << 20

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-FUSIONS = ("hafm", "cbam", "add", "concat", "none")
+from .choices import FUSIONS
+
 
 
 class ChannelAttention(nn.Module):

@@ -60,7 +60,8 @@ def nearest_euclidean(q: Tensor, keys: Tensor, key_sq: Tensor) -> Tensor:
 
 class MemoryBank(nn.Module):
     """Locally aware normal features of every training position (``rows``, P x D), the training
-    image each came from (``source``), searched for the nearest row of each query position.
+    image each came from (``source``) and where in it (``position``: the flat index on the memory's
+    grid), searched for the nearest row of each query position.
 
     The row count is known only once the bank is filled: :meth:`resize` makes room before a load.
     """
@@ -70,6 +71,7 @@ class MemoryBank(nn.Module):
         self.stages, self.grid = tuple(stages), grid
         self.register_buffer("rows", torch.zeros(0, channels))
         self.register_buffer("source", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("position", torch.zeros(0, dtype=torch.long))
         self.register_buffer("row_sq", torch.zeros(0))
 
     @property
@@ -83,16 +85,18 @@ class MemoryBank(nn.Module):
     def fill(self, batches: Iterable[tuple[list[Tensor], Tensor]], count: int, sampler: Sampler) -> None:
         """Keep ``count`` rows (chosen by ``sampler``) of the locally aware features of every position
         of the images in ``batches`` (each: the three teacher maps of some images and their ids)."""
-        feats, ids = [], []
+        feats, ids, where = [], [], []
         for maps, image_ids in batches:
             f = self.features(maps)
             b, d, h, w = f.shape
             feats.append(f.permute(0, 2, 3, 1).reshape(b * h * w, d))
             ids.append(image_ids.view(-1, 1).expand(b, h * w).reshape(-1))
+            where.append(torch.arange(h * w, device=f.device).repeat(b))
         allf, allid = torch.cat(feats), torch.cat(ids)
         keep = sampler.select(allf, count)
         self.rows = allf[keep].contiguous()
         self.source = allid[keep].to(torch.long)
+        self.position = torch.cat(where)[keep].to(torch.long)
         self.row_sq = (self.rows * self.rows).sum(1)
 
     def distance(self, teacher_maps: list[Tensor], exclude: Tensor | None = None) -> Tensor:
@@ -113,11 +117,31 @@ class MemoryBank(nn.Module):
                                 for j in range(b)])
         return sq.sqrt().view(b, 1, h, w)
 
+    @torch.no_grad()
+    def nearest_row(self, feature: Tensor) -> tuple[int, float]:
+        """The memory row nearest to one position's locally aware ``feature`` (D, from
+        :meth:`features`) and its Euclidean distance: what the map's distance there was measured to."""
+        f = feature.float()
+        d = self.row_sq - 2 * (self.rows @ f) + (f * f).sum()
+        row = int(d.argmin())
+        return row, float(d[row].clamp_min(0).sqrt())
+
+    def check_loaded(self) -> None:
+        """Refuse a loaded memory whose parts disagree (a tampered file): image ids below 0, or row
+        norms that are not the rows' (the search trusts them: a wrong one would hide a defect)."""
+        if self.source.numel() and int(self.source.min()) < 0:
+            raise ValueError(f"memory.source holds {int(self.source.min())}; training image ids are 0 or more")
+        if self.position.shape != self.source.shape or (self.position.numel() and int(self.position.min()) < 0):
+            raise ValueError("memory.position does not give a place on the grid for every row")
+        if not torch.allclose(self.row_sq, (self.rows * self.rows).sum(1), rtol=1e-4, atol=1e-4):
+            raise ValueError("memory.row_sq is not the squared norm of memory.rows")
+
     def resize(self, rows: int) -> None:
         """Make room for ``rows`` rows (before loading a saved memory into an empty one)."""
         dev = self.rows.device
         self.rows = torch.zeros(rows, self.rows.shape[1], device=dev)
         self.source = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.position = torch.zeros(rows, dtype=torch.long, device=dev)
         self.row_sq = torch.zeros(rows, device=dev)
 
 

@@ -28,12 +28,13 @@ from .coreset import GreedyCoreset
 from .memory import MemoryBank
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
+from .choices import DEFAULT_TEACHER, DISTANCES, PRESETS
+from .limits import MAX_IMAGE_SIZE
 from .loss import LOSSES
 from .ocbe import OCBE
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
 from .teacher import Teacher, build_teacher
 
-DEFAULT_TEACHER = "efficientnet_lite0"
 LAST_VERSION_WITH_READINGS = "0.1.0"
 # Options of earlier versions that no longer exist, with the value that behaves as today's model.
 _LEGACY_NEUTRAL = {"weighting": "softmax", "patch_sampling": "random", "student_act": "auto", "student_width": None}
@@ -41,7 +42,6 @@ _LEGACY_NEUTRAL = {"weighting": "softmax", "patch_sampling": "random", "student_
 # default design fused the recall at every stage and had no bank distance in its map.
 _SAVED_DEFAULTS = {"fusion": "hafm", "bank_stages": [1, 2, 3], "bank_distance_weight": 0.0, "search_reduction": 1,
                    "distance": "bank"}
-DISTANCES = ("memory", "bank")
 DEFAULT_MEMORY_WEIGHT = 1.0
 MIN_SEARCH_DIMS = 32  # fewer directions miss too many nearest keys (measured on 24 to 40 channels)
 
@@ -175,8 +175,8 @@ class ModelConfig:
         if not self.student and not (self.bank and self.distance == "memory" and self.fusion == "none"):
             raise ValueError("a model without a student scores with the memory alone: it needs --bank on, "
                              "--distance memory and no fusion")
-        if self.image_size % 32 or self.image_size < 64:
-            raise ValueError(f"image size must be a multiple of 32 and at least 64, got {self.image_size}")
+        if self.image_size % 32 or not 64 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image size must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE}, got {self.image_size}")
         if self.bank and not 1 <= self.top_k <= self.n_bank - 1:
             raise ValueError(f"top_k must be between 1 and n_bank - 1 (one bank map is masked out for its own "
                              f"image during training); got top_k={self.top_k}, n_bank={self.n_bank}")
@@ -251,24 +251,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **options})
-
-
-# The designs a user chooses between, as the ModelConfig fields that pick them.
-PRESETS: dict[str, dict[str, Any]] = {
-    # RD4AD's student; the distance to the nearest normal feature of every training position (stages 1 and 2 on
-    # stage 2's grid) added to its map.
-    "nferd": {},
-    # The memory of every training position alone, no student (PatchCore on the same teacher).
-    "patchcore": {"student": False},
-    # RD4AD's student; the nearest-normal distance in 64 bank images' raw stage 1 and 2 features (nferd 0.3-0.4).
-    "nferd_bankdist": {"distance": "bank"},
-    # The recall fused into the student at every stage by HAFM, keyed per position.
-    "nferd_fusion": {"fusion": "hafm"},
-    # The paper as written: whole-map recall keyed by the student's map, fused by HAFM.
-    "nferd_paper": {"recall": "map"},
-    # RD4AD (Deng & Li, CVPR 2022) in the same code: no bank.
-    "rd4ad": {"bank": False},
-}
 
 
 def search_dims(channels: int, reduction: int) -> int | None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import efficientnet_lite, resnet
 from .weights import check_keys, load_state_dict_file, resolve_weights, sha256_of
+from .choices import TEACHER_NAMES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,6 +75,9 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.encoder((images - self.mean) / self.std)
+
+
+assert tuple(TEACHERS) == TEACHER_NAMES  # the names the command line offers without loading torch
 
 
 def teacher_names() -> list[str]:
