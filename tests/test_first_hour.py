@@ -3,8 +3,12 @@ export with labelled folders, as the README's folder workflow shows."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -80,3 +84,48 @@ def test_int8_export_of_a_folder_model_checks_its_test_images_before_working(par
                  "--test-normal-dir", str(folders["normal"]), "--test-abnormal-dir", str(folders["defect"]),
                  "--mask-dir", str(folders["masks"]), "--out", str(out)]) == 0
     assert "image_auroc: fp32" in capsys.readouterr().out and out.is_file()
+
+
+def test_an_unreadable_training_image_is_skipped_and_listed_unless_strict(folders, tmp_path, capsys) -> None:
+    good = tmp_path / "good"
+    shutil.copytree(folders["good"], good)
+    (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ["train", "--data", str(good), "--image-size", "64", "--epochs", "1", "--n-bank", "4", "--top-k", "2",
+            "--batch-size", "4", "--no-cross-fit"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr()
+    assert "1 unreadable image skipped" in out.out and "broken.png" in out.err
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [Path(s["path"]).name for s in summary["skipped_images"]] == ["broken.png"]
+    assert summary["n_train"] + summary["n_calibration"] == len(list(folders["good"].glob("*.png")))
+    assert main([*args, "--strict-images", "--out", str(tmp_path / "strict")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_messages_count_in_words_and_results_round_their_times(part, folders, tmp_path, capsys) -> None:
+    assert main(["train", "--data", str(folders["good"]), "--image-size", "64", "--epochs", "1", "--n-bank", "4",
+                 "--top-k", "2", "--batch-size", "4", "--no-cross-fit", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert ", 1 epoch" in out and "1 epochs" not in out
+    assert main(["test", "--checkpoint", str(part), "--test-normal-dir", str(folders["normal"]),
+                 "--test-abnormal-dir", str(folders["defect"]), "--out", str(tmp_path / "t")]) == 0
+    info = (tmp_path / "t" / "results.md").read_text().splitlines()[-1]
+    assert re.search(r"train_seconds: \d+\.\d s", info) and not re.search(r"\d\.\d{5,}", info)
+    assert main(["predict", "--checkpoint", str(part), str(tmp_path / "incomin" / "*.png"),
+                 "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "no images found in '" in err and "['" not in err
+
+
+def test_overlays_carry_the_decision_and_score(part, folders, tmp_path) -> None:
+    from PIL import Image
+
+    from nferd.deploy.visualize import DECISION_COLOURS
+    image = min(folders["defect"].glob("*.png"))
+    assert main(["predict", "--checkpoint", str(part), str(image), "--out", str(tmp_path / "p")]) in (0, 3)
+    row = json.loads((tmp_path / "p" / "summary.json").read_text())
+    row = (row["images"] if isinstance(row, dict) else row)[0]
+    with Image.open(image) as src, Image.open(tmp_path / "p" / "overlays" / f"{image.stem}.png") as ov:
+        assert ov.width == src.width and ov.height > src.height  # the band above the image
+        band = np.asarray(ov.convert("RGB"))[1, -1]
+    assert tuple(band) == DECISION_COLOURS[row["decision"]]
