@@ -67,7 +67,8 @@ def delays(shift_sd: float, runs: int, seed: int = 1, limit: int = 5000) -> dict
         found.append(when)
     caught = np.array([d for d in found if d is not None])
     return {"shift_sd": shift_sd, "runs": runs, "share_within_one_window": float(np.mean(
-        [d is not None and d <= DRIFT_WINDOW for d in found])), "share_never": float(np.mean([d is None for d in found])),
+        [d is not None and d <= DRIFT_WINDOW for d in found])),
+        "share_never": float(np.mean([d is None for d in found])),
         "median_parts": float(np.median(caught)) if caught.size else None,
         "max_parts_when_caught": int(caught.max()) if caught.size else None}
 

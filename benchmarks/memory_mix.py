@@ -27,13 +27,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from nferd import make_dataset
-from nferd.engine import safe_io
 from nferd.data.defects import synthetic_defects
+from nferd.engine import safe_io
 from nferd.engine.benchmark import HOLDOUT, few_images, provenance
 from nferd.engine.crossfit import train_folds
-from nferd.metrics import auroc, pixel_auroc
 from nferd.engine.train import TrainConfig, Trainer, finished_run, training_split
-from nferd.metrics import compute_metrics
+from nferd.metrics import auroc, compute_metrics, pixel_auroc
 from nferd.models.anomaly_map import anomaly_map
 from nferd.models.nferd import NFERD, ModelConfig
 
@@ -97,7 +96,8 @@ def terms(model: NFERD, dataset: Any, leave_out: bool = False) -> dict[str, np.n
         t, s = model(batch["image"])
         ids = torch.arange(start, start + len(batch["image"])) if leave_out else None
         start += len(batch["image"])
-        found = {"student": model.blur(anomaly_map(t, s, size)), "memory": model.blur(model.bank_distance(t, size, ids))}
+        found = {"student": model.blur(anomaly_map(t, s, size)),
+                 "memory": model.blur(model.bank_distance(t, size, ids))}
         for k, v in found.items():
             out.setdefault(k, []).append(v[:, 0].numpy())
         out.setdefault("labels", []).append(np.asarray(batch["label"]))

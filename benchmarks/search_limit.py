@@ -24,8 +24,8 @@ import torch
 from nferd import evaluate, load_checkpoint, make_dataset
 from nferd.engine import safe_io
 from nferd.engine.benchmark import HOLDOUT, provenance
-from nferd.engine.train import held_out_normals
 from nferd.engine.evaluate import fit_map_norm
+from nferd.engine.train import held_out_normals
 from nferd.models.nferd import NFERD
 
 LIMITS = (16384, 8192, 4096, 2048)

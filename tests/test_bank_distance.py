@@ -10,18 +10,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nferd import MVTecDataset, ModelConfig, TrainConfig, load_checkpoint, train
+from nferd import ModelConfig, MVTecDataset, TrainConfig, load_checkpoint, train
 from nferd.engine.evaluate import fit_map_norm
 from nferd.models.anomaly_map import anomaly_map
 from nferd.models.nferd import NFERD, search_dims
 
 CAT = "synthetic_tiles"
 
+def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and scores through the one scoring path, as tensors."""
+    from nferd.engine.scoring import score_batch
+    return tuple(torch.from_numpy(a) for a in score_batch(model, images))  # type: ignore[return-value]
+
+
 
 def filled(weight: float = 0.5, fusion: str = "none", teacher_weights: str | None = "random") -> NFERD:
     """A small model with filled banks (random teacher by default: fast, and enough for the formulas)."""
     torch.manual_seed(0)
-    m = NFERD(ModelConfig(distance="bank", image_size=64, n_bank=4, top_k=2, fusion=fusion, bank_distance_weight=weight),
+    m = NFERD(ModelConfig(distance="bank", image_size=64, n_bank=4, top_k=2, fusion=fusion,
+                          bank_distance_weight=weight),
               teacher_weights=teacher_weights)
     with torch.no_grad():
         m.fill_banks(m.teacher(torch.rand(4, 3, 64, 64)), torch.arange(4))
@@ -116,7 +123,7 @@ def test_training_fits_the_standardisation_and_the_checkpoint_keeps_it(synth_roo
     back, meta = load_checkpoint(tmp_path / "ck")
     assert back.map_norm.tolist() == pytest.approx(norm)
     x = torch.rand(2, 3, 64, 64)
-    assert torch.allclose(back.predict(x)[0], model.eval().predict(x)[0], atol=1e-5)
+    assert torch.allclose(predict(back, x)[0], predict(model.eval(), x)[0], atol=1e-5)
     assert meta["calibration"]["image_threshold"] == pytest.approx(summary["calibration"]["image_threshold"])
 
 
@@ -136,6 +143,7 @@ def test_a_scoring_bank_has_no_projection_and_older_checkpoints_with_one_still_l
     """nferd 0.2 saved 1x1 projections for banks it never fused; they are dropped on load, and the
     maps are the same."""
     from safetensors.torch import load_file, save_file
+
     from nferd.engine.checkpoint import save_checkpoint, weights_file
     m = filled(weight=0.5)
     assert not any(k.endswith("proj.weight") for k in m.state_dict())
@@ -149,7 +157,7 @@ def test_a_scoring_bank_has_no_projection_and_older_checkpoints_with_one_still_l
     save_file(tensors, str(f), metadata=metadata)
     back, _ = load_checkpoint(tmp_path / "ck")
     x = torch.rand(1, 3, 64, 64)
-    assert torch.allclose(back.predict(x)[0], m.predict(x)[0], atol=1e-6)
+    assert torch.allclose(predict(back, x)[0], predict(m, x)[0], atol=1e-6)
 
 
 def test_the_two_stage_search_is_on_where_the_teacher_has_the_channels_for_it() -> None:
@@ -158,7 +166,8 @@ def test_the_two_stage_search_is_on_where_the_teacher_has_the_channels_for_it() 
     bank, which the distance does not use, gets no projection; old configs mean the exact search."""
     assert search_dims(256, 4) == 64 and search_dims(512, 4) == 128 and search_dims(64, 4) == 32
     assert search_dims(24, 4) is None and search_dims(40, 4) is None and search_dims(1024, 1) is None
-    m = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=4, top_k=2), teacher_weights="random")
+    m = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=4, top_k=2),
+              teacher_weights="random")
     assert [b.search_proj.shape for b in m.banks.values()] == [(64, 32), (128, 32)]
     fused = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=4, top_k=2, fusion="hafm"),
                   teacher_weights="random")
@@ -174,8 +183,10 @@ def test_the_two_stage_search_scores_as_the_exact_search_and_exports_with_a_free
     pytest.importorskip("onnxruntime")
     from nferd.deploy.export import check_export, export_onnx
     torch.manual_seed(0)
-    m = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=8, top_k=2), teacher_weights="random").eval()
-    exact = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=8, top_k=2, search_reduction=1),
+    m = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=8, top_k=2),
+              teacher_weights="random").eval()
+    exact = NFERD(ModelConfig(distance="bank", teacher="resnet18", image_size=64, n_bank=8, top_k=2,
+                              search_reduction=1),
                   teacher=m.teacher).eval()
     normals = torch.rand(8, 3, 64, 64)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""``nferd bench`` end to end on a tiny configuration (random weights, synthetic input): every
+"""``nferd speed`` end to end on a tiny configuration (random weights, synthetic input): every
 figure is reported, and each is computed from the measured times and the model's FLOP count as
 documented. No assertions on the speed itself: that is what the command measures."""
 
@@ -62,7 +62,7 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch) -> None:
 
 
 def test_bench_cli_prints_one_json_object(capsys) -> None:
-    assert main(["bench", "--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2",
+    assert main(["speed", "--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2",
                  "--train-steps", "1", "--infer-iters", "2", "--bank", "off", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["bank"] is False and res["recall"] is None and "reference" not in res
@@ -92,7 +92,7 @@ def test_the_anomalib_peer_is_timed_in_the_same_run_or_refused_with_the_way_to_g
     try:
         import anomalib  # noqa: F401
     except ImportError:
-        assert main(["bench", "--teacher", "wide_resnet50_2", "--image-size", "64", "--batch-size", "1",
+        assert main(["speed", "--teacher", "wide_resnet50_2", "--image-size", "64", "--batch-size", "1",
                      "--peer", "anomalib", "--json"]) != 0
         assert "pip install anomalib" in capsys.readouterr().err
         return
@@ -118,7 +118,14 @@ def test_bench_int8_json_is_the_only_output_on_stdout(capsys) -> None:
     """NNCF draws progress bars while it quantises; they go to stderr, so `--json` stays parseable."""
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    assert main(["bench", "--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2",
+    assert main(["speed", "--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2",
                  "--infer-iters", "2", "--backend", "openvino", "--int8", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["precision"] == "int8" and res["backend"] == "openvino"
+
+
+def test_bench_is_the_old_name_of_speed(capsys) -> None:
+    from nferd.cli.parser import parse_args
+    assert parse_args(["bench", "--image-size", "64"]).image_size == 64
+    assert main(["bench", "--image-size", "63"]) == 2  # the same options and checks under either name
+    assert "multiple of 32" in capsys.readouterr().err

@@ -10,10 +10,21 @@ from pathlib import Path
 import pytest
 
 from nferd.cli import main
-from nferd.engine.benchmark import (few_images, README_END, README_START, Run, load_calibration_results, load_results,
-                                    load_speed_results,
-                                    render_method_doc, render_readme, render_results_doc, run_grid, summary_table,
-                                    versus_table)
+from nferd.engine.benchmark import (
+    README_END,
+    README_START,
+    Run,
+    few_images,
+    load_calibration_results,
+    load_results,
+    load_speed_results,
+    render_method_doc,
+    render_readme,
+    render_results_doc,
+    run_grid,
+    summary_table,
+    versus_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = ("date", "git_commit", "nferd_version", "torch_version", "cpu_model", "cpu_flags", "threads",

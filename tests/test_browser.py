@@ -26,11 +26,11 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from nferd.engine.calibration import fit_normal  # noqa: E402
 from nferd.data.images import load_image  # noqa: E402
-from nferd.models.nferd import NFERD, ModelConfig  # noqa: E402
 from nferd.deploy.predict import Predictor  # noqa: E402
 from nferd.deploy.serve import create_app  # noqa: E402
+from nferd.engine.calibration import fit_normal  # noqa: E402
+from nferd.models.nferd import NFERD, ModelConfig  # noqa: E402
 from tests.test_serve import serve_in_thread  # noqa: E402
 
 # Offline sandbox: without the background-networking flags chromium tries (refused) connections.

@@ -9,9 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from nferd.engine.calibration import (CalibrationWarning, decision_counts, fit_f1, fit_normal, fit_validation,
-                                      normalize)
 from nferd.cli import main
+from nferd.engine.calibration import CalibrationWarning, decision_counts, fit_f1, fit_normal, fit_validation, normalize
 
 
 def test_normal_threshold_is_the_order_statistic_that_bounds_the_false_alarm_rate() -> None:

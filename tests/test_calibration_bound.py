@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from nferd.engine.calibration import (CalibrationWarning, NonFiniteError, exceed_probability, false_alarm_bound,
-                                      fit_normal, images_needed, threshold_rank)
+from nferd.engine.calibration import (
+    CalibrationWarning,
+    NonFiniteError,
+    exceed_probability,
+    false_alarm_bound,
+    fit_normal,
+    images_needed,
+    threshold_rank,
+)
 
 DRAWS = 2000
 CONFIDENCE = 0.9

@@ -133,9 +133,9 @@ def test_diagnose_reports_the_recall_of_a_fused_bank(trained) -> None:
 
 
 def test_diagnose_reads_one_pass_as_the_separate_reports_read_theirs(trained) -> None:
-    from nferd.engine.checkpoint import load_checkpoint
-    from nferd.data.datasets import MVTecDataset
     from nferd.cli.diagnose import diagnose, retrieval_stats, stage_localisation
+    from nferd.data.datasets import MVTecDataset
+    from nferd.engine.checkpoint import load_checkpoint
     data, ckpt = trained
     ds = MVTecDataset(data, "synthetic_tiles", "test", 64)
     rep = diagnose(load_checkpoint(ckpt)[0], ds)
@@ -224,7 +224,8 @@ def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
     assert model_config_from(args).bank_stages == (2, 3)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("bank-stages: [3]\n")
-    assert model_config_from(parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])).bank_stages == (3,)
+    args = parse_args(["train", "--config", str(cfg), "--data", "d", "--out", "o"])
+    assert model_config_from(args).bank_stages == (3,)
     with pytest.raises(SystemExit):
         parse_args(["train", "--data", "d", "--out", "o", "--bank-stages", "4"])
     err = capsys.readouterr().err

@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 
-from nferd import MVTecDataset, ModelConfig, TrainConfig, evaluate, train
+from nferd import ModelConfig, MVTecDataset, TrainConfig, evaluate, train
 from nferd.data.synth import ensure_synthetic_dataset
 from nferd.models.nferd import NFERD
 
@@ -97,6 +97,7 @@ def _bank_evidence(model: NFERD, test_set: MVTecDataset) -> tuple[float, float]:
     """Image and pixel AUROC of the banks' own evidence: each position's distance to its nearest
     normal bank position, upsampled, summed over the banks and blurred."""
     import numpy as np
+
     from nferd.metrics import auroc
     items = [test_set[i] for i in range(len(test_set))]
     images = torch.stack([it["image"] for it in items])

@@ -33,11 +33,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nferd.data.datasets import MVTecDataset
 from nferd.engine import distributed as ddp
 from nferd.engine.checkpoint import read_metadata
-from nferd.data.datasets import MVTecDataset
-from nferd.models.nferd import NFERD, ModelConfig
 from nferd.engine.train import TrainConfig, train
+from nferd.models.nferd import NFERD, ModelConfig
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nferd import MVTecDataset, ModelConfig, TrainConfig, evaluate, train
+from nferd import ModelConfig, MVTecDataset, TrainConfig, evaluate, train
 from nferd.engine.checkpoint import load_checkpoint
 from nferd.engine.crossfit import FOLDS, fold_file, fold_indices
 from nferd.metrics import miss_at_false_alarm

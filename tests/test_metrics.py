@@ -11,13 +11,14 @@ from scipy import ndimage
 from sklearn import metrics as skm
 
 from nferd import metrics
-from nferd.metrics import (miss_at_false_alarm, 
+from nferd.metrics import (
     aupro,
     auroc,
     average_precision,
     compute_metrics,
     f1_max,
     f1_max_threshold,
+    miss_at_false_alarm,
     pixel_ap,
     pixel_auroc,
     pro_curve,
@@ -338,7 +339,8 @@ def test_compute_metrics_matches_individual_metrics():
     }
     assert all(type(v) is float and 0.0 <= v <= 1.0 for v in results.values())
 
-    assert set(compute_metrics(image_scores, image_labels)) == {"image_auroc", "image_f1max", "image_ap", "miss_at_1pct_fa"}
+    assert set(compute_metrics(image_scores, image_labels)) == {"image_auroc", "image_f1max", "image_ap",
+                                                                "miss_at_1pct_fa"}
 
 
 def test_compute_metrics_without_defect_pixels_gives_nan():

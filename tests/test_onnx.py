@@ -19,13 +19,13 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from nferd.engine.checkpoint import load_checkpoint  # noqa: E402
 from nferd.cli import main  # noqa: E402
-from nferd.deploy.export import InferenceGraph, export_onnx, preprocess_model, preprocess_uint8  # noqa: E402
 from nferd.data.images import load_image  # noqa: E402
-from nferd.models.nferd import NFERD, ModelConfig  # noqa: E402
+from nferd.deploy.export import InferenceGraph, export_onnx, preprocess_model, preprocess_uint8  # noqa: E402
 from nferd.deploy.onnx_runtime import OnnxModelError, OnnxPredictor  # noqa: E402
 from nferd.deploy.predict import Predictor, predict_to_folder  # noqa: E402
+from nferd.engine.checkpoint import load_checkpoint  # noqa: E402
+from nferd.models.nferd import NFERD, ModelConfig  # noqa: E402
 
 CAT = "synthetic_tiles"
 

@@ -40,7 +40,7 @@ def bases(data: Path, ckpt: Path, tmp: Path) -> dict[str, list[str]]:
         "calibrate": ["--checkpoint", str(ckpt), "--normal-dir", str(data / CAT / "test" / "good")],
         "diagnose": ["--checkpoint", str(ckpt), "--data", str(data), "--category", CAT],
         "export": ["--checkpoint", str(ckpt), "--out", str(tmp / "out" / "m.onnx"), "--no-check"],
-        "bench": ["--image-size", "64", "--batch-size", "2", "--train-steps", "1", "--infer-iters", "1"],
+        "speed": ["--image-size", "64", "--batch-size", "2", "--train-steps", "1", "--infer-iters", "1"],
         "benchmark": ["run", "--data", str(data), "--categories", CAT, "--results", str(tmp / "out" / "r"),
                       "--work", str(tmp / "out" / "w"), "--epochs", "1", "--image-size", "64"],
         "serve": ["--checkpoint", str(ckpt)],
@@ -95,11 +95,11 @@ BAD = [
     ("diagnose", "--device", "tpu", "auto, cpu, cuda, cuda:N or mps"),
     ("export", "--opset", "3", "an integer from 17 to 20"),
     ("export", "--out", "{tmp}", "is a folder"),
-    ("bench", "--image-size", "1000000", "a multiple of 32 from 64 to 4096"),
-    ("bench", "--batch-size", "0", "an integer >= 1"),
-    ("bench", "--train-steps", "0", "an integer >= 1"),
-    ("bench", "--infer-iters", "0", "an integer >= 1"),
-    ("bench", "--device", "tpu", "auto, cpu, cuda, cuda:N or mps"),
+    ("speed", "--image-size", "1000000", "a multiple of 32 from 64 to 4096"),
+    ("speed", "--batch-size", "0", "an integer >= 1"),
+    ("speed", "--train-steps", "0", "an integer >= 1"),
+    ("speed", "--infer-iters", "0", "an integer >= 1"),
+    ("speed", "--device", "tpu", "auto, cpu, cuda, cuda:N or mps"),
     ("benchmark", "--seeds", "0,-2", "each an integer from 0 to 4294967295"),
     ("benchmark", "--epochs", "0", "an integer >= 1"),
     ("benchmark", "--threads", "0", "an integer >= 1"),
@@ -222,3 +222,27 @@ def test_good_options_still_parse(tmp_path) -> None:
     cfg.write_text("seeds: [0, 1, 2]\nthreads: 2\ndata: root\n")
     args = parse_args(["benchmark", "run", "--config", str(cfg)])
     assert args.seeds == "0,1,2" and args.threads == 2 and args.data == ["root"]
+
+
+def test_train_flags_default_to_the_config_fields_and_presets_select_designs() -> None:
+    """Each option's default lives in its dataclass: a flag that disagrees fails here."""
+    import dataclasses
+
+    from nferd.cli.options import model_config_from
+    from nferd.cli.parser import parse_args
+    from nferd.engine.train import TrainConfig
+    from nferd.models.choices import PRESETS
+    from nferd.models.nferd import ModelConfig
+    args = parse_args(["train", "--data", "d", "--out", "o"])
+    late = {"tile_overlap"}  # None: the model's own overlap, 0.25 for a new tiled run
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            assert value == f.default or (value is None and f.name in late), f"--{f.name.replace('_', '-')}: {value!r}"
+            checked += 1
+    assert checked >= 12
+    assert model_config_from(args) == ModelConfig()
+    for name, fields in PRESETS.items():
+        args = parse_args(["train", "--data", "d", "--out", "o", "--preset", name])
+        assert model_config_from(args) == ModelConfig(**fields), name

@@ -112,6 +112,7 @@ def test_the_gate_passes_an_equal_model_and_fails_one_that_ranks_worse() -> None
     same = accuracy_gate(_Fixed(good), _Fixed(good), data)
     assert same["ok"] and all(abs(d) < 1e-12 for d in same["change"].values())
     bad = accuracy_gate(_Fixed(good), _Fixed(worse), data)
-    assert not bad["ok"] and "image_auroc" in bad["reason"] and bad["change"]["image_auroc"] < -GATE_BOUNDS["image_auroc"]
+    assert not bad["ok"] and "image_auroc" in bad["reason"]
+    assert bad["change"]["image_auroc"] < -GATE_BOUNDS["image_auroc"]
     assert not accuracy_gate(_Fixed(good), _Fixed(good), None)["ok"]
     assert json.dumps(bad)  # the report goes into the IR's metadata as JSON

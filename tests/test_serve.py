@@ -37,9 +37,10 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 import nferd  # noqa: E402
-from nferd.engine.checkpoint import read_metadata  # noqa: E402
 from nferd.deploy.predict import Predictor  # noqa: E402
 from nferd.deploy.serve import ModelOutputError, create_app, self_check  # noqa: E402
+from nferd.engine.calibration import normalize  # noqa: E402
+from nferd.engine.checkpoint import read_metadata  # noqa: E402
 
 UPLOAD_LIMIT = 256 * 1024
 
@@ -47,8 +48,8 @@ UPLOAD_LIMIT = 256 * 1024
 def make_tiny_checkpoint(synth_root: Path, out: Path) -> Path:
     """One epoch at 64 px with the EfficientNet-Lite0 teacher: enough to exercise the service."""
     from nferd.data.datasets import MVTecDataset
-    from nferd.models.nferd import ModelConfig
     from nferd.engine.train import TrainConfig, train
+    from nferd.models.nferd import ModelConfig
     ds = MVTecDataset(synth_root, "synthetic_tiles", "train", 64)
     train(ds, ModelConfig(teacher="efficientnet_lite0", image_size=64, n_bank=4, top_k=2),
           TrainConfig(epochs=1, batch_size=4, holdout=0.25), out, progress=False)
@@ -129,7 +130,7 @@ def test_good_and_defective_images_are_scored_like_the_python_api(server, predic
         ref = next(predictor.predict_paths([path]))
         assert res["score"] == pytest.approx(ref["score"], rel=1e-5), kind
         assert res["decision"] == ("NOK" if res["score"] > cal["image_threshold"] else "OK")
-        assert 0.0 <= res["normalized_score"] <= 1.0
+        assert res["normalized_score"] == pytest.approx(float(normalize(res["score"], cal)), abs=1e-9)
         assert (res["normalized_score"] > 0.5) == (res["decision"] == "NOK")
         # defect area at the image's own size, and the mask PNG says the same
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["mask_png_base64"]))))

@@ -23,8 +23,9 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from nferd.deploy import serve
-from nferd.deploy.predict import Predictor
+from nferd.deploy import serve  # noqa: E402
+from nferd.deploy.predict import Predictor  # noqa: E402
+from nferd.deploy.serve import body as serve_body  # noqa: E402
 
 BOUNDARY = "nferdfloodtest"
 CTYPE = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
@@ -39,7 +40,7 @@ def predictor(tiny_checkpoint: Path) -> Predictor:
 
 @pytest.fixture(autouse=True)
 def _small_drain(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "DRAIN_CAP", DRAIN)
+    monkeypatch.setattr(serve_body, "DRAIN_CAP", DRAIN)  # the module whose BodyLimit reads it
 
 
 def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = None, name: str = "files"

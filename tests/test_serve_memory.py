@@ -28,9 +28,18 @@ from PIL import Image
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from nferd.deploy.predict import Predictor, _resize_map  # noqa: E402
-from nferd.deploy.serve import (Header, Limits, create_app, decode_cost, decode_upload, defect_area,  # noqa: E402
-                                read_header, resized_rows, trim_memory)
+from nferd.deploy.predict import Predictor, resize_map  # noqa: E402
+from nferd.deploy.serve import (  # noqa: E402
+    Header,
+    Limits,
+    create_app,
+    decode_cost,
+    decode_upload,
+    defect_area,
+    read_header,
+    resized_rows,
+    trim_memory,
+)
 from nferd.models.nferd import NFERD, ModelConfig  # noqa: E402
 
 MiB = 1024 * 1024
@@ -146,11 +155,20 @@ def measure_decode(mode: str) -> tuple[int, int] | None:
     side = 2000
     ramp = np.add.outer(np.arange(side), np.arange(side)) / (2 * side)
     grey8 = (ramp * 255).astype(np.uint8)
-    image = {"L": lambda: Image.fromarray(grey8), "RGB": lambda: Image.fromarray(np.stack([grey8] * 3, -1)),
-             "RGBA": lambda: Image.fromarray(np.stack([grey8] * 4, -1)),
-             "I;16": lambda: Image.fromarray((ramp * 65535).astype(np.uint16)),
-             "I": lambda: Image.fromarray((ramp * 65535).astype(np.int32)),
-             "F": lambda: Image.fromarray(ramp.astype(np.float32))}[mode]()
+    if mode == "L":
+        image = Image.fromarray(grey8)
+    elif mode == "RGB":
+        image = Image.fromarray(np.stack([grey8] * 3, -1))
+    elif mode == "RGBA":
+        image = Image.fromarray(np.stack([grey8] * 4, -1))
+    elif mode == "I;16":
+        image = Image.fromarray((ramp * 65535).astype(np.uint16))
+    elif mode == "I":
+        image = Image.fromarray((ramp * 65535).astype(np.int32))
+    elif mode == "F":
+        image = Image.fromarray(ramp.astype(np.float32))
+    else:
+        raise KeyError(mode)
     buf = io.BytesIO()
     image.save(buf, format="TIFF" if mode in ("I", "F") else "PNG")
     del image, ramp, grey8
@@ -171,7 +189,8 @@ def test_decode_cost_covers_the_measured_decode_peak(mode: str) -> None:
     """Measured in a fresh interpreter: the heap that earlier tests leave behind (allocator arenas,
     runtime thread pools) must not count against one decode."""
     import subprocess
-    code = f"import json; from tests.test_serve_memory import measure_decode; print(json.dumps(measure_decode({mode!r})))"
+    code = ("import json; from tests.test_serve_memory import measure_decode; "
+            f"print(json.dumps(measure_decode({mode!r})))")
     p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -209,7 +228,7 @@ def test_banded_defect_area_equals_the_full_size_mask() -> None:
     torch.manual_seed(0)
     amap = torch.nn.functional.interpolate(torch.rand(1, 1, 8, 8), size=(64, 64), mode="bilinear")[0, 0].numpy()
     for hw in ((3000, 2000), (2001, 2999), (4500, 1000)):
-        full = _resize_map(amap, hw)
+        full = resize_map(amap, hw)
         bands = np.concatenate([resized_rows(amap, hw, r, min(hw[0], r + 777)) for r in range(0, hw[0], 777)])
         # the same floats as torch on x86-64; one ulp elsewhere
         np.testing.assert_allclose(bands, full, rtol=1e-6, atol=1e-7)

@@ -3,6 +3,7 @@ epoch, the test metrics and the checkpoint path; without MLflow installed nothin
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def test_train_and_test_runs_appear_in_a_local_mlflow_store(data, tmp_path, caps
     assert tr.data.params["train.epochs"] == "2" and tr.data.params["data.category"] == "synthetic_tiles"
     loss = client.get_metric_history(tr.info.run_id, "loss")
     assert [m.step for m in loss] == [1, 2] and all(m.value > 0 for m in loss)
-    assert 0 <= tr.data.metrics["test_image_auroc"] <= 1 and "test_pixel_auroc" in tr.data.metrics
+    tested = json.loads((ckpt / "test" / "results.json").read_text())  # what `--test` wrote, logged as is
+    assert tr.data.metrics["test_image_auroc"] == pytest.approx(tested["image_auroc"], abs=1e-9)
+    assert tr.data.metrics["test_pixel_auroc"] == pytest.approx(tested["pixel_auroc"], abs=1e-9)
     assert tr.data.tags["checkpoint"].endswith("model.safetensors") and Path(tr.data.tags["checkpoint"]).is_file()
     te = runs["test synthetic_tiles"]
     assert te.data.metrics["image_auroc"] == pytest.approx(tr.data.metrics["test_image_auroc"], abs=1e-6)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nferd.engine.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from nferd.data.datasets import MVTecDataset
+from nferd.engine.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from nferd.engine.evaluate import infer
-from nferd.models.nferd import NFERD, ModelConfig
 from nferd.engine.train import LAST, TrainConfig, Trainer, train
+from nferd.models.nferd import NFERD, ModelConfig
 
 
 def summary_images(model) -> int:  # type: ignore[no-untyped-def]
@@ -55,8 +55,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_p
     model = None
     # first run, "killed" after 2 epochs (last.safetensors written at epoch 2)
     torch.manual_seed(cfg.seed)
-    from nferd.engine.train import split_holdout
     from torch.utils.data import Subset
+
+    from nferd.engine.train import split_holdout
     keep, held = split_holdout(len(ds), cfg.holdout, cfg.seed)
     model = NFERD(small_config())
     Trainer(model, Subset(ds, keep), cfg, trainer_out, Subset(ds, held), progress=False).fit(stop_after=2)

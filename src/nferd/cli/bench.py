@@ -1,4 +1,4 @@
-"""``nferd bench``: training and inference speed on synthetic input with random weights.
+"""``nferd speed``: training and inference speed on synthetic input with random weights.
 
 The fast path is what ``nferd train`` / ``predict`` run: cached fp16 teacher features during
 training, bf16 autocast where the hardware has it, the map, blur and score on the model's
@@ -23,15 +23,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.device import (autocast, autocast_dtype, channels_last, compile_dense, default_threads, place,
-                     resolve_device)
-from .info import forward_gflops
+from ..deploy.predict import Predictor
+from ..engine.benchmark import cpu_flags, cpu_model
+from ..engine.device import (
+    autocast,
+    autocast_dtype,
+    channels_last,
+    compile_dense,
+    default_threads,
+    place,
+    resolve_device,
+)
+from ..engine.train import make_adam
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig
 from ..models.resnet import RESNET_SPECS, make_layer
-from ..engine.benchmark import cpu_flags, cpu_model
-from ..engine.train import make_adam
-from ..deploy.predict import Predictor
+from .info import forward_gflops
 
 
 def _sync(device: torch.device) -> None:
@@ -206,7 +213,7 @@ def peer_path(teacher: str, size: int, batch: int) -> tuple[BenchPath, str]:
         from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
         from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
     except ImportError as e:
-        raise ImportError(f"--peer anomalib needs anomalib, which is not importable here ({e}); run nferd bench in "
+        raise ImportError(f"--peer anomalib needs anomalib, which is not importable here ({e}); run nferd speed in "
                           "an environment with PyPI's torch, torchvision and anomalib (pip install anomalib)") from e
     try:
         model = ReverseDistillationModel(backbone=teacher, input_size=(size, size),

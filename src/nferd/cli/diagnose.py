@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..models.anomaly_map import anomaly_map
 from ..engine.device import autocast, autocast_dtype, resolve_device
 from ..engine.evaluate import evaluate
 from ..metrics import aupro, auroc
+from ..models.anomaly_map import anomaly_map
 from ..models.nferd import NFERD
 
 STAGES = ("layer1", "layer2", "layer3")

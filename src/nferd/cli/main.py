@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from . import commands
+from . import deployment, tools, training
 from .options import CLIError, preflight
 from .parser import build_parser, parse_args
 
@@ -20,6 +20,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
 
 _default_show = warnings.showwarning
 
+# each verb and the function that runs it (`bench` is `speed`'s old name)
+VERBS = {"demo": training.cmd_demo, "train": training.cmd_train, "test": training.cmd_test,
+         "calibrate": training.cmd_calibrate, "predict": deployment.cmd_predict, "serve": deployment.cmd_serve,
+         "export": deployment.cmd_export, "mvtec-ad2-submission": deployment.cmd_mvtec_ad2_submission,
+         "synth": tools.cmd_synth, "info": tools.cmd_info, "diagnose": tools.cmd_diagnose, "speed": tools.cmd_speed,
+         "bench": tools.cmd_speed, "benchmark": tools.cmd_benchmark}
+
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
@@ -33,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 1
         preflight(args)  # every check that can fail before any work starts
-        return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args) or 0
+        if args.command == "bench":
+            print("nferd: note: `nferd bench` is now `nferd speed`; the old name goes in the next release",
+                  file=sys.stderr)
+        return VERBS[args.command](args) or 0
     except CLIError as e:
         print(f"nferd: error: {e}", file=sys.stderr)
         return 2

@@ -205,7 +205,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-reduction", type=positive_int, default=None, metavar="R",
                    help="the bank distance's search: first on C / R principal directions of the bank (at least "
                         "32), then the exact cosine of 16 candidates per position; 1 = the exact search "
-                        "(>= 1; default 4: +5 %% forward cost over RD4AD with WRN50-2 instead of +21 %%)")
+                        "(>= 1; default 4, cheaper with wide teachers; docs/method.md has the costs)")
     g.add_argument("--bank-stages", default=None, type=stage_list, metavar="1,2,3",
                    help="teacher stages (1 = finest) that get a bank (and its fusion); the others pass "
                         "the student through as RD4AD does (default: 1,2; 1,2,3 with a fusion)")
@@ -232,8 +232,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from ..models.nferd import ModelConfig
-    from ..models.nferd import PRESETS
+    from ..models.nferd import PRESETS, ModelConfig
     kw: dict[str, Any] = {**PRESETS[getattr(args, "preset", None) or "nferd"], "teacher": args.teacher,
                           "image_size": args.image_size}
     for name in ("bank", "recall", "fusion", "n_bank", "top_k", "temperature", "patch_limit", "search_reduction",

@@ -15,11 +15,28 @@ from typing import Any, NoReturn
 from ..deploy.onnx_format import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..models.choices import DEFAULT_TEACHER, FUSIONS, LR_SCHEDULES, PRESETS, TEACHER_NAMES
 from ..version import __version__
-from .options import (DEVICES, IMAGE_SIZE_HELP, CLIError, IntRange, add_data_options, add_folder_test_options,
-                      add_model_options,
-                      add_tiling_options, add_tracking_options, device,
-                      fraction_open, holdout_fraction, image_size_int, non_negative_int, on_off, port_int,
-                      positive_float, positive_int, seed_int, seed_list)
+from .options import (
+    DEVICES,
+    IMAGE_SIZE_HELP,
+    CLIError,
+    IntRange,
+    add_data_options,
+    add_folder_test_options,
+    add_model_options,
+    add_tiling_options,
+    add_tracking_options,
+    device,
+    fraction_open,
+    holdout_fraction,
+    image_size_int,
+    non_negative_int,
+    on_off,
+    port_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    seed_list,
+)
 
 DEVICE_HELP = f"{DEVICES} (default auto: cuda when torch sees a GPU, else cpu)"
 
@@ -41,7 +58,7 @@ EXAMPLES = {
                   "--mask-dir val/masks\n  nferd calibrate --checkpoint runs/tire --data /data/mvtec_3d --category tire"
                   "   # ROOT/C/validation"),
     "diagnose": "nferd diagnose --checkpoint runs/bottle --data /data/mvtec_ad --category bottle",
-    "bench": "nferd bench --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
+    "speed": "nferd speed --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
     "mvtec-ad2-submission": ("nferd mvtec-ad2-submission --checkpoint runs/ad2 --data /data/mvtec_ad_2 "
                              "--category all --out submission"),
     "benchmark": ("nferd benchmark run --data /data/mvtec_ad --categories bottle,cable --models nferd,rd4ad "
@@ -64,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"nferd {__version__}")
     sub = ap.add_subparsers(dest="command")
 
-    def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog="example:\n  " + EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    def cmd(name: str, help: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, aliases=list(aliases), help=help, description=help,
+                           epilog="example:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of options (flags override)")
         return p
 
@@ -207,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: write the INT8 model even when the gate fails or cannot measure (a warning "
                         "and the gate's figures go into its metadata)")
 
-    p = cmd("bench", "speed benchmark on synthetic input with random weights (no data needed)")
+    p = cmd("speed", "training and inference speed on synthetic input with random weights (no data needed; "
+                     "`bench` is its old name)", aliases=("bench",))
     p.add_argument("--teacher", default=DEFAULT_TEACHER, choices=list(TEACHER_NAMES), help=f"default {DEFAULT_TEACHER}")
     p.add_argument("--image-size", type=image_size_int, default=256, metavar="PX", help=IMAGE_SIZE_HELP)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1; default 16)")
@@ -257,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None, metavar="ROOT",
                    help="run: dataset root (repeat for several)")
     p.add_argument("--categories", default=None, help="run: categories under every root, comma-separated")
-    p.add_argument("--models", default="nferd,rd4ad", help="run: model presets, comma-separated (nferd, patchcore, nferd_bankdist, nferd_fusion, "
+    p.add_argument("--models", default="nferd,rd4ad",
+                   help="run: model presets, comma-separated (nferd, patchcore, nferd_bankdist, nferd_fusion, "
                         "nferd_paper, rd4ad); presets that train the same student share one training")
     p.add_argument("--seeds", type=seed_list, default="0",
                    help="run: seeds, comma-separated, each 0 to 2**32 - 1 (default 0)")
@@ -276,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="docs/method.md",
                    help="render: method page whose comparison with RD4AD (and rescoring screen) is replaced")
     p.add_argument("--speed", default="benchmarks/speed",
-                   help="render: `nferd bench --save` result files for the performance table (default benchmarks/speed)")
+                   help="render: `nferd speed --save` result files for the performance table "
+                        "(default benchmarks/speed)")
     p.add_argument("--screen", default="benchmarks/screens/map_terms.json",
                    help="render: rescoring screen of the map's terms (written by benchmarks/map_terms.py)")
     p.add_argument("--calibration", default="benchmarks/calibration",
-                   help="render: folder of `nferd test` results at calibrated thresholds (default benchmarks/calibration)")
+                   help="render: folder of `nferd test` results at calibrated thresholds "
+                        "(default benchmarks/calibration)")
     p.add_argument("--check", action="store_true", help="render: only say whether the pages match the result files "
                    "(exit 1 when they do not)")
 

@@ -187,10 +187,10 @@ def load_image(path: str | Path, size: Size = None) -> torch.Tensor:
     """
     path, hw = Path(path), _target_hw(size)
     with _decoded(path) as img:
-        return _image_tensor(path, img, hw)
+        return image_tensor(path, img, hw)
 
 
-def _image_tensor(path: Path, img: Image.Image, hw: tuple[int, int] | None) -> torch.Tensor:
+def image_tensor(path: Path, img: Image.Image, hw: tuple[int, int] | None) -> torch.Tensor:
     try:
         if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
             arr = _to_float_array(path, img)

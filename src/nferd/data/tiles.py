@@ -32,7 +32,7 @@ class Tiling:
             raise ValueError(f"tile overlap must be from 0 to 0.75 of a tile, got {self.overlap}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "Tiling | None":
+    def from_dict(cls, d: dict[str, Any] | None) -> Tiling | None:
         return None if not d else cls(int(d["size"]), float(d.get("overlap", 0.25)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +105,8 @@ def resolve_tiling(recorded: dict[str, Any] | None, size: int | None, overlap: f
     if size is None:
         raise ValueError("--tile-overlap needs --tile SIZE: this model was not trained on tiles")
     if size != image_size:
-        raise ValueError(f"--tile {size}: tiles are the model's input, which is {image_size} px; use --tile {image_size}")
+        raise ValueError(f"--tile {size}: tiles are the model's input, which is {image_size} px; "
+                         f"use --tile {image_size}")
     return Tiling(size, overlap if overlap is not None else (base.overlap if base else 0.25))
 
 
@@ -130,5 +131,6 @@ class TiledDataset(Dataset):
             self._last = (i, self.base[i])
         item, s = self._last[1], self.tiling.size
         image, mask = self.tiling.padded(item["image"]), self.tiling.padded(item["mask"])
-        return {**item, "image": image[:, y:y + s, x:x + s].contiguous(), "mask": mask[:, y:y + s, x:x + s].contiguous(),
+        return {**item, "image": image[:, y:y + s, x:x + s].contiguous(),
+                "mask": mask[:, y:y + s, x:x + s].contiguous(),
                 "label": int(bool(mask[:, y:y + s, x:x + s].any())) if item["label"] else 0}

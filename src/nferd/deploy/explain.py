@@ -60,6 +60,9 @@ def nearest_normal(model: Any, image: torch.Tensor, amap: np.ndarray, memory_ima
     h, w = feats.shape[-2:]
     cell = (min(h - 1, int(py) * h // s), min(w - 1, int(px) * w // s))
     row, distance = memory.nearest_row(feats[0, :, cell[0], cell[1]])
+    if int(memory.position[row]) < 0:
+        return {"available": False, "reason": "this checkpoint's memory does not record where its rows come from "
+                                              "(saved by an earlier nferd): train it again to get explanations"}
     image_id, (sy, sx) = int(memory.source[row]), divmod(int(memory.position[row]), w)
     entry: dict[str, Any] = {"available": True, "distance": distance, "memory_row": row, "grid": [h, w],
                              "input_cell": list(cell), "input_box": cell_box(cell, (h, w), input_size or (s, s)),

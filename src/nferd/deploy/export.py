@@ -32,13 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import safe_io
+from ..engine import safe_io, scoring
 from ..engine.calibration import check_calibration
 from ..engine.jsonio import dumps
 from ..models.nferd import NFERD
-from .onnx_format import (DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, MIN_OPSET, ONNX_FORMAT, ONNX_VERSION,  # noqa: F401
-                          OUTPUT_NAMES)
-
+from .onnx_format import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, MIN_OPSET, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES  # noqa: F401
 
 
 class InferenceGraph(nn.Module):
@@ -208,7 +206,8 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     return path
 
 
-def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0, predictor: Any = None) -> dict[str, Any]:
+def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0,
+                 predictor: Any = None) -> dict[str, Any]:
     """Run the exported file (``predictor``: its runtime, ONNX Runtime by default) and the PyTorch model
     (fp32) on the same random images; report the gap.
 
@@ -228,9 +227,7 @@ def check_export(model: NFERD, path: str | Path, batch: int = 2, seed: int = 0, 
         x = torch.rand(batch, 3, s, s, generator=g)
         got_maps, got_scores = pred.run(x)
     m = copy.deepcopy(model).cpu().float().eval()
-    with torch.no_grad():
-        ref_maps, ref_scores = InferenceGraph(m)(x)
-    ref_maps, ref_scores = ref_maps.numpy(), ref_scores.numpy()
+    ref_maps, ref_scores = scoring.score_batch(m, x, torch.device("cpu"))
     rng = float(ref_maps.max() - ref_maps.min())
     diff = float(np.abs(got_maps - ref_maps).max())
     return {"batch": batch, "max_abs_diff_map": diff, "map_range": rng,

@@ -38,7 +38,7 @@ from ..data.datasets import AD2_PRIVATE_SPLITS, MVTecAD2Dataset
 from ..data.images import open_image
 from ..engine import safe_io
 from ..metrics import validation_threshold
-from .predict import _resize_map
+from .predict import resize_map
 
 FLOAT16_MAX = 65504.0
 
@@ -89,7 +89,7 @@ def write_category(predictor: Any, splits: dict[str, Dataset], category: str, ou
                     raise ValueError(f"the anomaly map of '{path}' is not finite: no submission can hold it")
                 with open_image(path) as im:
                     w, h = im.size
-                full = _resize_map(small, (h, w))
+                full = resize_map(small, (h, w))
                 stem = Path(path).stem
                 safe_io.write_bytes(maps_dir / f"{stem}.tiff", tiff_float16(full))
                 binary = Image.fromarray(np.where(full > thr, 255, 0).astype(np.uint8), mode="L")

@@ -29,15 +29,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..engine import distributed as ddp
-from ..engine import jsonio
-from ..data.tiles import Tiling
-from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
-from ..engine.device import (autocast, autocast_dtype, channels_last, inference_copy, micro_batch, place,
-                             resolve_device)
-from ..engine.safe_io import (make_dir, open_append, remove_own_temps, save_image, save_npy, write_dict_csv,
-                              write_json)
 from ..data.images import ImageLoadError, is_image_file, list_images, load_image, open_image
+from ..data.tiles import Tiling
+from ..engine import distributed as ddp
+from ..engine import jsonio, scoring
+from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
+from ..engine.device import autocast_dtype, inference_copy, micro_batch, place, resolve_device
+from ..engine.safe_io import make_dir, open_append, remove_own_temps, save_image, save_npy, write_dict_csv, write_json
 from ..models.nferd import NFERD
 from .explain import cell_box, nearest_normal, side_by_side
 from .visualize import captioned, overlay
@@ -189,23 +187,18 @@ class Predictor(BasePredictor):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto",
-                        tiling: Tiling | None = None) -> "Predictor":
+                        tiling: Tiling | None = None) -> Predictor:
         """The checkpoint's model and calibration; tiled as it was trained unless ``tiling`` is given."""
         from ..engine.checkpoint import load_checkpoint
         model, meta = load_checkpoint(path, device="cpu")
         return cls(model, meta.get("calibration"), device, precision, tiling or Tiling.from_dict(meta.get("tiling")),
                    memory_images=meta.get("memory_images"))
 
-    @torch.no_grad()
     def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = channels_last(images.to(self.device))
-        with autocast(self.device, self.amp):
-            t, s = self.runner(x)
-        m, sc = self.runner.anomaly_maps(t, s, tuple(x.shape[-2:]))
-        return m[:, 0].float().cpu().numpy(), sc.float().cpu().numpy()
+        return scoring.score_batch(self.runner, images, self.device, self.amp)
 
 
-def _resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+def resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     t = torch.from_numpy(m)[None, None]
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
 
@@ -217,7 +210,7 @@ def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, A
     stem = result.get("name", src.stem)
     with open_image(src) as im:
         rgb = np.asarray(im.convert("RGB"))
-    amap = _resize_map(result["map"], rgb.shape[:2])
+    amap = resize_map(result["map"], rgb.shape[:2])
     vmin, vmax = display_range(calibration, amap)
     row = {k: v for k, v in result.items() if k != "map"}
     if map_format == "npy":

@@ -33,7 +33,14 @@ import torch
 from ..engine import safe_io
 from ..engine.calibration import DEFAULT_CONFIDENCE, fit_calibration
 from ..metrics import aupro, auroc, pixel_auroc
-from .openvino_runtime import RT_SECTION, OpenVinoPredictor, compile_cpu, export_openvino, read_metadata, require_openvino
+from .openvino_runtime import (
+    RT_SECTION,
+    OpenVinoPredictor,
+    compile_cpu,
+    export_openvino,
+    read_metadata,
+    require_openvino,
+)
 
 #: Largest change of each metric, int8 against fp32, that the gate lets through.
 GATE_BOUNDS = {"image_auroc": 0.005, "pixel_auroc": 0.005, "aupro": 0.01}
@@ -69,7 +76,7 @@ def quantize_ir(ir: Any, normal_images: list[np.ndarray]) -> Any:
     nncf.set_log_level(logging.WARNING)  # NNCF logs every layer it leaves out at INFO
     if not normal_images:
         raise ValueError("INT8 quantisation needs normal training images for its statistics; none were given")
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars, off stdout (`nferd bench --json`)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars, off stdout (`nferd speed --json`)
         return nncf.quantize(ir, nncf.Dataset(normal_images), subset_size=len(normal_images),
                              ignored_scope=nncf.IgnoredScope(types=["MatMul"], patterns=[NOT_STUDENT],
                                                              validate=False))
@@ -124,7 +131,8 @@ def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None) -> dict[str, Any]:
             "n_images": len(test_set), **({"reason": f"{', '.join(failed)} moved beyond the bounds"} if failed else {})}
 
 
-def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any, images: list[torch.Tensor]) -> dict[str, Any]:
+def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any,
+                        images: list[torch.Tensor]) -> dict[str, Any]:
     """The fp32 thresholds moved by the int8 model's median change of image score and of pixel
     value on ``images``: a calibration fitted on cross-fitted scores (fold students that saw the
     other images) cannot be fitted again on the int8 model, and quantisation shifts both terms."""

@@ -28,12 +28,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..data.images import ImageLoadError, load_image
 from ..engine import safe_io
-from ..engine.calibration import (NonFiniteError, check_calibration, decision, describe_calibration, display_range,
-                                  normalize)
+from ..engine.calibration import (
+    NonFiniteError,
+    check_calibration,
+    decision,
+    describe_calibration,
+    display_range,
+    normalize,
+)
 from ..engine.evaluate import METRIC_KEYS
 from ..engine.jsonio import dumps
-from ..data.images import ImageLoadError, load_image
 from ..metrics import pro_curve
 from .explain import nearest_normal, side_by_side
 from .visualize import overlay

@@ -19,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import safe_io
 
@@ -58,7 +59,7 @@ class Run:
         few = f"-{self.train_images}img" if self.train_images else ""
         return f"{self.model}-{self.teacher}-{self.image_size}px-{self.epochs}ep{few}-seed{self.seed}"
 
-    def same_student(self, other: "Run") -> bool:
+    def same_student(self, other: Run) -> bool:
         """The two runs train on the same images with the same options and seed."""
         return (self.data, self.category, self.teacher, self.image_size, self.epochs, self.seed, self.train_images) == \
             (other.data, other.category, other.teacher, other.image_size, other.epochs, other.seed, other.train_images)
@@ -71,9 +72,10 @@ def provenance(threads: int, device: str, argv: list[str] | None = None) -> dict
     """Where and how a figure was measured: date, code, versions, machine, command."""
     import numpy
     import torch
+
     from ..version import __version__
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "nferd_version": __version__,
         "torch_version": torch.__version__,
@@ -156,11 +158,12 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     ``siblings``: the grid's other presets, whose finished students this run may reuse."""
     import torch
     from torch.utils.data import Subset
+
     from ..data.datasets import make_dataset
-    from .evaluate import evaluate
-    from .train import TrainConfig, train
     from .checkpoint import load_checkpoint, weights_file
     from .device import autocast_dtype, resolve_device
+    from .evaluate import evaluate
+    from .train import TrainConfig, train
     torch.set_num_threads(threads)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, "auto")
@@ -206,7 +209,8 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
                    "train_wall_seconds": train_wall, "inference_seconds": metrics["inference_seconds"],
                    "inference_ms_per_image": 1000 * metrics["inference_seconds"] / max(n, 1)},
         "config": {"model": model.config.to_dict(), "train": {k: v for k, v in vars(tcfg).items()}},
-        "provenance": {**provenance(threads, str(dev), argv), "precision": str(amp).replace("torch.", "") if amp else "fp32"},
+        "provenance": {**provenance(threads, str(dev), argv),
+                       "precision": str(amp).replace("torch.", "") if amp else "fp32"},
     }
     path = run.result_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,10 +303,12 @@ def provenance_table(rows: list[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (r["dataset"], setting(r), r["model"], r["seed"])):
         p = r["provenance"]
         few = f"-{r['train_images']}img" if r.get("train_images") else ""
-        name = f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep{few}-seed{r['seed']}"
+        name = (f"{r['dataset']}/{r['category']}/{r['model']}-{r['teacher']}-{r['image_size']}px-{r['epochs']}ep"
+                f"{few}-seed{r['seed']}")
         train_s = r["timing"].get("train_seconds")
         lines.append("| " + " | ".join([name, p["date"][:10], short_commit(p.get("git_commit")), p["cpu_model"],
-                                         " ".join(p["cpu_flags"]), str(p["threads"]), p.get("precision", "?"), p["torch_version"],
+                                         " ".join(p["cpu_flags"]), str(p["threads"]), p.get("precision", "?"),
+                                         p["torch_version"],
                                          f"{train_s:.0f}" if train_s else "–"]) + " |")
     return "\n".join(lines)
 
@@ -314,7 +320,8 @@ README_END = "<!-- results:end -->"
 def load_calibration_results(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     """``results.json`` files of ``nferd test`` runs under ``folder``, named by their folder."""
     folder = Path(folder)
-    return [(str(p.parent.relative_to(folder)), json.loads(p.read_text())) for p in sorted(folder.rglob("results.json"))]
+    return [(str(p.parent.relative_to(folder)), json.loads(p.read_text()))
+            for p in sorted(folder.rglob("results.json"))]
 
 
 def calibration_table(results: list[tuple[str, dict[str, Any]]]) -> str:
@@ -325,7 +332,7 @@ def calibration_table(results: list[tuple[str, dict[str, Any]]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, res in results:
         prov = res.get("run", {}).get("provenance", {})
-        for cat, m in res.get("categories", {}).items():
+        for m in res.get("categories", {}).values():
             a = m.get("at_threshold")
             if not a:
                 continue
@@ -343,7 +350,7 @@ def render_results_doc(rows: list[dict[str, Any]], calibration: list[tuple[str, 
     perf = [] if not speed else [
         "## Speed",
         "",
-        "`nferd bench --save benchmarks/speed` on random weights and synthetic input (no data): batch-1",
+        "`nferd speed --save benchmarks/speed` on random weights and synthetic input (no data): batch-1",
         "latency (median and 95th percentile), batch throughput, training throughput (PyTorch only), and",
         "the achieved GFLOP/s next to the matmul peak measured at the same precision. Each row names its",
         "machine: figures from different CPUs do not compare. Result files in `benchmarks/speed/`.",
@@ -412,7 +419,7 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "neon")
 
 
 def save_speed_result(res: dict[str, Any], folder: Path) -> Path:
-    """One ``nferd bench`` run as a result file with its provenance, named by what it measured."""
+    """One ``nferd speed`` run as a result file with its provenance, named by what it measured."""
     precision = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "int8": "int8"}.get(str(res["precision"]), "fp32")
     key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], precision,
                     res.get("preset") or (res["fusion"] if res["bank"] else "rd4ad"),
@@ -429,7 +436,7 @@ def load_speed_results(folder: Path) -> list[dict[str, Any]]:
 
 
 def _peer_cell(peer: dict[str, Any] | None) -> str:
-    """anomalib's latency timed in the same run (``nferd bench --peer anomalib``), with this row's
+    """anomalib's latency timed in the same run (``nferd speed --peer anomalib``), with this row's
     latency over it measured pairwise."""
     if not peer:
         return "–"
@@ -437,7 +444,7 @@ def _peer_cell(peer: dict[str, Any] | None) -> str:
 
 
 def speed_table(rows: list[dict[str, Any]]) -> str:
-    """``nferd bench`` result files: latency, throughput and achieved GFLOP/s against the measured
+    """``nferd speed`` result files: latency, throughput and achieved GFLOP/s against the measured
     matmul peak, with the machine each was measured on."""
     head = ["teacher", "model", "backend", "precision", "threads", "batch-1 latency ms (p95)", "batch img/s",
             "training img/s", "GFLOPs / image", "GFLOP/s (peak)", "anomalib RD, same run: batch-1 ms",
@@ -453,7 +460,8 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
             f"{r['infer_latency_ms_b1']:.1f} ({r['infer_latency_ms_b1_p95']:.1f})",
             f"{r['infer_images_per_s']:.1f} (batch {r['batch_size']})", f"{train:.1f}" if train else "–",
             f"{r['gflops_per_image']:.2f}", f"{r['gflops_achieved']:.0f} ({r['peak_gflops_matmul']:.0f})",
-            _peer_cell(r.get("peer")), f"{r['cpu_model']} ({flags})", p["date"][:10], short_commit(p.get("git_commit"))]) + " |")
+            _peer_cell(r.get("peer")), f"{r['cpu_model']} ({flags})", p["date"][:10],
+            short_commit(p.get("git_commit"))]) + " |")
     return "\n".join(lines)
 
 

@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..version import __version__
 from ..models.nferd import NFERD, ModelConfig
+from ..version import __version__
 from . import safe_io
 from .calibration import check_calibration
 from .jsonio import NonFiniteJSONError, dumps
@@ -169,6 +169,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         tensors = {k: sf.get_tensor(k) for k in sf.keys() if not k.startswith("optimizer.")}
     if model.memory is not None and "memory.rows" in tensors:  # its size is known only from the file
         model.memory.resize(tensors["memory.rows"].shape[0])
+        if "memory.position" not in tensors:  # saved before rows recorded their place: -1, unknown
+            tensors["memory.position"] = torch.full((tensors["memory.rows"].shape[0],), -1, dtype=torch.long)
     own = model.state_dict()
     if config.fusion == "none":  # projections that nferd 0.2 saved for banks it never fused
         tensors = {k: v for k, v in tensors.items() if not (k.startswith("banks.") and k.endswith(".proj.weight"))}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import safe_io
-from .device import autocast, autocast_dtype, channels_last, place
+from . import safe_io, scoring
+from .device import autocast_dtype, place
 
 CROSS_FIT_BELOW = 20  # fewer held-out good images than this: cross-fit (when the training set allows K folds)
 FOLDS = 5
@@ -45,6 +45,7 @@ def train_folds(model: Any, train_set: Dataset, config: Any, out: Path, trainer:
     students are saved under ``out/folds`` (and taken from ``take_from/folds`` when a run with the
     same student saved them)."""
     from safetensors.torch import load_file, save_file
+
     from ..models.nferd import NFERD
     folds = fold_indices(len(train_set), FOLDS, config.seed)
     quiet = dataclasses.replace(config, checkpoint_every=10**9)
@@ -81,14 +82,11 @@ def left_out_results(model: Any, dataset: Dataset, device: torch.device, precisi
     model = place(model.eval(), device)
     scores, maps, paths, start = [], [], [], 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x = channels_last(batch["image"].to(device))
-        ids = torch.arange(start, start + len(x), device=device)
-        start += len(x)
-        with autocast(device, amp):
-            t, s = model(x)
-        m, sc = model.anomaly_maps(t, s, tuple(x.shape[-2:]), exclude=ids)
-        maps.append(m[:, 0].float().cpu().numpy())
-        scores.append(sc.float().cpu().numpy())
+        ids = torch.arange(start, start + len(batch["image"]), device=device)
+        start += len(ids)
+        m, sc = scoring.score_batch(model, batch["image"], device, amp, exclude=ids)
+        maps.append(m)
+        scores.append(sc)
         paths += list(batch["path"])
     n = len(paths)
     return {"scores": np.concatenate(scores), "maps": np.concatenate(maps), "labels": np.zeros(n, dtype=np.int64),

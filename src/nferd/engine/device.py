@@ -9,7 +9,6 @@ import os
 
 import torch
 
-
 CPU_PIXELS_PER_CALL = 256 * 256  # a 256-px image: one image's activations stay in cache
 
 
@@ -74,7 +73,8 @@ def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def inference_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     """The model for autocast inference: a copy whose convolution (plain and transposed) and linear
     weights are already stored in the autocast ``dtype``. Autocast would cast them again on every
-    call, a sizeable share of a batch-1 forward; the cast is the same rounding, so the outputs are identical. Norm layers, banks and buffers stay fp32."""
+    call, a sizeable share of a batch-1 forward; the cast is the same rounding, so the outputs are
+    identical. Norm layers, banks and buffers stay fp32."""
     if dtype is None or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return model  # fp32, or compiled modules (a deep copy would keep calling the originals)
     runner = copy.deepcopy(model).eval()

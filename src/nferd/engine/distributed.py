@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ..models.teacher import Teacher
 from .device import default_threads, resolve_device
 from .features import FeatureCache, cache_key
-from ..models.teacher import Teacher
 
 T = TypeVar("T")
 

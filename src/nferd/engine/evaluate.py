@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import safe_io
-from .device import (autocast, autocast_dtype, channels_last, inference_copy, micro_batch, place,
-                     resolve_device)
-from .finite import require_finite
-from ..metrics import compute_metrics
 from ..data.tiles import Tiling
+from ..metrics import compute_metrics
 from ..models.nferd import NFERD
+from . import safe_io, scoring
+from .device import autocast, autocast_dtype, channels_last, inference_copy, place, resolve_device
+from .finite import require_finite
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_ap", "image_ap", "miss_at_1pct_fa", "segf1",
                "aupro_0.05")
@@ -41,18 +40,10 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
     amp = autocast_dtype(device, precision)
     runner = inference_copy(place(model.eval(), device), amp)
 
-    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Maps (N x H x W) and scores of a batch, a CPU micro-batch at a time."""
-        step = micro_batch(device, images.shape[-2] * images.shape[-1]) or len(images)
-        ms, scs = [], []
-        for a in range(0, len(images), step):
-            x = channels_last(images[a:a + step].to(device))
-            with autocast(device, amp):
-                t, s = runner(x)
-            m, sc = runner.anomaly_maps(t, s, tuple(x.shape[-2:]))
-            ms.append(m[:, 0].float().cpu())
-            scs.append(sc.float().cpu())
-        return torch.cat(ms), torch.cat(scs)
+        return scoring.in_micro_batches(lambda x: scoring.score_batch(runner, x, device, amp), images,
+                                        scoring.cpu_step(device, images))
 
     loader = DataLoader(dataset, batch_size=1 if tiling else batch_size, shuffle=False, num_workers=num_workers)
     scores, maps, labels, masks, paths, types = [], [], [], [], [], []
@@ -65,13 +56,13 @@ def infer(model: NFERD, dataset: Dataset, batch_size: int = 16, device: str | to
         if tiling is None:
             m, sc = run(batch["image"])
         else:
-            stitched, score = tiling.score(batch["image"][0], lambda tiles: run(tiles)[0])
-            m, sc = stitched[None], torch.tensor([score])
+            stitched, score = tiling.score(batch["image"][0], lambda tiles: torch.from_numpy(run(tiles)[0]))
+            m, sc = stitched[None].numpy(), np.array([score], dtype=np.float32)
             if maps and maps[0].shape[1:] != m.shape[1:]:
                 raise ValueError(f"tiled evaluation needs images of one size: {batch['path'][0]} is "
                                  f"{tuple(m.shape[1:])}, the first was {maps[0].shape[1:]}")
-        maps.append(m.numpy())
-        scores.append(sc.numpy())
+        maps.append(m)
+        scores.append(sc)
         labels.append(np.asarray(batch["label"]))
         masks.append((batch["mask"][:, 0] > 0.5).numpy().astype(np.uint8))
         paths += list(batch["path"])
@@ -116,7 +107,9 @@ def fit_map_norm(model: NFERD, dataset: Dataset | None, batch_size: int = 16, de
             terms = scorer.term_maps(t, s, tuple(images.shape[-2:]), exclude=ids)
             for j, (row, m) in enumerate(zip(sums, terms)):
                 if (leave_out and j == 0 and honest_student) or (leave_out is None and j == 1):
-                    continue  # the student has seen these images (its map there is no normal's); a fold's memory is not the model's
+                    # the student has seen these images (its map there is no normal's);
+                    # a fold's memory is not the model's
+                    continue
                 m = m.double().cpu()
                 row += torch.stack([torch.tensor(float(m.numel()), dtype=torch.float64), m.sum(), (m * m).sum()])
     mean = sums[:, 1] / sums[:, 0]

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .device import autocast
 from ..models.teacher import Teacher
+from .device import autocast
 
 
 def cache_key(dataset: Dataset, teacher: Teacher, image_size: int, dtype: torch.dtype = torch.float16) -> str:
@@ -52,7 +52,7 @@ class FeatureCache:
         return [s[idx].to(device, torch.float32, non_blocking=True, memory_format=torch.channels_last)
                 for s in self.stages]
 
-    def to(self, device: torch.device) -> "FeatureCache":
+    def to(self, device: torch.device) -> FeatureCache:
         """Keep the whole cache on a GPU when it fits: no host-to-device copy per step."""
         return FeatureCache([s.to(device) for s in self.stages])
 
@@ -65,7 +65,7 @@ class FeatureCache:
     def build(cls, teacher: Teacher, dataset: Dataset, device: torch.device, batch_size: int = 16,
               dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
               num_workers: int = 0, progress: bool = False,
-              store_dtype: torch.dtype = torch.float16) -> "FeatureCache":
+              store_dtype: torch.dtype = torch.float16) -> FeatureCache:
         """Run the teacher once over ``dataset`` (autocast to ``dtype``; None = fp32) and keep its
         maps as ``store_dtype``; reuse ``cache_dir`` files when the key matches."""
         files = None

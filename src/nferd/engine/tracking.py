@@ -81,7 +81,7 @@ class MLflowRun:
     def tag(self, key: str, value: Any) -> None:
         self.mlflow.set_tag(key, str(value))
 
-    def __enter__(self) -> "MLflowRun":
+    def __enter__(self) -> MLflowRun:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

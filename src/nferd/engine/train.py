@@ -19,8 +19,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +28,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from . import distributed as ddp
-from . import jsonio
-from .calibration import calibrate
-from ..models.choices import LR_SCHEDULES
-from .checkpoint import (WEIGHTS_NAME, load_checkpoint, load_optimizer_state, read_metadata, save_checkpoint,
-                         weights_file)
-from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
-from .features import FeatureCache
 from ..data.datasets import readable, sample_path
 from ..data.images import ImageLoadError
 from ..data.tiles import TiledDataset, Tiling
-from .safe_io import open_append, remove_stale_temps, write_text
+from ..models.choices import LR_SCHEDULES
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig, config_from_dict
+from . import distributed as ddp
+from . import jsonio
+from .calibration import calibrate
+from .checkpoint import (
+    WEIGHTS_NAME,
+    load_checkpoint,
+    load_optimizer_state,
+    read_metadata,
+    save_checkpoint,
+    weights_file,
+)
+from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
+from .features import FeatureCache
+from .safe_io import open_append, remove_stale_temps, write_text
 
 LAST = "last.safetensors"
 LOG = "train_log.jsonl"
@@ -106,7 +112,7 @@ class TrainConfig:
         _ = self.tiling  # a bad tile size or overlap fails here
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return config_from_dict(cls, d, "training")
 
     def lr_at(self, epoch: int) -> float:
@@ -360,12 +366,13 @@ class Trainer:
         are cheap), whole images (no tiling) and a single process."""
         from .crossfit import CROSS_FIT_BELOW, FOLDS
         held = len(self.calibration_set) if self.calibration_set is not None else 0
-        return (self.config.cross_fit and held < CROSS_FIT_BELOW and 2 * FOLDS <= len(self.train_set) <= CROSS_FIT_MAX_TRAIN
+        return (self.config.cross_fit and held < CROSS_FIT_BELOW
+                and 2 * FOLDS <= len(self.train_set) <= CROSS_FIT_MAX_TRAIN
                 and self.config.tiling is None and not self.distributed)
 
     def calibrate(self) -> dict[str, Any] | None:
-        from .crossfit import FOLDS, left_out_results, merge_results, train_folds
         from .calibration import fit_calibration
+        from .crossfit import FOLDS, left_out_results, merge_results, train_folds
         from .evaluate import infer
         folds = []
         few = self.cross_fits()
@@ -389,7 +396,8 @@ class Trainer:
             parts.append(left_out_results(self.model, self.train_set, self.device, self.config.precision))
             how = "training images scored with their own memory rows left out"
         cal = fit_calibration(merge_results(parts), self.calibration_set, self.config.false_alarm_rate)
-        held = getattr(self.calibration_set, "calibration_source", "holdout") if self.calibration_set is not None else None
+        held = (getattr(self.calibration_set, "calibration_source", "holdout")
+                if self.calibration_set is not None else None)
         cal["source"] = f"{held} and {how}" if held else how
         return cal
 
@@ -507,7 +515,8 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     written) trains nothing and writes nothing: it returns the saved model and a summary with
     ``finished`` True. A finished run asked for more epochs continues from its last checkpoint.
     """
-    if resume and finished_run(out_dir, train_config.epochs) is not None:  # nothing to do, and nothing in out_dir changes
+    # nothing to do, and nothing in out_dir changes
+    if resume and finished_run(out_dir, train_config.epochs) is not None:
         model, meta = load_checkpoint(out_dir)
         return model, {"finished": True, "epochs_run": 0, "epoch": meta.get("epoch"),
                        "calibration": meta.get("calibration"), "checkpoint": str(weights_file(out_dir))}
@@ -530,7 +539,8 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
             raise ValueError(f"with tiles of {train_config.tile} px the model input is a tile: image size "
                              f"{model_config.image_size} must equal the tile size")
         train_set = TiledDataset(train_set, train_config.tiling)
-    has_banks = model_config.fusion != "none" or (model_config.distance == "bank" and model_config.bank_distance_weight > 0)
+    has_banks = model_config.fusion != "none" or (model_config.distance == "bank"
+                                                  and model_config.bank_distance_weight > 0)
     if model_config.bank and has_banks and model_config.n_bank > len(train_set):
         n = len(train_set)
         print(f"note: --n-bank {model_config.n_bank} > {n} training images: the banks hold all {n}", file=sys.stderr)

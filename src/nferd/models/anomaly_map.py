@@ -8,7 +8,6 @@ reflected like ``torch``'s 'reflect' padding (SciPy calls that mode 'mirror').
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -119,7 +119,7 @@ class MapBank(NormalFeatureBank):
     def reset(self) -> None:
         self._cached_proj = None
 
-    def train(self, mode: bool = True) -> "MapBank":
+    def train(self, mode: bool = True) -> MapBank:
         self._cached_proj = None  # projection weights may change while training
         return super().train(mode)
 
@@ -156,7 +156,8 @@ class PatchBank(NormalFeatureBank):
     ``patch_limit`` bounds the searched N*H*W bank positions to a seeded random subset (lower is
     cheaper). ``search_dims`` (fewer than the channels) makes :meth:`nearest_distance` a two-stage
     search: a coarse one on the keys' top principal directions, fitted on the bank when it is
-    filled, then the exact cosine of a few candidates (:func:`nearest_reranked`). A training image's recall depends only on its cached teacher map and the bank, so
+    filled, then the exact cosine of a few candidates (:func:`nearest_reranked`). A training image's
+    recall depends only on its cached teacher map and the bank, so
     it is computed once per image and kept; the projection, being linear, is applied once to the
     weighted sum instead of to every bank row.
     """

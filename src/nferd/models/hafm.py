@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from .choices import FUSIONS
 
 
-
 class ChannelAttention(nn.Module):
     """Per-channel weights from avg- and max-pooled descriptors through a shared MLP."""
 

@@ -131,8 +131,8 @@ class MemoryBank(nn.Module):
         norms that are not the rows' (the search trusts them: a wrong one would hide a defect)."""
         if self.source.numel() and int(self.source.min()) < 0:
             raise ValueError(f"memory.source holds {int(self.source.min())}; training image ids are 0 or more")
-        if self.position.shape != self.source.shape or (self.position.numel() and int(self.position.min()) < 0):
-            raise ValueError("memory.position does not give a place on the grid for every row")
+        if self.position.shape != self.source.shape or (self.position.numel() and int(self.position.min()) < -1):
+            raise ValueError("memory.position does not give a place on the grid (or -1, unknown) for every row")
         if not torch.allclose(self.row_sq, (self.rows * self.rows).sum(1), rtol=1e-4, atol=1e-4):
             raise ValueError("memory.row_sq is not the squared norm of memory.rows")
 

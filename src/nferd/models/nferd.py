@@ -24,13 +24,13 @@ from torch import Tensor, nn
 from ..version import __version__
 from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, combine_stages, image_score
 from .bank import BANKS, RECALLS, NormalFeatureBank, Recall
+from .choices import DEFAULT_TEACHER, DISTANCES, PRESETS
 from .coreset import GreedyCoreset
-from .memory import MemoryBank
 from .decoder import DeBasicBlock, DeBottleneck, ReverseDecoder
 from .hafm import FUSIONS, make_fusion
-from .choices import DEFAULT_TEACHER, DISTANCES, PRESETS
 from .limits import MAX_IMAGE_SIZE
 from .loss import LOSSES
+from .memory import MemoryBank
 from .ocbe import OCBE
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck
 from .teacher import Teacher, build_teacher
@@ -193,7 +193,8 @@ class ModelConfig:
         if self.bank_distance_weight > 0 and not (self.bank and self.recall == "patch"):
             raise ValueError("the bank distance in the map needs the bank with patch recall (--bank on --recall patch)")
         if not self.bank and self.fusion != "none":
-            raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, or leave --fusion out (or none) for RD4AD")
+            raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, "
+                             "or leave --fusion out (or none) for RD4AD")
         if not self.uses_memory:  # options that do not apply take their defaults, so equal designs compare equal
             self.memory_stages, self.memory_grid, self.memory_mib = (1, 2), 2, 8.0
         self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
@@ -208,7 +209,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """A saved config (checkpoint or result file), of this or an earlier version."""
         return config_from_dict(cls, upgrade_config(d), "model")
 
@@ -246,7 +247,7 @@ class ModelConfig:
         return {"teacher": self.teacher, "image_size": self.image_size, "loss": self.loss}
 
     @classmethod
-    def preset(cls, name: str, **options: Any) -> "ModelConfig":
+    def preset(cls, name: str, **options: Any) -> ModelConfig:
         """The design ``name`` of ``PRESETS``, with ``options`` (teacher, image size, ...) on top."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
@@ -406,12 +407,6 @@ class NFERD(nn.Module):
         """The blurred student map and bank-distance map, unstandardised (for fitting ``map_norm``)."""
         s = self.blur(anomaly_map(teacher_feats, student_feats, size, self.config.map_combine))
         return s, self.blur(self.bank_distance(teacher_feats, size, exclude))
-
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Images in [0, 1] (B x 3 x S x S) -> blurred anomaly maps and image scores."""
-        t, s = self(images)
-        return self.anomaly_maps(t, s, tuple(images.shape[-2:]))
 
     # ---------------------------------------------------------------- counts
     def param_counts(self) -> dict[str, int]:

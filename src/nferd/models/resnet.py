@@ -23,7 +23,8 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -
 class StridedPointwise(nn.Conv2d):
     """A strided 1x1 convolution run as "take every stride-th pixel, then a 1x1 convolution":
     the same arithmetic, but its backward is a plain matrix product, where oneDNN's strided
-    backward is slow (the OCBE's 3072 -> 2048 shortcut of the WRN50 student, say). Same parameters and state-dict keys as ``nn.Conv2d``."""
+    backward is slow (the OCBE's 3072 -> 2048 shortcut of the WRN50 student, say). Same parameters
+    and state-dict keys as ``nn.Conv2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
         sy, sx = self.stride

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from . import efficientnet_lite, resnet
-from .weights import check_keys, load_state_dict_file, resolve_weights, sha256_of
 from .choices import TEACHER_NAMES
+from .weights import check_keys, load_state_dict_file, resolve_weights, sha256_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,7 +68,7 @@ class Teacher(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         """Stay in eval mode: BatchNorm statistics of the teacher must never move."""
         return super().train(False)
 
