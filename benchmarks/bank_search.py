@@ -28,7 +28,8 @@ import torch
 from nferd import make_dataset
 from nferd.cli.info import model_info
 from nferd.engine import safe_io
-from nferd.engine.benchmark import HOLDOUT, provenance
+from nferd.engine.benchmark import HOLDOUT
+from nferd.engine.provenance import provenance
 from nferd.engine.train import bank_indices, split_holdout
 from nferd.metrics import aupro, auroc, pixel_auroc
 from nferd.models.nferd import NFERD, ModelConfig

@@ -19,7 +19,7 @@ import numpy as np
 
 from nferd.deploy.monitor import DRIFT_ALPHA, DRIFT_WINDOW, DriftMonitor
 from nferd.engine import safe_io
-from nferd.engine.benchmark import provenance
+from nferd.engine.provenance import provenance
 
 SHAPE, SCALE, N_REFERENCE = 4.0, 0.25, 30
 SD = float(np.sqrt(SHAPE) * SCALE)

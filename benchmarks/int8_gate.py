@@ -22,7 +22,7 @@ import torch
 from nferd.cli.main import main as nferd
 from nferd.deploy.openvino_runtime import OpenVinoPredictor
 from nferd.engine import safe_io
-from nferd.engine.benchmark import provenance
+from nferd.engine.provenance import provenance
 
 
 def latency_ms(path: Path, size: int, iters: int = 20) -> float:

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from nferd import load_checkpoint, make_dataset
 from nferd.engine import safe_io
-from nferd.engine.benchmark import HOLDOUT, provenance
+from nferd.engine.benchmark import HOLDOUT
+from nferd.engine.provenance import provenance
 from nferd.engine.train import held_out_normals
 from nferd.metrics import compute_metrics
 from nferd.models.anomaly_map import anomaly_map

@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Subset
 from nferd import make_dataset
 from nferd.data.defects import synthetic_defects
 from nferd.engine import safe_io
-from nferd.engine.benchmark import HOLDOUT, few_images, provenance
+from nferd.engine.benchmark import HOLDOUT, few_images
 from nferd.engine.crossfit import train_folds
+from nferd.engine.provenance import provenance
 from nferd.engine.train import TrainConfig, Trainer, finished_run, training_split
 from nferd.metrics import auroc, compute_metrics, pixel_auroc
 from nferd.models.anomaly_map import anomaly_map

@@ -23,8 +23,9 @@ import torch
 
 from nferd import evaluate, load_checkpoint, make_dataset
 from nferd.engine import safe_io
-from nferd.engine.benchmark import HOLDOUT, provenance
+from nferd.engine.benchmark import HOLDOUT
 from nferd.engine.evaluate import fit_map_norm
+from nferd.engine.provenance import provenance
 from nferd.engine.train import held_out_normals
 from nferd.models.nferd import NFERD
 

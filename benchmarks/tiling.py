@@ -30,8 +30,8 @@ from nferd.cli.main import main as nferd
 from nferd.data.synth import generate_synthetic_dataset
 from nferd.data.tiles import Tiling
 from nferd.engine import safe_io
-from nferd.engine.benchmark import provenance
 from nferd.engine.evaluate import infer
+from nferd.engine.provenance import provenance
 from nferd.metrics import aupro, auroc, pixel_auroc
 
 CATEGORY = "synthetic_tiles_hires"

@@ -27,7 +27,7 @@ def test_bench_reports_every_figure_with_a_paired_reference() -> None:
     assert res["gflops_achieved"] == pytest.approx(res["gflops_per_image"] * res["infer_images_per_s"])
     assert res["recall"] == "patch" and res["bank"] is True and res["fusion"] == "none"
     assert res["design"] == cfg.describe()
-    from nferd.engine.benchmark import cpu_flags
+    from nferd.engine.provenance import cpu_flags
     assert res["cpu_model"] and res["cpu_flags"] == cpu_flags()  # which ISA the figures were measured on
     ref = res["reference"]
     assert ref["precision"] == "torch.float32" and ref["infer_images_per_s"] == pytest.approx(
@@ -103,7 +103,8 @@ def test_the_anomalib_peer_is_timed_in_the_same_run_or_refused_with_the_way_to_g
 
 
 def test_speed_files_with_a_peer_are_named_and_shown_apart(tmp_path) -> None:
-    from nferd.engine.benchmark import save_speed_result, speed_table
+    from nferd.engine.benchmark import save_speed_result
+    from nferd.engine.tables import speed_table
     res = run_bench("efficientnet_lite0", 64, 2, device="cpu", train_steps=1, infer_iters=2, bank=False)
     plain = save_speed_result(res, tmp_path)
     peer = {"name": "anomalib", "version": "2.7.0", "infer_latency_ms_b1": 12.5, "infer_latency_ms_b1_p95": 13.0,

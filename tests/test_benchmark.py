@@ -9,22 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.render import README_END, README_START, render_method_doc, render_readme, render_results_doc
+from benchmarks.render import main as render_main
 from nferd.cli import main
-from nferd.engine.benchmark import (
-    README_END,
-    README_START,
-    Run,
-    few_images,
-    load_calibration_results,
-    load_results,
-    load_speed_results,
-    render_method_doc,
-    render_readme,
-    render_results_doc,
-    run_grid,
-    summary_table,
-    versus_table,
-)
+from nferd.engine.benchmark import Run, few_images, load_results, load_speed_results, run_grid
+from nferd.engine.tables import load_calibration_results, summary_table, versus_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = ("date", "git_commit", "nferd_version", "torch_version", "cpu_model", "cpu_flags", "threads",
@@ -104,12 +93,12 @@ def test_committed_results_carry_provenance_and_match_the_readme_and_docs() -> N
     screen = json.loads((ROOT / "benchmarks" / "screens" / "map_terms.json").read_text())
     method = (ROOT / "docs" / "method.md").read_text()
     assert render_method_doc(method, rows, screen) == method
-    assert main(["benchmark", "render", "--check", "--results", str(results),
-                 "--calibration", str(ROOT / "benchmarks" / "calibration"), "--docs",
-                 str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md"),
-                 "--method", str(ROOT / "docs" / "method.md"),
-                 "--screen", str(ROOT / "benchmarks" / "screens" / "map_terms.json"),
-                 "--speed", str(ROOT / "benchmarks" / "speed")]) == 0
+    assert render_main(["--check", "--results", str(results),
+                        "--calibration", str(ROOT / "benchmarks" / "calibration"), "--docs",
+                        str(ROOT / "docs" / "results.md"), "--readme", str(ROOT / "README.md"),
+                        "--method", str(ROOT / "docs" / "method.md"),
+                        "--screen", str(ROOT / "benchmarks" / "screens" / "map_terms.json"),
+                        "--speed", str(ROOT / "benchmarks" / "speed")]) == 0
 
 
 def test_versus_table_pairs_seeds_with_the_baseline() -> None:
@@ -123,3 +112,14 @@ def test_versus_table_pairs_seeds_with_the_baseline() -> None:
     assert cells[2] == "0,1"  # only the seeds both models ran
     assert cells[3] == "+0.0300 (+0.0100 … +0.0500)"  # mean, smallest and largest per-seed difference
     assert cells[4] == "+0.0000 (+0.0000 … +0.0000)" and cells[5] == "–"  # a missing metric is a dash
+
+
+def test_benchmark_table_prints_the_tables_of_a_results_folder(tmp_path, capsys) -> None:
+    folder = tmp_path / "results" / "d" / "c"
+    folder.mkdir(parents=True)
+    for r in (fake("nferd", 0, 0.9), fake("nferd", 1, 0.8), fake("rd4ad", 0, 0.5)):
+        (folder / f"{r['model']}-seed{r['seed']}.json").write_text(json.dumps(r))
+    assert main(["benchmark", "table", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert f"| 0.8500 ± {statistics.stdev([0.9, 0.8]):.4f} |" in out and "| rd4ad | 1 | 0.5000 |" in out
+    assert main(["benchmark", "table", "--results", str(tmp_path / "none")]) == 2

@@ -72,8 +72,9 @@ def reference_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3)
 @pytest.fixture
 def small_chunks_and_sample(monkeypatch):
     """Force the streaming and sampling code paths on small inputs."""
-    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 500)
-    monkeypatch.setattr(metrics, "_SAMPLE_SIZE", 300)
+    from nferd.metrics import histograms
+    monkeypatch.setattr(histograms, "CHUNK_PIXELS", 500)
+    monkeypatch.setattr(histograms, "SAMPLE_SIZE", 300)
 
 
 # ------------------------------------------------------------------- image level

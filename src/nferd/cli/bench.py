@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..deploy.predict import Predictor
-from ..engine.benchmark import cpu_flags, cpu_model
 from ..engine.device import (
     autocast,
     autocast_dtype,
@@ -34,6 +33,7 @@ from ..engine.device import (
     place,
     resolve_device,
 )
+from ..engine.provenance import cpu_flags, cpu_model
 from ..engine.train import make_adam
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig

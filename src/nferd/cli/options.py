@@ -322,14 +322,9 @@ def preflight(args: argparse.Namespace) -> None:
     if cmd == "calibrate" and Path(args.checkpoint).exists():  # the thresholds are written into the checkpoint
         ckpt = Path(args.checkpoint)
         writable_folder(ckpt if ckpt.is_dir() else ckpt.parent, "--checkpoint")
-    if cmd == "benchmark":
-        if args.action == "run":
-            writable_folder(args.results, "--results")
-            writable_folder(args.work, "--work")
-        elif not args.check:
-            writable_file(args.docs, "--docs")
-            if Path(args.readme).is_file():
-                writable_file(args.readme, "--readme")
+    if cmd == "benchmark" and args.action == "run":
+        writable_folder(args.results, "--results")
+        writable_folder(args.work, "--work")
 
 
 def add_tracking_options(p: argparse.ArgumentParser) -> None:

@@ -61,8 +61,8 @@ EXAMPLES = {
     "speed": "nferd speed --teacher wide_resnet50_2 --image-size 256 --batch-size 16 --reference --json",
     "mvtec-ad2-submission": ("nferd mvtec-ad2-submission --checkpoint runs/ad2 --data /data/mvtec_ad_2 "
                              "--category all --out submission"),
-    "benchmark": ("nferd benchmark run --data /data/mvtec_ad --categories bottle,cable --models nferd,rd4ad "
-                  "--seeds 0,1,2\n  nferd benchmark render"),
+    "benchmark": ("nferd benchmark run --data /data/mvtec_ad --categories bottle,cable --models rd4ad,patchcore,nferd "
+                  "--seeds 0,1,2\n  nferd benchmark table"),
     "serve": "nferd serve --checkpoint runs/bottle --host 0.0.0.0 --port 8000   # page at http://HOST:8000/",
 }
 
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the torch path's precision (auto: bf16 autocast where the CPU has it, else fp32)")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="also write the figures with their provenance as a result file under DIR "
-                        "(benchmarks/speed is what `nferd benchmark render` reads)")
+                        "(benchmarks/speed is what the README's performance table is rendered from)")
     p.add_argument("--reference", action="store_true", help="also time the RD4AD-style reference path")
     p.add_argument("--train-steps", type=positive_int, default=6, help="timed training steps (>= 1; default 6)")
     p.add_argument("--infer-iters", type=positive_int, default=10,
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
 
-    p = cmd("benchmark", "run a grid of trainings and tests into result files (run), or render their tables (render)")
-    p.add_argument("action", choices=["run", "render"])
+    p = cmd("benchmark", "run a grid of trainings and tests into result files (run), or print their tables (table)")
+    p.add_argument("action", choices=["run", "table"])
     p.add_argument("--image-metrics-only", action="store_true",
                    help="run: evaluate on image labels alone, ignoring masks (test sets where only some defective "
                         "images have one)")
@@ -290,20 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
     p.add_argument("--results", default="benchmarks/results", help="result files (default benchmarks/results)")
     p.add_argument("--work", default="runs/benchmark", help="run: checkpoints of the runs (default runs/benchmark)")
-    p.add_argument("--docs", default="docs/results.md", help="render: the results page to write")
-    p.add_argument("--readme", default="README.md", help="render: README whose results table is replaced")
-    p.add_argument("--method", default="docs/method.md",
-                   help="render: method page whose comparison with RD4AD (and rescoring screen) is replaced")
-    p.add_argument("--speed", default="benchmarks/speed",
-                   help="render: `nferd speed --save` result files for the performance table "
-                        "(default benchmarks/speed)")
-    p.add_argument("--screen", default="benchmarks/screens/map_terms.json",
-                   help="render: rescoring screen of the map's terms (written by benchmarks/map_terms.py)")
-    p.add_argument("--calibration", default="benchmarks/calibration",
-                   help="render: folder of `nferd test` results at calibrated thresholds "
-                        "(default benchmarks/calibration)")
-    p.add_argument("--check", action="store_true", help="render: only say whether the pages match the result files "
-                   "(exit 1 when they do not)")
 
     p = cmd("serve", "HTTP inspection service: POST /predict, GET /health, /metadata, and an operator page at /")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (torch backend)")

@@ -7,7 +7,6 @@ when it runs, so ``--help``, ``--version`` and option errors answer at once.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -98,42 +97,17 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from ..engine.benchmark import (
-        Run,
-        load_calibration_results,
-        load_results,
-        load_speed_results,
-        model_presets,
-        render_method_doc,
-        render_readme,
-        render_results_doc,
-        run_grid,
-    )
+    from ..engine.benchmark import Run, load_results, model_presets, run_grid
     results = Path(args.results)
-    if args.action == "render":
+    if args.action == "table":
+        from ..engine.tables import peers_table, summary_table
         rows = load_results(results)
         if not rows:
             raise CLIError(f"no result files under '{results}': run `nferd benchmark run` first")
-        docs, readme = Path(args.docs), Path(args.readme)
-        outputs = {docs: render_results_doc(rows, load_calibration_results(Path(args.calibration)),
-                                            load_speed_results(Path(args.speed)))}
-        speed = load_speed_results(Path(args.speed))
-        if readme.is_file():
-            outputs[readme] = render_readme(readme.read_text(), rows, speed)
-        method, screen = Path(args.method), Path(args.screen)
-        if method.is_file():
-            outputs[method] = render_method_doc(method.read_text(), rows,
-                                                json.loads(screen.read_text()) if screen.is_file() else None)
-        if args.check:
-            stale = [str(p) for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
-            if stale:
-                print(f"out of date with {len(rows)} result files: {', '.join(stale)} (run `nferd benchmark render`)")
-                return 1
-            print(f"{', '.join(map(str, outputs))} match {len(rows)} result files")
-            return 0
-        for p, text in outputs.items():
-            p.write_text(text)
-        print(f"rendered {len(rows)} result files into {', '.join(map(str, outputs))}")
+        print(summary_table(rows))
+        if {r["model"] for r in rows} & {"rd4ad", "patchcore"}:
+            print()
+            print(peers_table(rows))
         return 0
     if not args.data or not args.categories:
         raise CLIError("benchmark run needs --data ROOT and --categories C1,C2")

@@ -179,8 +179,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     run["eval_seconds"] = time.perf_counter() - t0 - report_seconds
     import torch
 
-    from ..engine.benchmark import provenance
     from ..engine.device import resolve_device
+    from ..engine.provenance import provenance
     run["provenance"] = provenance(torch.get_num_threads(), str(resolve_device(args.device)))
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
@@ -295,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cal = summary.get("calibration") or {}
     if cal.get("warning"):
         print(f"      note: the demo keeps {count(cal['n_images'], 'good image')} out to set its OK/NOK threshold, "
-              f"which bounds false alarms only loosely (under {cal['false_alarm_bound']:.0%}); with your own "
+              f"which bounds false alarms only loosely (under {100 * cal['false_alarm_bound']:.0f} %); with your own "
               f"product keep {cal['images_needed']} or more good images out (--holdout or a validation folder) "
               "for a 1 % bound")
     metrics, _ = evaluate(model, test_set)

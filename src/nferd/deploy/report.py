@@ -42,9 +42,11 @@ from ..engine.evaluate import METRIC_KEYS
 from ..engine.jsonio import dumps
 from ..metrics import pro_curve
 from .explain import nearest_normal, side_by_side
+from .report_plots import ReportError, fmt, histogram_plot, pro_plot, require_matplotlib, roc_plot
 from .visualize import overlay
 
 __all__ = ["ReportError", "prepare_category", "require_matplotlib", "write_report"]
+
 
 #: Gallery groups, in display order: (kind, heading).
 GALLERY_GROUPS = (
@@ -54,44 +56,10 @@ GALLERY_GROUPS = (
 )
 
 
-class ReportError(RuntimeError):
-    """The report cannot be written (missing optional dependency, unusable input)."""
-
-
-def require_matplotlib() -> None:
-    """Fail early, before a long evaluation, when the optional plotting dependency is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ReportError("the HTML report needs matplotlib: pip install 'nferd[report]' "
-                          "(or run nferd test without --report)") from e
-
-
-# --------------------------------------------------------------------------- encoding helpers
-
-
 def _png_b64(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure() -> Any:
-    """A matplotlib Figure on its own Agg canvas (no pyplot: no global backend or state is touched)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(4.4, 3.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _figure_b64(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-# --------------------------------------------------------------------------- per-category reduction
 
 
 def _image_rgb(path: str, hw: tuple[int, int]) -> tuple[np.ndarray, str | None]:
@@ -220,61 +188,6 @@ def prepare_category(data: Mapping[str, Any], calibration: dict[str, Any] | None
     return out
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _roc_plot(name: str, prep: dict[str, Any]) -> str:
-    fpr, tpr = prep["roc"]
-    fig = _figure()
-    ax = fig.add_subplot()
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC {_fmt(prep['metrics'].get('image_auroc', np.nan))}")
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
-    cal = prep["calibration"]
-    if cal is not None:
-        ok = np.isfinite(prep["scores"])
-        s, y = prep["scores"][ok], prep["labels"][ok]
-        nok = s > cal["image_threshold"]
-        ax.plot([nok[y == 0].mean()], [nok[y == 1].mean()], "o", c="tab:red", label="calibrated threshold")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (good images)",
-           ylabel="true positive rate (defective images)", title=f"{name}: image ROC")
-    ax.legend(loc="lower right")
-    return _figure_b64(fig)
-
-
-def _pro_plot(name: str, prep: dict[str, Any]) -> str:
-    fpr, pro = prep["pro"]
-    limit = prep["fpr_limit"]
-    fig = _figure()
-    ax = fig.add_subplot()
-    ax.plot(fpr, pro, lw=2, label=f"AUPRO@{limit:g} {_fmt(prep['metrics'].get('aupro', np.nan))}")
-    ax.fill_between(fpr, pro, alpha=0.15)
-    ax.set(xlim=(0, limit), ylim=(0, 1.01), xlabel="false positive rate (normal pixels)",
-           ylabel="per-region overlap", title=f"{name}: PRO curve")
-    ax.legend(loc="lower right")
-    return _figure_b64(fig)
-
-
-def _histogram_plot(name: str, prep: dict[str, Any]) -> str:
-    ok = np.isfinite(prep["scores"])
-    s, y = prep["scores"][ok], prep["labels"][ok]
-    cal = prep["calibration"]
-    lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 1.0)
-    if cal is not None:
-        lo, hi = min(lo, cal["image_threshold"]), max(hi, cal["image_threshold"])
-    edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, int(np.clip(2 * np.sqrt(s.size), 10, 50)) + 1)
-    fig = _figure()
-    ax = fig.add_subplot()
-    ax.hist(s[y == 0], bins=edges, alpha=0.6, color="tab:green", label=f"good ({int((y == 0).sum())})")
-    ax.hist(s[y == 1], bins=edges, alpha=0.6, color="tab:red", label=f"defective ({int((y == 1).sum())})")
-    if cal is not None:
-        ax.axvline(cal["image_threshold"], c="black", ls="--", label=f"threshold {cal['image_threshold']:.4g}")
-    ax.set(xlabel="image score", ylabel="images", title=f"{name}: score histogram")
-    ax.legend(loc="upper right")
-    return _figure_b64(fig)
-
-
-# --------------------------------------------------------------------------- HTML
-
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
@@ -289,14 +202,6 @@ figcaption{font-size:.8em;max-width:490px;word-break:break-all}.nok{color:#b00;f
 
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return "n/a" if not np.isfinite(v) else f"{float(v):.4f}"
-    return _e(v)
 
 
 def _mean_row(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -315,9 +220,9 @@ def _metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     if len(rows) > 1:
         entries.append(("mean", _mean_row(rows), "mean"))
     for name, r, cls in entries:
-        cells = "".join(f'<td data-key="{k}" data-value="{_e(repr(float(r[k])))}">{_fmt(r[k])}</td>' if k in r
+        cells = "".join(f'<td data-key="{k}" data-value="{_e(repr(float(r[k])))}">{fmt(r[k])}</td>' if k in r
                         else f'<td data-key="{k}">n/a</td>' for k in keys)
-        cells += f"<td>{_fmt(r['n_images'])}</td>" if "n_images" in r else "<td></td>"
+        cells += f"<td>{fmt(r['n_images'])}</td>" if "n_images" in r else "<td></td>"
         body.append(f'<tr class="{cls}" data-category="{_e(name)}"><td>{_e(name)}</td>{cells}</tr>')
     notes = "".join(f'<p class="note" data-category="{_e(n)}">{_e(n)}: pixel metrics absent: '
                     f'{_e(r["pixel_metrics_absent"])}</p>' for n, r in rows.items() if r.get("pixel_metrics_absent"))
@@ -426,9 +331,9 @@ def _scores_table(name: str, prep: dict[str, Any]) -> str:
 
 def _category_html(name: str, prep: dict[str, Any]) -> str:
     plots = []
-    for kind, make, missing in (("roc", _roc_plot, "no ROC curve: the test set needs good and defective images"),
-                                ("pro", _pro_plot, "no PRO curve: no ground-truth defect masks"),
-                                ("histogram", _histogram_plot, "")):
+    for kind, make, missing in (("roc", roc_plot, "no ROC curve: the test set needs good and defective images"),
+                                ("pro", pro_plot, "no PRO curve: no ground-truth defect masks"),
+                                ("histogram", histogram_plot, "")):
         if kind != "histogram" and prep[kind] is None:
             plots.append(f'<p class="note">{_e(missing)}</p>')
             continue
@@ -441,7 +346,7 @@ def _category_html(name: str, prep: dict[str, Any]) -> str:
 
 def _run_html(run_info: Mapping[str, Any]) -> str:
     flat = [(k, v) for k, v in run_info.items() if not isinstance(v, (dict, list))]
-    items = "".join(f"<li>{_e(k)}: {_fmt(v)}</li>" for k, v in flat)
+    items = "".join(f"<li>{_e(k)}: {fmt(v)}</li>" for k, v in flat)
     full = _e(dumps(dict(run_info), indent=2, default=str))
     return f'<ul class="run">{items}</ul><details><summary>run details</summary><pre>{full}</pre></details>'
 

@@ -15,12 +15,11 @@ writes logs and checkpoints (which do not depend on the number of processes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,13 @@ from torch.utils.data import Dataset, Subset
 
 from ..data.datasets import readable, sample_path
 from ..data.images import ImageLoadError
-from ..data.tiles import TiledDataset, Tiling
-from ..models.choices import LR_SCHEDULES
+from ..data.tiles import TiledDataset
 from ..models.loss import distillation_loss
-from ..models.nferd import NFERD, ModelConfig, config_from_dict
+from ..models.nferd import NFERD, ModelConfig
 from . import distributed as ddp
 from . import jsonio
 from .calibration import calibrate
 from .checkpoint import (
-    WEIGHTS_NAME,
     load_checkpoint,
     load_optimizer_state,
     read_metadata,
@@ -47,119 +44,13 @@ from .checkpoint import (
 )
 from .device import autocast, autocast_dtype, compile_dense, place, release_free_memory
 from .features import FeatureCache
-from .safe_io import open_append, remove_stale_temps, write_text
+from .run_folder import finished_run, logged_loss, truncate_log
+from .safe_io import open_append, remove_stale_temps
+from .splits import bank_indices, held_out_normals, split_holdout, training_split
+from .train_config import CROSS_FIT_MAX_TRAIN, LAST, LOG, RUN_FILES, TrainConfig, make_adam
 
-LAST = "last.safetensors"
-LOG = "train_log.jsonl"
-# files of a run folder that are written through a temporary file (``NAME.<random>.tmp``)
-RUN_FILES = (LAST, WEIGHTS_NAME, "config.json", "train_summary.json", LOG)
-
-
-def make_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    """Adam through torch's fused kernel where it has one for these parameters (CUDA; CPU since
-    torch 2.4): the same update in one pass over the weights instead of about ten."""
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
-        return torch.optim.Adam(params, lr=lr, betas=betas)
-
-
-CROSS_FIT_MAX_TRAIN = 100  # cross-fitting trains 5 more students: only where they are cheap
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping options (RD4AD's recipe by default)."""
-
-    epochs: int = 200
-    batch_size: int = 16
-    lr: float = 0.005
-    beta1: float = 0.5
-    beta2: float = 0.999
-    lr_schedule: str = "constant"  # 'constant' (RD4AD) or 'cosine' (lr to 0 over the epochs, per epoch)
-    seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    device: str = "auto"
-    checkpoint_every: int = 10
-    holdout: float = 0.1  # fraction of train/good kept out for calibration (when no validation split)
-    false_alarm_rate: float = 0.01
-    threads: int | None = None
-    feature_cache_dir: str | None = None
-    compile: bool = False  # torch.compile the dense modules (see device.compile_dense)
-    tile: int | None = None  # train on, and score, tiles of this size cut from full-resolution images
-    tile_overlap: float = 0.25  # neighbouring tiles' overlap, a fraction of a tile
-    cross_fit: bool = True  # few held-out images and a small training set: calibrate on cross-fitted scores too
-    strict_images: bool = False  # an unreadable training image stops the run (default: skipped and listed)
-
-    @property
-    def tiling(self) -> Tiling | None:
-        return Tiling(self.tile, self.tile_overlap) if self.tile else None
-
-    def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr schedule '{self.lr_schedule}'; choose one of: {', '.join(LR_SCHEDULES)}")
-        checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-                  ("lr", math.isfinite(self.lr) and self.lr > 0, "> 0"),
-                  ("beta1", 0 <= self.beta1 < 1, ">= 0 and < 1"), ("beta2", 0 <= self.beta2 < 1, ">= 0 and < 1"),
-                  ("seed", 0 <= self.seed < 2**32, "from 0 to 2**32 - 1"),
-                  ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
-                  ("holdout", 0 <= self.holdout < 1, ">= 0 and < 1"),
-                  ("false_alarm_rate", 0 < self.false_alarm_rate < 1, "> 0 and < 1"),
-                  ("threads", self.threads is None or self.threads >= 1, ">= 1 (or None)")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
-        _ = self.tiling  # a bad tile size or overlap fails here
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return config_from_dict(cls, d, "training")
-
-    def lr_at(self, epoch: int) -> float:
-        """The learning rate of epoch ``epoch`` (0-based): a function of the epoch alone, so a
-        resumed run follows the same schedule."""
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        return self.lr
-
-
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of n training indices into (train, held-out normal for calibration)."""
-    if fraction <= 0:
-        return list(range(n)), []
-    k = max(2, int(round(n * fraction)))
-    if n - k < 2:
-        raise ValueError(f"only {n} training images: too few to hold out {fraction:.0%} for calibration; "
-                         "use --holdout 0 and a validation folder")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-    return sorted(perm[k:]), sorted(perm[:k])
-
-
-def training_split(train_set: Dataset, holdout: float, seed: int,
-                   calibration_set: Dataset | None = None) -> tuple[Dataset, Dataset | None]:
-    """The images a run trains on and the ones it calibrates on: ``calibration_set`` (a validation
-    split) when there is one, else ``holdout`` of ``train_set`` kept out (seeded, ``split_holdout``)."""
-    if calibration_set is None and holdout > 0:
-        keep, held = split_holdout(len(train_set), holdout, seed)
-        return Subset(train_set, keep), Subset(train_set, held)
-    return train_set, calibration_set
-
-
-def held_out_normals(root: str | Path, category: str, image_size: int, seed: int, holdout: float) -> Dataset:
-    """The good images a run of ``seed`` calibrated and standardised its map on: the dataset's
-    ``validation/good``, or the ``holdout`` part of the training images its training kept out."""
-    from ..data.datasets import make_dataset
-    if (Path(root) / category / "validation" / "good").is_dir():
-        return make_dataset("auto", root, category, "validation", image_size)
-    train = make_dataset("auto", root, category, "train", image_size)
-    return Subset(train, split_holdout(len(train), holdout, seed)[1])
-
-
-def bank_indices(n_train: int, n_bank: int, seed: int) -> torch.Tensor:
-    """The N normal images whose teacher maps fill the banks (seeded, as the paper draws them)."""
-    if n_bank > n_train:
-        raise ValueError(f"--n-bank {n_bank} is larger than the {n_train} training images; lower --n-bank")
-    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 104729))[:n_bank].sort().values
+__all__ = ["LAST", "LOG", "RUN_FILES", "TrainConfig", "Trainer", "bank_indices", "finished_run", "held_out_normals",
+           "make_adam", "split_holdout", "train", "training_split", "truncate_log"]
 
 
 class Trainer:
@@ -349,7 +240,7 @@ class Trainer:
             log.close()
         summary = {"epochs_run": len(history), "train_seconds": time.perf_counter() - t_start,
                    "feature_seconds": self.feature_seconds,
-                   "final_loss": history[-1]["loss"] if history else _logged_loss(self.out / LOG)}
+                   "final_loss": history[-1]["loss"] if history else logged_loss(self.out / LOG)}
         # the last epoch is done (also when a run was killed after its last checkpoint, before the model)
         if (self.start_epoch + len(history) == self.config.epochs or not trains) and self.main:
             summary["calibration"] = self.calibrate()
@@ -457,45 +348,6 @@ class Trainer:
             raise ValueError(f"the student in '{folder}' does not fit this model")
         self.student_from = Path(folder)
         return meta.get("train_seconds")
-
-
-def truncate_log(path: Path, epochs: int) -> None:
-    """Keep the records of epochs 1 to ``epochs`` of a training log, one per epoch (the latest), so
-    that a resumed run appends each later epoch once; a half-written last line is dropped."""
-    if path.is_symlink() or not path.is_file():
-        return  # nothing to keep (a link is refused when the log is opened)
-    text = path.read_text(errors="replace")
-    records: dict[int, str] = {}
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-            epoch = int(rec["epoch"])
-        except (ValueError, TypeError, KeyError):
-            continue
-        if 1 <= epoch <= epochs:
-            records[epoch] = line
-    kept = "".join(records[e] + "\n" for e in sorted(records))
-    if kept != text:
-        write_text(path, kept)
-
-
-def _logged_loss(path: Path) -> float | None:
-    """The loss of the last epoch in a training log (a run resumed after its last epoch trains none)."""
-    try:
-        return float(json.loads(path.read_text().splitlines()[-1])["loss"])
-    except (OSError, IndexError, ValueError, TypeError, KeyError):
-        return None
-
-
-def finished_run(out_dir: str | Path, epochs: int | None = None) -> dict[str, Any] | None:
-    """The metadata of ``out_dir/model.safetensors`` when a run in ``out_dir`` finished (its model is
-    written only after the last epoch and calibration) with at least ``epochs`` epochs, else None:
-    a finished run asked for more epochs is continued from its last checkpoint."""
-    f = Path(out_dir) / WEIGHTS_NAME
-    if not f.is_file():
-        return None
-    meta = read_metadata(f)
-    return meta if epochs is None or int(meta.get("epoch") or 0) >= epochs else None
 
 
 def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path,
