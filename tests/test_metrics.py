@@ -10,7 +10,6 @@ import torch
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from nferd import metrics
 from nferd.metrics import (
     aupro,
     auroc,
