@@ -77,9 +77,14 @@ def test_bench_times_an_exported_model_with_the_same_keys(backend: str) -> None:
     if backend == "openvino":
         pytest.importorskip("openvino")
     torch_res = run_bench("efficientnet_lite0", 64, 2, device="cpu", train_steps=1, infer_iters=2)
-    res = run_bench("efficientnet_lite0", 64, 2, device="cpu", infer_iters=2, backend=backend)
+    res = run_bench("efficientnet_lite0", 64, 2, device="cpu", infer_iters=2, backend=backend, precision="fp32")
     assert set(res) == set(torch_res)  # one JSON shape for every backend
     assert res["backend"] == backend and res["train_images_per_s"] is None and res["precision"] == "float32"
+    if backend == "openvino":  # auto: bf16 exactly where the CPU runs it natively, as `nferd export --precision auto`
+        from nferd.deploy.openvino_runtime import cpu_has_bf16
+        auto = run_bench("efficientnet_lite0", 64, 2, device="cpu", infer_iters=2, backend=backend)
+        assert auto["precision"] == ("bfloat16" if cpu_has_bf16() else "float32")
+        assert auto["peak_gflops_matmul"] > 0
     assert res["gflops_per_image"] == torch_res["gflops_per_image"]  # the same model, counted once
     assert res["infer_latency_ms_b1"] > 0 and res["infer_images_per_s"] > 0
     with pytest.raises(ValueError, match="CPU"):
@@ -100,6 +105,11 @@ def test_the_anomalib_peer_is_timed_in_the_same_run_or_refused_with_the_way_to_g
                     precision="fp32", peer="anomalib")
     assert res["peer"]["name"] == "anomalib" and res["peer"]["infer_latency_ms_b1"] > 0
     assert res["peer"]["latency_ratio_b1"] > 0 and res["peer"]["train_images_per_s"] > 0
+    ov = res["peer"]["openvino"]  # anomalib's own OpenVINO export, timed in the same run
+    assert ov["infer_latency_ms_b1"] > 0 and ov["latency_ratio_b1"] > 0
+    best = min(res["peer"]["infer_latency_ms_b1"], ov["infer_latency_ms_b1"])
+    assert res["peer"]["latency_ratio_b1_best"] == (ov if best == ov["infer_latency_ms_b1"] else res["peer"])[
+        "latency_ratio_b1"]
 
 
 def test_speed_files_with_a_peer_are_named_and_shown_apart(tmp_path) -> None:
@@ -112,7 +122,10 @@ def test_speed_files_with_a_peer_are_named_and_shown_apart(tmp_path) -> None:
     with_peer = save_speed_result({**res, "peer": peer}, tmp_path)
     assert plain != with_peer and with_peer.name.endswith("-vs-anomalib.json")
     table = speed_table([json.loads(p.read_text()) for p in (plain, with_peer)])
-    assert "12.5 (anomalib 2.7.0; ratio 0.50)" in table and table.count("| – |") >= 1
+    assert "torch 12.5 (ratio 0.50); anomalib 2.7.0" in table and table.count("| – |") >= 1
+    ov = {"infer_latency_ms_b1": 6.25, "latency_ratio_b1": 1.0, "precision": "openvino <Type: 'bfloat16'>"}
+    table = speed_table([{**json.loads(with_peer.read_text()), "peer": {**peer, "openvino": ov}}])
+    assert "torch 12.5 (ratio 0.50); OpenVINO bf16 6.2 (ratio 1.00); anomalib 2.7.0" in table
 
 
 def test_bench_int8_json_is_the_only_output_on_stdout(capsys) -> None:

@@ -116,3 +116,31 @@ def test_the_gate_passes_an_equal_model_and_fails_one_that_ranks_worse() -> None
     assert bad["change"]["image_auroc"] < -GATE_BOUNDS["image_auroc"]
     assert not accuracy_gate(_Fixed(good), _Fixed(good), None)["ok"]
     assert json.dumps(bad)  # the report goes into the IR's metadata as JSON
+
+
+def test_bf16_export_is_gated_refits_its_thresholds_and_runs_in_bf16(trained, tmp_path, capsys) -> None:
+    import openvino as ov
+
+    from nferd.deploy.openvino_runtime import compile_cpu, cpu_has_bf16
+    with pytest.raises(ValueError, match="precision"):
+        compile_cpu(ov.Core(), None, 1, "f16x")
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16")
+    out = tmp_path / "bf16.xml"
+    assert main(["export", "--checkpoint", str(trained), "--format", "openvino", "--precision", "bf16",
+                 "--out", str(out)]) == 0
+    assert "bf16 " in capsys.readouterr().out
+    fp32 = tmp_path / "fp32.xml"
+    assert main(["export", "--checkpoint", str(trained), "--format", "openvino", "--out", str(fp32)]) == 0
+    a, b = OpenVinoPredictor.from_file(fp32), OpenVinoPredictor.from_file(out)
+    assert b.precision == "bf16" and a.precision == "f32"
+    assert "bfloat16" in str(b.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    assert b.metadata["bf16"]["gate"]["ok"] and set(b.metadata["bf16"]["gate"]["change"]) == set(GATE_BOUNDS)
+    # its own thresholds: the fp32 ones moved by what bf16 did to the scores
+    assert b.calibration["image_threshold"] != a.calibration["image_threshold"]
+    x = torch.rand(2, 3, 64, 64)
+    ma, sa = a.maps(x)
+    mb, sb = b.maps(x)
+    assert np.isfinite(mb).all() and not np.array_equal(sa, sb)  # really another precision
+    assert np.abs(mb - ma).max() < 0.05 * (ma.max() - ma.min())
+    assert main(["export", "--checkpoint", str(trained), "--precision", "bf16", "--out", str(tmp_path / "m.onnx")]) == 2

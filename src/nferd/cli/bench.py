@@ -139,10 +139,12 @@ def fast_path(model: NFERD, device: torch.device, size: int, batch: int, compile
     return BenchPath(step if opt is not None else None, infer(x[:1]), infer(x), str(amp or torch.float32))
 
 
-def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str, int8: bool = False) -> BenchPath:
-    """The same model exported to ``folder`` and run by ONNX Runtime or OpenVINO on the CPU (fp32,
-    or with ``int8`` the OpenVINO IR quantised as ``nferd export --int8`` does, with statistics of
-    random images: a speed figure only); inference only (an exported graph does not train)."""
+def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str, int8: bool = False,
+              precision: str = "fp32") -> BenchPath:
+    """The same model exported to ``folder`` and run by ONNX Runtime or OpenVINO on the CPU (fp32;
+    OpenVINO also bf16 with ``precision``, or with ``int8`` the IR quantised as ``nferd export
+    --int8`` does, with statistics of random images: a speed figure only); inference only (an
+    exported graph does not train)."""
     if int8:
         from ..deploy.openvino_runtime import export_openvino
         from ..deploy.quantize import quantised_predictor
@@ -155,14 +157,28 @@ def file_path(model: NFERD, backend: str, size: int, batch: int, folder: str, in
         from ..deploy.onnx_runtime import OnnxPredictor
         pred = OnnxPredictor.from_file(export_onnx(model, f"{folder}/bench.onnx"), threads=default_threads())
     else:
-        from ..deploy.openvino_runtime import OpenVinoPredictor, export_openvino
-        pred = OpenVinoPredictor.from_file(export_openvino(model, f"{folder}/bench.xml"), threads=default_threads())
+        import openvino as ov
+
+        from ..deploy.openvino_runtime import (
+            OpenVinoPredictor,
+            compile_cpu,
+            cpu_has_bf16,
+            export_openvino,
+            read_metadata,
+        )
+        xml = export_openvino(model, f"{folder}/bench.xml")
+        core = ov.Core()
+        ir = core.read_model(str(xml))
+        # auto: bf16 where the CPU runs it natively, as `nferd export --precision auto`
+        precision = "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_bf16(core)) else "fp32"
+        pred = OpenVinoPredictor(compile_cpu(core, ir, default_threads(), "bf16" if precision == "bf16" else "f32"),
+                                 read_metadata(ir, xml))
     x = torch.rand(batch, 3, size, size)
 
     def infer(inp: torch.Tensor) -> Callable[[], None]:
         return lambda: pred.maps(inp)
 
-    return BenchPath(None, infer(x[:1]), infer(x), "int8" if int8 else "float32")
+    return BenchPath(None, infer(x[:1]), infer(x), "int8" if int8 else "bfloat16" if precision == "bf16" else "float32")
 
 
 def reference_path(model: NFERD, device: torch.device, size: int, batch: int) -> BenchPath:
@@ -240,6 +256,22 @@ def peer_path(teacher: str, size: int, batch: int) -> tuple[BenchPath, str]:
     return BenchPath(step, infer_one, None, "torch.float32"), str(anomalib.__version__)
 
 
+def peer_openvino_path(teacher: str, size: int, folder: str) -> BenchPath:
+    """anomalib's reverse distillation (random weights) exported the way its users deploy it
+    (``AnomalibModule.to_openvino``: its ONNX export converted by OpenVINO) and compiled with
+    OpenVINO's CPU defaults (which run bf16 on CPUs that have it), timed at batch 1."""
+    import openvino as ov
+    from anomalib.models import ReverseDistillation
+    module = ReverseDistillation(backbone=teacher, layers=["layer1", "layer2", "layer3"], pre_trained=False)
+    xml = module.to_openvino(folder, input_size=(size, size))
+    core = ov.Core()
+    compiled = core.compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": int(default_threads())})
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return BenchPath(None, lambda: request.infer({0: x}), None, f"openvino {precision}")
+
+
 def _paired(a: Callable[[], None], b: Callable[[], None], device: torch.device, iters: int,
             warmup: int = 1) -> tuple[list[float], list[float]]:
     """Times of ``a`` and ``b`` run alternately, so both see the same machine: this CPU's speed
@@ -295,7 +327,8 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
         if backend == "torch":
             fast = fast_path(model, dev, image_size, batch_size, compile=compile, precision=precision)
         else:
-            fast = file_path(model.eval(), backend, image_size, batch_size, tmp, int8=int8)
+            fast = file_path(model.eval(), backend, image_size, batch_size, tmp, int8=int8,
+                             precision=precision if backend == "openvino" else "fp32")
         train_t = (_timed(fast.train_step, dev, train_steps, warmup=2)  # the first steps fill the memo, the heap
                    if fast.train_step is not None else None)
         b1 = _timed(fast.infer_b1, dev, infer_iters, warmup=2)
@@ -309,7 +342,8 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
                            **_latency(b1), "infer_images_per_s": infer_ips, "precision": fast.precision,
                            "gflops_per_image": gflops, "gflops_achieved": gflops * infer_ips,
                            "peak_gflops_matmul": peak_matmul_gflops(  # at the precision the path runs (fp32 for int8)
-                               dev, autocast_dtype(dev, precision) if backend == "torch" else None),
+                               dev, autocast_dtype(dev, precision) if backend == "torch" else
+                               torch.bfloat16 if fast.precision == "bfloat16" else None),
                            "peak_rss_mib": _rss_mib(),  # before the reference model exists
                            "cpu_model": cpu_model(), "cpu_flags": cpu_flags()}
     if dev.type == "cuda":
@@ -323,6 +357,15 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
         if fast.train_step is not None:
             ft, pt = _paired(fast.train_step, other.train_step, dev, train_steps)
             res["peer"]["train_images_per_s"] = batch_size / statistics.median(pt)
+        with tempfile.TemporaryDirectory() as tmp:  # anomalib's own deployment path: its OpenVINO export
+            ov_peer = peer_openvino_path(teacher, image_size, tmp)
+            fl, ol = _paired(fast.infer_b1, ov_peer.infer_b1, dev, max(3, infer_iters // 2))
+        res["peer"]["openvino"] = {**_latency(ol), "precision": ov_peer.precision,
+                                   "paired_latency_ms_b1": 1000 * statistics.median(fl),
+                                   "latency_ratio_b1": statistics.median(f / q for f, q in zip(fl, ol))}
+        best = min((res["peer"], res["peer"]["openvino"]), key=lambda p: p["infer_latency_ms_b1"])
+        res["peer"]["best_path"] = "openvino" if best is not res["peer"] else "torch"
+        res["peer"]["latency_ratio_b1_best"] = best["latency_ratio_b1"]
     if reference:
         ref = reference_path(_bench_model(cfg), dev, image_size, batch_size)  # the same model, run RD4AD's way
         ft, rt = _paired(fast.train_step, ref.train_step, dev, train_steps)

@@ -118,6 +118,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 and not openvino:
         raise CLIError("--int8 quantises the OpenVINO IR: add --format openvino (ONNX Runtime's static "
                        "quantisation lost accuracy where NNCF's did not; see docs/deploy.md)")
+    if args.precision != "fp32" and (not openvino or args.int8):
+        raise CLIError("--precision bf16 or auto is for the OpenVINO IR (without --int8): add --format openvino")
     model, meta = load_checkpoint(args.checkpoint)
     t0 = time.perf_counter()
     source = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"), "data": meta.get("data")}
@@ -129,6 +131,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     extra = {"source": source, **({"tiling": tiling.to_dict()} if tiling else {})}
     if args.int8:
         return _export_int8(args, model, meta, extra, tiling)
+    if args.precision != "fp32":
+        done = _export_bf16(args, model, meta, extra, tiling)
+        if done is not None:
+            return done
     if openvino:
         path = export_openvino(model, args.out, calibration=meta.get("calibration"), extra_meta=extra)
         size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
@@ -157,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tiling: Any) -> tuple[Any, Any, Any]:
+def _gate_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tiling: Any) -> tuple[Any, Any, Any]:
     """Normal training images (statistics; their tiles for a tiled model), calibration images and
     the test split (gate) of the data the checkpoint was trained on, split as its training split
     them."""
@@ -169,7 +175,8 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
     category = args.category if args.data else recorded.get("category")
     fmt = "auto" if args.data else recorded.get("format", "auto")
     if not root:
-        raise CLIError("--int8 needs the training images for its statistics and the test split for its gate, and "
+        raise CLIError("--int8 and --precision bf16 need the training images (statistics, thresholds) and the "
+                       "test split (the accuracy gate), and "
                        "this checkpoint does not record them: pass --data ROOT --category C")
     size, train_cfg = None if tiling else model.config.image_size, meta.get("train") or {}
     try:
@@ -181,7 +188,7 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
                                              int(train_cfg.get("seed", 0)), validation)
         if fmt == "folder":
             if not args.test_abnormal_dir:
-                raise CLIError("--int8 is gated on labelled test images, and this model was trained on a plain "
+                raise CLIError("the accuracy gate needs labelled test images, and this model was trained on a plain "
                                "folder: pass --test-normal-dir and --test-abnormal-dir (and --mask-dir), as for "
                                "`nferd test`")
             test_set = make_dataset("folder", None, None, "test", size, test_normal_dir=args.test_normal_dir,
@@ -189,14 +196,43 @@ def _int8_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
         else:
             test_set = make_dataset(fmt, root, category, "test", size)
     except (OSError, ValueError) as e:
-        raise CLIError(f"--int8 cannot read the data at '{root}' (category {category}): {e}; pass --data ROOT "
-                       "--category C") from e
+        raise CLIError(f"the accuracy gate cannot read the data at '{root}' (category {category}): {e}; "
+                       "pass --data ROOT --category C") from e
     labels = set(getattr(test_set, "labels", ()))
     if labels != {0, 1} and not args.allow_accuracy_loss:  # found now, not after the quantisation
-        raise CLIError(f"--int8 is gated on a test split with good and defective images; the one at '{root}' has "
+        raise CLIError(f"the accuracy gate needs a test split with good and defective images; the one at '{root}' has "
                        f"{'only good' if labels == {0} else 'only defective'} images (--allow-accuracy-loss writes "
-                       "the INT8 model without a gate)")
+                       "the model without a gate)")
     return TiledDataset(normal_set, tiling) if tiling else normal_set, cal_set, test_set
+
+
+def _export_bf16(args: argparse.Namespace, model: Any, meta: dict[str, Any], extra: dict[str, Any],
+                 tiling: Any) -> int | None:
+    """``--precision bf16``: the gated bf16 IR, or exit 3 when refused. ``auto``: bf16 where the CPU
+    runs it natively and the gate passes; None (write the fp32 IR) otherwise."""
+    from ..deploy.openvino_runtime import cpu_has_bf16
+    from ..deploy.quantize import GATE_BOUNDS, export_bf16
+    if args.precision == "auto" and not cpu_has_bf16():
+        print("this CPU has no native bf16: exporting fp32")
+        return None
+    normal_set, cal_set, test_set = _gate_sets(args, model, meta, tiling)
+    t0 = time.perf_counter()
+    path, report = export_bf16(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
+                               extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
+    gate = report["gate"]
+    for k, d in gate.get("change", {}).items():
+        print(f"{k}: fp32 {gate['fp32'][k]:.4f}, bf16 {gate['bf16'][k]:.4f} ({d:+.4f}; bound {GATE_BOUNDS[k]:.3f})")
+    if path is None:
+        if args.precision == "auto":
+            print(f"bf16 refused ({gate['reason']}): exporting fp32")
+            return None
+        print(f"bf16 model refused: {gate['reason']}; nothing written (--allow-accuracy-loss writes it anyway)")
+        return 3
+    print(f"exported {model.config.describe()} ({model.config.teacher}) for bf16 inference to {path} "
+          f"({time.perf_counter() - t0:.1f} s); calibration {report['calibration']}")
+    if not gate["ok"]:
+        print(f"warning: the accuracy gate failed ({gate['reason']}); written because of --allow-accuracy-loss")
+    return 0
 
 
 def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], extra: dict[str, Any],
@@ -206,7 +242,7 @@ def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
         require_nncf()
     except ImportError as e:
         raise CLIError(str(e)) from e
-    normal_set, cal_set, test_set = _int8_sets(args, model, meta, tiling)
+    normal_set, cal_set, test_set = _gate_sets(args, model, meta, tiling)
     t0 = time.perf_counter()
     path, report = export_int8(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
                                extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)

@@ -215,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --format openvino: quantise to INT8 (NNCF, statistics from normal training images), "
                         "refit the thresholds, and refuse when image or pixel AUROC moves by more than 0.005 or "
                         "AUPRO by more than 0.01 on the test split (needs nferd[openvino])")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="with --format openvino: the precision the IR runs in on the CPU. bf16 (on CPUs with "
+                        "AVX-512 BF16 or AMX) is gated and its thresholds refitted as --int8 is; auto: bf16 where "
+                        "the CPU has it and the gate passes, else fp32 (default fp32)")
     p.add_argument("--data", default=None, metavar="ROOT",
-                   help="with --int8: the dataset root the model was trained on (default: the one recorded in the "
-                        "checkpoint)")
+                   help="with --int8 or --precision: the dataset root the model was trained on (default: the one "
+                        "recorded in the checkpoint)")
     p.add_argument("--category", default=None, help="with --int8 and --data: the category")
     add_folder_test_options(p.add_argument_group("--int8 on a model trained on a plain folder: its gate's test images"))
     p.add_argument("--allow-accuracy-loss", action="store_true",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class OpenVinoPredictor(BasePredictor):
         self.preprocess = bool(metadata.get("preprocess", False))
         self.config = metadata.get("model", {})
         self.outputs = [compiled.output(name) for name in OUTPUT_NAMES]
+        self.precision = metadata.get("inference_precision", "f32")
 
     @classmethod
     def from_file(cls, path: str | Path, threads: int | None = None) -> OpenVinoPredictor:
@@ -99,7 +101,14 @@ class OpenVinoPredictor(BasePredictor):
             raise OnnxModelError(f"'{p}' has an unusable calibration: {e}; export it again from a sound "
                                  "checkpoint") from e
         check_constants(model, p)
-        return cls(compile_cpu(core, model, threads), meta, p)
+        precision = meta.get("inference_precision", "f32")
+        if precision not in PRECISIONS:
+            raise OnnxModelError(f"'{p}' asks for inference precision {precision!r}; this nferd runs "
+                                 f"{', '.join(PRECISIONS)}: export it again")
+        if precision == "bf16" and not cpu_has_bf16(core):  # OpenVINO would run it in fp32 instead
+            warnings.warn(f"'{p}' was exported for bf16, which this CPU lacks: it runs in fp32 with thresholds "
+                          "fitted on bf16 maps; export an fp32 IR for this machine", stacklevel=2)
+        return cls(compile_cpu(core, model, threads, precision), meta, p)
 
     def run(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Float [0, 1] images N x 3 x S x S -> (maps N x S x S, scores N), as ``Predictor.maps``."""
@@ -114,11 +123,24 @@ class OpenVinoPredictor(BasePredictor):
         return np.asarray(res[self.outputs[0]]).copy(), np.asarray(res[self.outputs[1]]).copy()
 
 
-def compile_cpu(core: Any, model: Any, threads: int | None = None) -> Any:
-    """``model`` compiled for the CPU with fp32 as the floating-point precision (int8 layers of a
-    quantised IR stay int8); ``threads`` defaults to the cores."""
+PRECISIONS = ("f32", "bf16")  # the floating-point precision an IR is compiled with on the CPU
+
+
+def cpu_has_bf16(core: Any | None = None) -> bool:
+    """Whether OpenVINO runs bf16 natively on this CPU (AVX-512 BF16 or AMX)."""
+    core = core if core is not None else require_openvino().Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def compile_cpu(core: Any, model: Any, threads: int | None = None, precision: str = "f32") -> Any:
+    """``model`` compiled for the CPU with ``precision`` as the floating-point precision (int8 layers
+    of a quantised IR stay int8); ``threads`` defaults to the cores. The precision is set, never
+    left to OpenVINO's default (bf16 on CPUs that have it), because the thresholds stored with the
+    IR were fitted at one precision."""
     from ..engine.device import default_threads
-    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                              "INFERENCE_NUM_THREADS": int(threads or default_threads())})
 
 

@@ -115,11 +115,12 @@ def detection_metrics(res: dict[str, Any], has_masks: bool) -> dict[str, float]:
     return out
 
 
-def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None) -> dict[str, Any]:
+def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None, name: str = "int8") -> dict[str, Any]:
     """Detection metrics of both models on ``test_set`` and whether every change is within
-    ``GATE_BOUNDS``; without a test split holding defects the gate cannot pass."""
+    ``GATE_BOUNDS``; without a test split holding defects the gate cannot pass. ``name``: the
+    reduced model's key in the record (int8, bf16)."""
     if test_set is None or len(test_set) == 0:
-        return {"ok": False, "reason": "no labelled test images to measure the int8 model with"}
+        return {"ok": False, "reason": f"no labelled test images to measure the {name} model with"}
     a, b = run_over(fp32, test_set), run_over(int8, test_set)
     if len(set(a["labels"].tolist())) < 2:
         return {"ok": False, "reason": "the test images are all of one class: AUROC cannot be measured"}
@@ -127,12 +128,12 @@ def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None) -> dict[str, Any]:
     m32, m8 = detection_metrics(a, has_masks), detection_metrics(b, has_masks)
     change = {k: m8[k] - m32[k] for k in m32}
     failed = [k for k, d in change.items() if abs(d) > GATE_BOUNDS[k]]
-    return {"ok": not failed, "fp32": m32, "int8": m8, "change": change, "bounds": GATE_BOUNDS,
+    return {"ok": not failed, "fp32": m32, name: m8, "change": change, "bounds": GATE_BOUNDS,
             "n_images": len(test_set), **({"reason": f"{', '.join(failed)} moved beyond the bounds"} if failed else {})}
 
 
-def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any,
-                        images: list[torch.Tensor]) -> dict[str, Any]:
+def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any, images: list[torch.Tensor],
+                        name: str = "int8") -> dict[str, Any]:
     """The fp32 thresholds moved by the int8 model's median change of image score and of pixel
     value on ``images``: a calibration fitted on cross-fitted scores (fold students that saw the
     other images) cannot be fitted again on the int8 model, and quantisation shifts both terms."""
@@ -152,8 +153,38 @@ def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any,
     for key in ("pixel_threshold", "pixel_median"):
         if key in cal:
             cal[key] = float(cal[key]) + dp
-    cal["int8_shift"] = {"image_score": ds, "pixel": dp, "n_images": len(images)}
+    cal[f"{name}_shift"] = {"image_score": ds, "pixel": dp, "n_images": len(images)}
     return cal
+
+
+def refit_calibration(calibration: dict[str, Any] | None, fp32: Any, reduced: Any, normal_set: Any,
+                      calibration_set: Any | None, name: str) -> tuple[dict[str, Any] | None, str]:
+    """The reduced-precision model's thresholds and how they were obtained: fitted again on the
+    calibration images, or, for a cross-fitted calibration, the fp32 ones shifted by its change."""
+    held = len(calibration_set) if calibration_set is not None else 0
+    if calibration and calibration.get("n_images", 0) > held:
+        # fitted on cross-fitted scores of fp32 fold students, which no reduced model can give again
+        cal = shifted_calibration(calibration, fp32, reduced, [torch.from_numpy(x[0]) for x in
+                                                                _images(normal_set, STATISTICS_IMAGES)], name)
+        return cal, (f"carried over from the fp32 model, shifted by the {name} model's median change on "
+                     f"{cal[f'{name}_shift']['n_images']} training images")
+    if held >= 2:
+        old = calibration or {}
+        cal = fit_calibration(run_over(reduced, calibration_set), calibration_set,
+                              old.get("false_alarm_rate", 0.01), old.get("confidence", DEFAULT_CONFIDENCE))
+        return cal, f"refitted on the {name} model"
+    return None, "absent (no calibration images)"
+
+
+def save_gated(ir: Any, meta: dict[str, Any], out: Path) -> Path:
+    """The IR ``ir`` with ``meta`` in its rt_info, written to ``out`` (and its .bin) safely."""
+    ov = require_openvino()
+    for key, value in meta.items():
+        ir.set_rt_info(json.dumps(value), [RT_SECTION, key])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with safe_io.staged(out) as staged_out:
+        ov.save_model(ir, str(staged_out), compress_to_fp16=False)
+    return out
 
 
 def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: Any | None, test_set: Any | None,
@@ -162,7 +193,6 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
     """Quantise ``model``'s IR with ``normal_set`` (training images), gate it on ``test_set``,
     refit the thresholds on ``calibration_set`` and write ``out`` (``.xml``). Returns the path (None
     when the gate failed and ``allow_accuracy_loss`` is off: nothing is written) and the report."""
-    ov = require_openvino()
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_openvino(model, Path(tmp) / "fp32.xml", calibration=calibration, extra_meta=extra_meta)
@@ -170,28 +200,31 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         int8, quantised = quantised_predictor(fp32_path, _images(normal_set, STATISTICS_IMAGES), threads)
         report: dict[str, Any] = {"gate": accuracy_gate(fp32, int8, test_set), "statistics_images":
                                   min(len(normal_set), STATISTICS_IMAGES), "nncf": require_nncf().__version__}
-        cal = None
-        held = len(calibration_set) if calibration_set is not None else 0
-        if calibration and calibration.get("n_images", 0) > held:
-            # fitted on cross-fitted scores of fp32 fold students, which no int8 model can give again
-            cal = shifted_calibration(calibration, fp32, int8, [torch.from_numpy(x[0]) for x in
-                                                                 _images(normal_set, STATISTICS_IMAGES)])
-            report["calibration"] = (f"carried over from the fp32 model, shifted by the int8 model's median change "
-                                     f"on {cal['int8_shift']['n_images']} training images")
-        elif held >= 2:
-            old = calibration or {}
-            cal = fit_calibration(run_over(int8, calibration_set), calibration_set,
-                                  old.get("false_alarm_rate", 0.01), old.get("confidence", DEFAULT_CONFIDENCE))
-            report["calibration"] = "refitted on the int8 model"
-        else:
-            report["calibration"] = "absent (no calibration images)"
+        cal, report["calibration"] = refit_calibration(calibration, fp32, int8, normal_set, calibration_set, "int8")
         if not report["gate"]["ok"] and not allow_accuracy_loss:
             return None, report
         meta = {**int8.metadata, "calibration": cal, "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
                                                      "statistics_images": report["statistics_images"]}}
-        for key, value in meta.items():
-            quantised.set_rt_info(json.dumps(value), [RT_SECTION, key])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with safe_io.staged(out) as staged_out:
-            ov.save_model(quantised, str(staged_out), compress_to_fp16=False)
-    return out, report
+        return save_gated(quantised, meta, out), report
+
+
+def export_bf16(model: Any, out: str | Path, normal_set: Any, calibration_set: Any | None, test_set: Any | None,
+                calibration: dict[str, Any] | None, extra_meta: dict[str, Any] | None = None,
+                allow_accuracy_loss: bool = False, threads: int | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """``model``'s IR marked to run in bf16 on the CPU (every layer: on CPUs with native bf16 its
+    matrix products run at twice fp32's peak), gated on ``test_set`` against the fp32 IR and with
+    its thresholds refitted, as :func:`export_int8`. Returns the path (None when refused) and the report."""
+    ov = require_openvino()
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_openvino(model, Path(tmp) / "fp32.xml", calibration=calibration, extra_meta=extra_meta)
+        fp32 = OpenVinoPredictor.from_file(fp32_path, threads=threads)
+        core = ov.Core()
+        ir = core.read_model(str(fp32_path))
+        meta = {**fp32.metadata, "inference_precision": "bf16"}
+        bf16 = OpenVinoPredictor(compile_cpu(core, ir, threads, "bf16"), meta)
+        report: dict[str, Any] = {"gate": accuracy_gate(fp32, bf16, test_set, name="bf16")}
+        cal, report["calibration"] = refit_calibration(calibration, fp32, bf16, normal_set, calibration_set, "bf16")
+        if not report["gate"]["ok"] and not allow_accuracy_loss:
+            return None, report
+        return save_gated(ir, {**meta, "calibration": cal, "bf16": {"gate": report["gate"]}}, out), report

@@ -200,7 +200,8 @@ def load_results(results: Path) -> list[dict[str, Any]]:
 
 def save_speed_result(res: dict[str, Any], folder: Path) -> Path:
     """One ``nferd speed`` run as a result file with its provenance, named by what it measured."""
-    precision = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "int8": "int8"}.get(str(res["precision"]), "fp32")
+    precision = {"torch.bfloat16": "bf16", "bfloat16": "bf16", "torch.float16": "fp16", "int8": "int8"}.get(
+        str(res["precision"]), "fp32")
     key = "-".join([res["teacher"], f"{res['image_size']}px", res["backend"], precision,
                     res.get("preset") or (res["fusion"] if res["bank"] else "rd4ad"),
                     f"b{res['batch_size']}", f"t{res['threads']}", res["device"].replace(":", "")]

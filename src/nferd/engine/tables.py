@@ -101,14 +101,19 @@ def _peer_cell(peer: dict[str, Any] | None) -> str:
     latency over it measured pairwise."""
     if not peer:
         return "–"
-    return (f"{peer['infer_latency_ms_b1']:.1f} (anomalib {peer['version']}; ratio {peer['latency_ratio_b1']:.2f})")
+    cell = f"torch {peer['infer_latency_ms_b1']:.1f} (ratio {peer['latency_ratio_b1']:.2f})"
+    ov = peer.get("openvino")
+    if ov:  # anomalib's own OpenVINO export, compiled with OpenVINO's defaults
+        precision = "bf16" if "bfloat16" in str(ov["precision"]) else "fp32"
+        cell += f"; OpenVINO {precision} {ov['infer_latency_ms_b1']:.1f} (ratio {ov['latency_ratio_b1']:.2f})"
+    return f"{cell}; anomalib {peer['version']}"
 
 
 def speed_table(rows: list[dict[str, Any]]) -> str:
     """``nferd speed`` result files: latency, throughput and achieved GFLOP/s against the measured
     matmul peak, with the machine each was measured on."""
     head = ["teacher", "model", "backend", "precision", "threads", "batch-1 latency ms (p95)", "batch img/s",
-            "training img/s", "GFLOPs / image", "GFLOP/s (peak)", "anomalib RD, same run: batch-1 ms",
+            "training img/s", "GFLOPs / image", "GFLOP/s (peak)", "anomalib RD, same run: batch-1 ms (this row / it)",
             "CPU (flags)", "date", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["teacher"], r["design"], r["backend"], r["threads"])):
