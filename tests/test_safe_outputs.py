@@ -115,7 +115,7 @@ def plant(path: Path, target: Path) -> None:
 
 
 def test_exports_and_reports_never_write_through_planted_links(run_dir, synth_root, tmp_path) -> None:
-    """At every output name and at the temporary names an older nferd wrote through."""
+    """At every output name, and at the temporary names a writer that follows links would use."""
     target = tmp_path / "target"
     target.write_text("keep")
     onnx_out = tmp_path / "ex" / "m.onnx"
