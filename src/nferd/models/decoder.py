@@ -8,38 +8,10 @@ block of each stage ends in a ReLU only for non-negative teachers.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
+from .kernels import Deconv2x2
 from .resnet import conv1x1, conv3x3
-
-
-class Deconv2x2(nn.ConvTranspose2d):
-    """A 2x2 stride-2 transposed convolution run as one matrix product and a pixel shuffle.
-
-    With kernel = stride every output pixel gets exactly one input pixel's contribution, so the
-    transposed convolution is ``x (NHW x Cin) @ w (Cin x 4 Cout)`` laid out into the 2x2 blocks:
-    the same sums, but oneDNN's transposed-convolution kernels ran them at a third to a half of
-    the matmul's speed (about half the time of the WRN50 decoder's 2048 -> 1024 upsample, forward
-    and backward). Same parameters and keys as ``nn.ConvTranspose2d``;
-    channels_last input only (what nferd runs), NCHW input takes torch's kernel and keeps its layout.
-    """
-
-    def __init__(self, in_planes: int, out_planes: int, bias: bool = False) -> None:
-        super().__init__(in_planes, out_planes, kernel_size=2, stride=2, bias=bias)
-
-    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if output_size is not None or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x, output_size)  # NCHW input: a copy would eat the gain; keep its layout
-        n, c, h, w = x.shape
-        cout = self.out_channels
-        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view for channels_last input
-        cols = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * cout)  # columns ordered (di, dj, out)
-        y = rows @ cols
-        if self.bias is not None:
-            y = y + self.bias.repeat(4)
-        y = y.view(n, h, w, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, cout)
-        return y.permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
 
 
 def deconv2x2(in_planes: int, out_planes: int) -> Deconv2x2:

@@ -12,23 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import StridedPointwise
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
-
-
-class StridedPointwise(nn.Conv2d):
-    """A strided 1x1 convolution run as "take every stride-th pixel, then a 1x1 convolution":
-    the same arithmetic, but its backward is a plain matrix product, where oneDNN's strided
-    backward is slow (the OCBE's 3072 -> 2048 shortcut of the WRN50 student, say). Same parameters
-    and state-dict keys as ``nn.Conv2d``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        sy, sx = self.stride
-        return F.conv2d(x[:, :, ::sy, ::sx], self.weight, self.bias)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
