@@ -143,3 +143,12 @@ def test_bench_is_the_old_name_of_speed(capsys) -> None:
     assert parse_args(["bench", "--image-size", "64"]).image_size == 64
     assert main(["bench", "--image-size", "63"]) == 2  # the same options and checks under either name
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_stage_times_split_the_forward_into_its_parts() -> None:
+    res = run_bench("efficientnet_lite0", 64, 1, device="cpu", train_steps=1, infer_iters=4, stages=True,
+                    precision="fp32")
+    parts = res["stages_ms_b1"]
+    assert set(parts) == {"teacher", "student", "map"} and all(v > 0 for v in parts.values())
+    # the parts of one forward, timed alone, add up to about the whole forward (timing noise aside)
+    assert 0.3 < sum(parts.values()) / res["infer_latency_ms_b1"] < 3

@@ -30,6 +30,7 @@ from ..engine.device import (
     channels_last,
     compile_dense,
     default_threads,
+    inference_copy,
     place,
     resolve_device,
 )
@@ -57,6 +58,31 @@ def _timed(fn, device: torch.device, iters: int, warmup: int = 1) -> list[float]
         _sync(device)
         out.append(time.perf_counter() - t0)
     return out
+
+
+@torch.no_grad()
+def stage_times(model: NFERD, device: torch.device, size: int, precision: str = "auto",
+                iters: int = 5) -> dict[str, float]:
+    """Where a batch-1 PyTorch forward spends its time: median milliseconds of the teacher, the
+    student (OCBE and decoder), and the map (cosines, memory or bank search, blur, score), each
+    run alone on the previous part's output, at the precision the fast path runs."""
+    amp = autocast_dtype(device, precision)
+    runner = inference_copy(place(model.eval(), device), amp)
+    x = channels_last(torch.rand(1, 3, size, size, device=device))
+    with autocast(device, amp):
+        t = runner.teacher(x)
+        s = runner.student_features(t)
+
+    def teacher() -> None:
+        with autocast(device, amp):
+            runner.teacher(x)
+
+    def student() -> None:
+        with autocast(device, amp):
+            runner.student_features(t)
+
+    parts = {"teacher": teacher, "student": student, "map": lambda: runner.anomaly_maps(t, s, (size, size))}
+    return {k: 1000 * statistics.median(_timed(fn, device, iters, warmup=2)) for k, fn in parts.items()}
 
 
 def peak_matmul_gflops(device: torch.device, dtype: torch.dtype | None, n: int = 2048) -> float:
@@ -303,7 +329,8 @@ def _bench_model(cfg: ModelConfig) -> NFERD:
 def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "auto", reference: bool = False,
               train_steps: int = 6, infer_iters: int = 10, bank: bool = True, compile: bool = False,
               recall: str = "patch", fusion: str | None = None, backend: str = "torch", int8: bool = False,
-              precision: str = "auto", peer: str | None = None, preset: str | None = None) -> dict[str, Any]:
+              precision: str = "auto", peer: str | None = None, preset: str | None = None,
+              stages: bool = False) -> dict[str, Any]:
     """Training and inference speed of one configuration on random input. ``backend`` "onnx" or
     "openvino" times the same model exported and run by that runtime (CPU, fp32, inference only);
     ``int8`` the OpenVINO IR quantised. ``precision`` is the torch path's (auto: bf16 where the
@@ -348,6 +375,8 @@ def run_bench(teacher: str, image_size: int, batch_size: int, device: str = "aut
                            "cpu_model": cpu_model(), "cpu_flags": cpu_flags()}
     if dev.type == "cuda":
         res["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if stages:  # the PyTorch forward's parts, timed alone (whatever --backend timed above)
+        res["stages_ms_b1"] = stage_times(model, dev, image_size, precision, max(3, infer_iters // 2))
     if peer == "anomalib":
         other, version = peer_path(teacher, image_size, batch_size)
         fl, pl = _paired(fast.infer_b1, other.infer_b1, dev, max(3, infer_iters // 2))

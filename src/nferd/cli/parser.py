@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OpenVINO (CPU, fp32, inference only)")
     p.add_argument("--int8", action="store_true",
                    help="with --backend openvino: time the IR quantised as `nferd export --int8` quantises it")
+    p.add_argument("--stages", action="store_true",
+                   help="also time the PyTorch forward's parts at batch 1 (teacher, student, map and its search)")
     p.add_argument("--peer", default=None, choices=["anomalib"],
                    help="also time anomalib's reverse distillation model with the same backbone, interleaved with "
                         "this one (needs anomalib importable: a separate environment with PyPI's torch)")

@@ -82,7 +82,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
         res = run_bench(args.teacher, args.image_size, args.batch_size, args.device, args.reference,
                         args.train_steps, args.infer_iters, bank=args.bank, compile=args.compile,
                         recall=args.recall, fusion=args.fusion, backend=args.backend, int8=args.int8,
-                        precision=args.precision, peer=args.peer, preset=args.preset)
+                        precision=args.precision, peer=args.peer, preset=args.preset,
+                        stages=args.stages)
     except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from e
     if args.save:
