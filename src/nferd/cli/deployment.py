@@ -206,12 +206,19 @@ def _gate_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
     return TiledDataset(normal_set, tiling) if tiling else normal_set, cal_set, test_set
 
 
+def _print_gate(gate: dict[str, Any], name: str) -> None:
+    """The accuracy gate's figures, one metric a line: fp32, the reduced model, change, bound."""
+    from ..deploy.quantize import GATE_BOUNDS
+    for k, d in gate.get("change", {}).items():
+        print(f"{k}: fp32 {gate['fp32'][k]:.4f}, {name} {gate[name][k]:.4f} ({d:+.4f}; bound {GATE_BOUNDS[k]:.3f})")
+
+
 def _export_bf16(args: argparse.Namespace, model: Any, meta: dict[str, Any], extra: dict[str, Any],
                  tiling: Any) -> int | None:
     """``--precision bf16``: the gated bf16 IR, or exit 3 when refused. ``auto``: bf16 where the CPU
     runs it natively and the gate passes; None (write the fp32 IR) otherwise."""
     from ..deploy.openvino_runtime import cpu_has_bf16
-    from ..deploy.quantize import GATE_BOUNDS, export_bf16
+    from ..deploy.quantize import export_bf16
     if args.precision == "auto" and not cpu_has_bf16():
         print("this CPU has no native bf16: exporting fp32")
         return None
@@ -220,8 +227,7 @@ def _export_bf16(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
     path, report = export_bf16(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
                                extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
     gate = report["gate"]
-    for k, d in gate.get("change", {}).items():
-        print(f"{k}: fp32 {gate['fp32'][k]:.4f}, bf16 {gate['bf16'][k]:.4f} ({d:+.4f}; bound {GATE_BOUNDS[k]:.3f})")
+    _print_gate(gate, "bf16")
     if path is None:
         if args.precision == "auto":
             print(f"bf16 refused ({gate['reason']}): exporting fp32")
@@ -238,7 +244,7 @@ def _export_bf16(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
 def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], extra: dict[str, Any],
                  tiling: Any) -> int:
     try:
-        from ..deploy.quantize import GATE_BOUNDS, export_int8, require_nncf
+        from ..deploy.quantize import export_int8, require_nncf
         require_nncf()
     except ImportError as e:
         raise CLIError(str(e)) from e
@@ -247,10 +253,7 @@ def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
     path, report = export_int8(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
                                extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
     gate = report["gate"]
-    if "change" in gate:
-        for k, d in gate["change"].items():
-            print(f"{k}: fp32 {gate['fp32'][k]:.4f}, int8 {gate['int8'][k]:.4f} ({d:+.4f}; bound "
-                  f"{GATE_BOUNDS[k]:.3f})")
+    _print_gate(gate, "int8")
     if path is None:
         print(f"INT8 model refused: {gate['reason']}; nothing written (--allow-accuracy-loss writes it anyway)")
         return 3

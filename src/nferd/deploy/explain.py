@@ -42,10 +42,11 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def nearest_normal(model: Any, image: torch.Tensor, amap: np.ndarray, memory_images: list[str] | None,
-                   input_size: tuple[int, int] | None = None) -> dict[str, Any]:
-    """The ``nearest_normal`` entry of one scored image: ``image`` (3 x S x S, as loaded), its
-    anomaly map ``amap`` (S x S) and the original ``input_size`` (width, height) the boxes are given in.
+def nearest_normal(model: Any, image: torch.Tensor, amap: np.ndarray, memory_images: list[str] | None
+                   ) -> dict[str, Any]:
+    """The ``nearest_normal`` entry of one scored image: ``image`` (3 x S x S, as loaded) and its
+    anomaly map ``amap`` (S x S). ``input_box`` is in the model's S x S pixels; writers that know
+    the image's own size place it there with :func:`cell_box` (``input_cell``, ``grid``).
 
     Returns ``available`` False with a ``reason`` for a model without a memory; otherwise the
     distance at the map's peak, the box there in the input, and the memory row's training image
@@ -65,7 +66,7 @@ def nearest_normal(model: Any, image: torch.Tensor, amap: np.ndarray, memory_ima
                                               "(saved by an earlier nferd): train it again to get explanations"}
     image_id, (sy, sx) = int(memory.source[row]), divmod(int(memory.position[row]), w)
     entry: dict[str, Any] = {"available": True, "distance": distance, "memory_row": row, "grid": [h, w],
-                             "input_cell": list(cell), "input_box": cell_box(cell, (h, w), input_size or (s, s)),
+                             "input_cell": list(cell), "input_box": cell_box(cell, (h, w), (s, s)),
                              "normal_image_id": image_id, "normal_cell": [sy, sx]}
     if memory_images is not None and 0 <= image_id < len(memory_images):
         path = memory_images[image_id]

@@ -87,11 +87,7 @@ class BasePredictor:
     def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """[0, 1] images at the model size -> (maps N x S x S, scores N) as NumPy, run
         ``micro_batch`` images at a time; each image's result does not depend on the others."""
-        n = self.micro_batch
-        if n is None or len(images) <= n:
-            return self.run(images)
-        parts = [self.run(images[a:a + n]) for a in range(0, len(images), n)]
-        return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
+        return scoring.in_micro_batches(self.run, images, self.micro_batch)
 
     def run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """One network call of the backend (what ``maps`` splits a batch into)."""

@@ -75,7 +75,6 @@ from .results import (
     build_result,
     check_finite,
     defect_area,
-    explain_path,
     png_base64,
     resized_rows,
 )
@@ -102,7 +101,7 @@ __all__ = [
     "BodyLimit", "ClientGone", "Decoded", "Header", "InferenceQueue", "Limits", "MemoryBudget",
     "MissingServeDependencies", "ModelOutputError", "RequestMetrics", "ServedPredictor", "Service", "TiledPredictor",
     "TooManyParts", "UploadRejected",
-    "build_result", "check_finite", "create_app", "decode_cost", "decode_upload", "defect_area", "explain_path",
+    "build_result", "check_finite", "create_app", "decode_cost", "decode_upload", "defect_area",
     "overlay_hw", "page_html", "png_base64", "public_metadata", "read_header", "require_serve_dependencies",
     "resized_rows", "run", "safe_filename", "self_check", "strict_json", "strict_json_response", "trim_memory",
     "upload_route",

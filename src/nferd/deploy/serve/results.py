@@ -73,13 +73,6 @@ def check_finite(amap: np.ndarray, score: float, filename: str) -> None:
                                "so no decision was made; the model or checkpoint is broken")
 
 
-def explain_path(predictor: ServedPredictor, near: dict[str, Any]) -> str | None:
-    """The training image file behind a ``nearest_normal`` entry, from the predictor's checkpoint."""
-    images = getattr(predictor, "memory_images", None) or []
-    i = near.get("normal_image_id", -1)
-    return images[i] if 0 <= i < len(images) else None
-
-
 def build_result(predictor: ServedPredictor, dec: Decoded, amap: np.ndarray, score: float, want_overlay: bool,
                  want_mask: bool, max_side: int = 1024) -> dict[str, Any]:
     """One image's JSON: decision, defect area at the image's own size, optional overlay/mask PNGs.
@@ -110,9 +103,9 @@ def build_result(predictor: ServedPredictor, dec: Decoded, amap: np.ndarray, sco
         if near.get("available"):
             near = {**near, "input_box": cell_box(tuple(near["input_cell"]), tuple(near["grid"]),
                                                   (dec.width, dec.height))}
-            near.pop("normal_path", None)  # the server's file system is not the client's business
+            path = near.pop("normal_path", None)  # the server's file system is not the client's business
             if want_overlay and res.get("decision") == "NOK" and dec.display is not None:
-                pair = side_by_side(dec.display, {**near, "normal_path": explain_path(predictor, near)})
+                pair = side_by_side(dec.display, {**near, "normal_path": path})
                 res["nearest_normal_png_base64"] = png_base64(pair) if pair is not None else None
         res["nearest_normal"] = near
     if want_overlay or want_mask:
