@@ -1,5 +1,6 @@
 """Normal feature banks: whole-map and per-position top-K cosine recall, weights, self-exclusion,
-projection, and the fast search helpers checked against plain top-K."""
+projection, the cache of the searched rows, and the fast searches of ``nferd.models.search``
+checked against brute force."""
 
 from __future__ import annotations
 
@@ -8,7 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nferd.models.bank import MapBank, NormalFeatureBank, PatchBank, top_columns, topk_rows
+from nferd.models.bank import MapBank, NormalFeatureBank, PatchBank
+from nferd.models.search import (
+    KEY_BLOCK,
+    QUERY_BLOCK,
+    StampedCache,
+    nearest_blocked,
+    nearest_reranked,
+    principal_directions,
+    search_blocked,
+    top_columns,
+    topk_rows,
+)
 
 
 def identity(bank: NormalFeatureBank) -> NormalFeatureBank:
@@ -220,8 +232,7 @@ def test_top_columns_finds_the_same_entries_as_a_plain_top_k(p: int) -> None:
 
 @pytest.mark.parametrize("block_bytes", [4 * 100 * 7, 4 * 100 * 64, 1 << 30])  # blocks of 7 rows, 64 rows, one block
 def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> None:
-    import nferd.models.bank as bank_module
-    from nferd.models.bank import search_blocked
+    import nferd.models.search as search_module
     g = torch.Generator().manual_seed(1)
     q = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
     keys = torch.nn.functional.normalize(torch.randn(100, 8, generator=g), dim=1)
@@ -229,7 +240,7 @@ def test_blocked_search_is_the_whole_search(block_bytes: int, monkeypatch) -> No
     mask[0, 10:30] = True  # one bank image's rows excluded, as for a training image's own
     sim = (q @ keys.t()).masked_fill(mask, float("-inf"))
     want = sim.topk(4, dim=1)
-    monkeypatch.setattr(bank_module, "SEARCH_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(search_module, "SEARCH_BLOCK_BYTES", block_bytes)
     top, idx = search_blocked(q, keys, 4, mask)
     assert top.shape == idx.shape == (50, 4)
     assert torch.allclose(top, want.values, atol=1e-6) and torch.allclose(sim.gather(1, idx), top, atol=1e-6)
@@ -251,7 +262,6 @@ def test_defect_matched_share_counts_defect_positions_as_close_as_normal_ones() 
 
 def test_the_search_blocks_give_the_best_cosine_of_all_keys() -> None:
     """Several query and key blocks (and ragged last ones) give what one full product gives."""
-    from nferd.models.bank import KEY_BLOCK, QUERY_BLOCK, nearest_blocked
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(3, 2 * QUERY_BLOCK + 7, 16, generator=g), dim=2)
     keys = F.normalize(torch.randn(2 * KEY_BLOCK + 11, 16, generator=g), dim=1)
@@ -260,3 +270,110 @@ def test_the_search_blocks_give_the_best_cosine_of_all_keys() -> None:
     assert got.shape == (3, q.shape[1])
     assert torch.allclose(got, (q @ keys.t()).amax(dim=2), atol=1e-6)
     assert got[1, -1] == pytest.approx(1.0, abs=1e-6)
+
+
+def keys_in_a_subspace(n: int, channels: int = 16, dims: int = 4) -> torch.Tensor:
+    """``n`` unit keys that span only ``dims`` of their ``channels``: a projection on their principal
+    directions keeps every cosine with them, so the coarse search ranks them as the exact one."""
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(channels, dims, generator=g)).Q
+    return F.normalize(torch.randn(n, dims, generator=g) @ basis.t(), dim=1)
+
+
+def test_the_fitted_projection_spans_the_keys() -> None:
+    keys = keys_in_a_subspace(500)
+    proj = principal_directions(keys, 4)
+    assert proj.shape == (16, 4)
+    assert torch.allclose(proj.t() @ proj, torch.eye(4), atol=1e-5)  # orthonormal directions
+    assert torch.allclose(keys @ proj @ proj.t(), keys, atol=1e-5)  # nothing of the keys lost
+
+
+def test_the_rerank_finds_the_nearest_row_when_its_candidates_hold_it() -> None:
+    """Keys in a 4-dimensional subspace, several query and key blocks, a ragged last block (11 keys:
+    four groups of 2 and a rest of 3) holding one query's own key: the exact cosines of the coarse
+    candidates give brute force's best cosine, that is its nearest row's."""
+    g = torch.Generator().manual_seed(3)
+    keys = keys_in_a_subspace(2 * KEY_BLOCK + 11)
+    q = F.normalize(torch.randn(2, QUERY_BLOCK + 5, 16, generator=g), dim=2)
+    q[1, -1] = keys[-1]
+    proj = principal_directions(keys, 4)
+    got = nearest_reranked(q, keys, proj, keys @ proj)
+    sim = q @ keys.t()
+    nearest = sim.argmax(dim=2)  # brute force's row
+    assert got.shape == (2, QUERY_BLOCK + 5)
+    assert torch.allclose(got, sim.gather(2, nearest.unsqueeze(2)).squeeze(2), atol=1e-5)
+    assert got[1, -1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_rerank_is_a_true_cosine_never_above_the_nearest_rows() -> None:
+    """Keys spread over all 16 channels, 4 directions: the coarse search may miss the nearest row,
+    but what it returns is the cosine of a searched key."""
+    g = torch.Generator().manual_seed(4)
+    keys = F.normalize(torch.randn(KEY_BLOCK + 3, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(1, 40, 16, generator=g), dim=2)
+    proj = principal_directions(keys, 4)
+    got = nearest_reranked(q, keys, proj, keys @ proj)
+    sim = q[0] @ keys.t()
+    assert bool((got[0] <= sim.amax(1) + 1e-6).all())
+    assert all(torch.isclose(sim[j], got[0, j], atol=1e-6).any() for j in range(40))
+
+
+def test_the_blocked_search_never_returns_an_excluded_row() -> None:
+    """Queries that are excluded keys themselves: unmasked, each would find its own key (cosine 1);
+    masked, the search returns brute force's best of the other rows."""
+    g = torch.Generator().manual_seed(5)
+    keys = F.normalize(torch.randn(200, 8, generator=g), dim=1)
+    mask = torch.zeros(1, 200, dtype=torch.bool)
+    mask[0, 40:80] = True
+    q = keys[40:80].clone()
+    top, idx = search_blocked(q, keys, 3, mask)
+    want = (q @ keys.t()).masked_fill(mask, float("-inf")).topk(3, dim=1)
+    assert torch.equal(idx, want.indices) and torch.allclose(top, want.values, atol=1e-6)
+    assert bool((top < 1 - 1e-3).all())
+    assert bool((search_blocked(q, keys, 1)[1][:, 0] == torch.arange(40, 80)).all())  # unmasked: itself
+
+
+def test_a_stamped_cache_follows_in_place_changes_and_new_storage_and_keeps_nothing_while_tracing(
+        monkeypatch) -> None:
+    cache: StampedCache[torch.Tensor] = StampedCache()
+    t = torch.ones(3)
+    calls = []
+
+    def double() -> torch.Tensor:
+        calls.append(1)
+        return t * 2
+
+    first = cache.get(double, t)
+    assert cache.get(double, t) is first and len(calls) == 1
+    t.add_(1)  # in place: the version counter moves
+    assert torch.equal(cache.get(double, t), torch.full((3,), 4.0)) and len(calls) == 2
+    t = t.clone()  # the same values in a new storage
+    cache.get(double, t)
+    assert len(calls) == 3
+    kept = cache.get(double, t)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # as during an export
+    assert cache.get(double, t) is not kept and len(calls) == 4  # computed into the graph, not read
+    t.add_(1)
+    cache.get(double, t)
+    monkeypatch.undo()
+    assert cache.get(double, t) is not kept and len(calls) == 6  # nor kept: computed again after
+
+
+def test_the_projected_keys_follow_an_in_place_edit_of_the_maps_and_of_the_projection() -> None:
+    torch.manual_seed(0)
+    bank = PatchBank(4, 16, None, (4, 4), top_k=1, search_dims=4).eval()
+    bank.fill(torch.randn(4, 16, 4, 4), torch.arange(4))
+    q = torch.randn(2, 16, 4, 4)
+    keys = bank.projected_keys()
+    assert bank.projected_keys() is keys
+    assert torch.equal(keys, bank.searched()[2] @ bank.search_proj)
+    before = bank.nearest_distance(q)
+    bank.maps.mul_(-1.0)  # in place: new rows are searched, and projected again
+    assert torch.equal(bank.projected_keys(), bank.searched()[2] @ bank.search_proj)
+    assert torch.allclose(bank.projected_keys(), -keys)
+    flipped = bank.nearest_distance(q)
+    fresh = PatchBank(4, 16, None, (4, 4), top_k=1, search_dims=4).eval()
+    fresh.load_state_dict(bank.state_dict())
+    assert torch.equal(flipped, fresh.nearest_distance(q)) and not torch.allclose(flipped, before)
+    bank.search_proj.mul_(-1.0)  # the projection edited in place
+    assert torch.allclose(bank.projected_keys(), keys)

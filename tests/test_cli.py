@@ -231,3 +231,18 @@ def test_bank_stages_flag_and_config_file(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "--bank-stages" in err and "expected teacher stages" in err
     assert model_config_from(parse_args(["train", "--data", "d", "--out", "o", "--recall", "map"])).recall == "map"
+
+
+def test_train_preset_nferd_fusion_trains_the_fused_design(trained, tmp_path) -> None:
+    """`--preset` selects a whole design on `train`; a flag given with it still wins."""
+    from nferd.models.choices import PRESETS
+    from nferd.models.nferd import ModelConfig
+    data, _ = trained
+    ckpt = tmp_path / "fusion"
+    assert main(["train", "--data", str(data), "--category", "synthetic_tiles", "--preset", "nferd_fusion",
+                 "--image-size", "64", "--epochs", "1", "--n-bank", "4", "--top-k", "2", "--batch-size", "4",
+                 "--holdout", "0.2", "--out", str(ckpt)]) == 0
+    saved = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text())["model"])
+    want = ModelConfig.preset("nferd_fusion", image_size=64, n_bank=4, top_k=2)
+    assert PRESETS["nferd_fusion"]["fusion"] == want.fusion
+    assert saved == want and saved.fusion != "none" and saved != ModelConfig(image_size=64, n_bank=4, top_k=2)

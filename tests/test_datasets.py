@@ -270,10 +270,10 @@ def test_mvtec_partly_masked_split_is_refused_with_the_missing_masks(mvtec_root:
     with pytest.raises(DatasetError, match=r"scratch[/\\]001\.png") as info:
         MVTecDataset(mvtec_root, "cat_a", "test")
     msg = str(info.value)
-    assert "1 of 3 anomalous images" in msg and "_mask" in msg and "--image-metrics-only" in msg
+    assert "1 of 3 anomalous images" in msg and "_mask" in msg and "`image_metrics_only`" in msg
     assert "000.png" not in msg  # only the image without a mask is listed
     ds = MVTecDataset(mvtec_root, "cat_a", "test", image_metrics_only=True)  # masks ignored, labels kept
-    assert not ds.has_masks and ds.labels == [0, 0, 1, 1, 1] and "--image-metrics-only" in ds.no_masks_reason
+    assert not ds.has_masks and ds.labels == [0, 0, 1, 1, 1] and "image metrics only" in ds.no_masks_reason
     assert all(ds[i]["mask"].sum() == 0 for i in range(len(ds)))
 
 

@@ -333,7 +333,7 @@ def test_restart_in_one_process_scores_only_the_missing_images(synth_root: Path,
     save = predict_module.save_outputs
     monkeypatch.setattr(predict_module, "save_outputs", lambda res, *a, **k: written.append(res["path"]) or
                         save(res, *a, **k))
-    with pytest.raises(ValueError, match="--fresh"):  # another map format: not the same run
+    with pytest.raises(ValueError, match="resume=False"):  # another map format: not the same run
         predict_to_folder(predictor, inputs, out, batch_size=4, map_format="png16", progress=False)
     rows = predict_to_folder(predictor, inputs, out, batch_size=4, progress=False)
     assert len(written) == 3 and rows == full

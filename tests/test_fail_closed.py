@@ -7,7 +7,9 @@ JSON file nferd writes parses with a strict parser.
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -23,7 +25,7 @@ from safetensors.torch import save_file
 from nferd.cli import main
 from nferd.data.images import load_image
 from nferd.deploy.predict import BasePredictor, Predictor
-from nferd.engine.calibration import CalibrationWarning, NonFiniteError, fit_normal
+from nferd.engine.calibration import Calibration, CalibrationWarning, NonFiniteError, fit_normal
 from nferd.engine.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, update_metadata
 from nferd.engine.evaluate import write_results
 from nferd.models.nferd import NFERD, ModelConfig
@@ -40,7 +42,7 @@ def strict_loads(text: str) -> object:
 
 
 @pytest.fixture(scope="module")
-def model_and_cal(synth_root: Path) -> tuple[NFERD, dict]:
+def model_and_cal(synth_root: Path) -> tuple[NFERD, Calibration]:
     """An untrained tiny model with filled banks, calibrated on 8 good training images."""
     torch.manual_seed(0)
     model = NFERD(ModelConfig(image_size=64, n_bank=4, top_k=2), teacher_weights="random").eval()
@@ -58,7 +60,8 @@ def model_and_cal(synth_root: Path) -> tuple[NFERD, dict]:
 @pytest.fixture(scope="module")
 def saved(model_and_cal, tmp_path_factory) -> Path:
     model, cal = model_and_cal
-    return save_checkpoint(tmp_path_factory.mktemp("fail_closed") / "ckpt", model, {"calibration": cal}).parent
+    folder = tmp_path_factory.mktemp("fail_closed") / "ckpt"
+    return save_checkpoint(folder, model, {"calibration": cal.to_dict()}).parent
 
 
 @pytest.fixture
@@ -156,8 +159,9 @@ def test_nan_calibration_threshold_is_never_written_and_never_read(ckpt, images,
 
 def test_predictor_refuses_a_calibration_without_a_finite_threshold(model_and_cal) -> None:
     model, cal = model_and_cal
-    for bad in ({**cal, "image_threshold": float("inf")}, {**cal, "image_threshold": None},
-                {k: v for k, v in cal.items() if k != "image_threshold"}):
+    d = cal.to_dict()  # as a user's file holds it
+    for bad in ({**d, "image_threshold": float("inf")}, {**d, "image_threshold": None},
+                {k: v for k, v in d.items() if k != "image_threshold"}):
         with pytest.raises(ValueError, match="image_threshold"):
             Predictor(model, bad, device="cpu")
 
@@ -169,12 +173,16 @@ def test_decide_never_returns_ok_for_a_non_finite_score_or_threshold(model_and_c
     _, cal = model_and_cal
     p = BasePredictor()
     p.calibration = cal
-    assert p.decide(cal["image_threshold"] - 1.0)["decision"] == "OK"
-    assert p.decide(cal["image_threshold"] + 1.0)["decision"] == "NOK"
+    assert p.decide(cal.image_threshold - 1.0)["decision"] == "OK"
+    assert p.decide(cal.image_threshold + 1.0)["decision"] == "NOK"
     for score in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(NonFiniteError):
             p.decide(score)
-    p.calibration = {**cal, "image_threshold": float("nan")}  # set behind the loaders' backs
+    with pytest.raises(NonFiniteError, match="image_threshold is nan"):  # no calibration is made with one
+        dataclasses.replace(cal, image_threshold=float("nan"))
+    broken = copy.copy(cal)
+    object.__setattr__(broken, "image_threshold", float("nan"))  # damaged past every check
+    p.calibration = broken
     with pytest.raises(NonFiniteError, match="threshold"):
         p.decide(0.0)
     p.calibration = None  # uncalibrated: no decision at all, never OK
@@ -228,7 +236,7 @@ def test_report_shows_error_not_ok_for_a_nan_score(model_and_cal, images, tmp_pa
     pytest.importorskip("matplotlib")
     from nferd.deploy.report import prepare_category, write_report
     _, cal = model_and_cal
-    thr = cal["image_threshold"]
+    thr = cal.image_threshold
     data = {"metrics": {"image_auroc": 1.0}, "scores": np.array([np.nan, thr - 1, thr + 1, thr - 2]),
             "labels": np.array([1, 0, 1, 0]), "paths": [*images, images[0]]}
     prep = prepare_category(data, cal, gallery_size=4)
@@ -304,8 +312,6 @@ def test_onnx_nan_at_run_time_is_an_error_row(exported, images, tmp_path, monkey
 
 def test_export_refuses_non_finite_weights(model_and_cal, tmp_path) -> None:
     pytest.importorskip("onnx")
-    import copy
-
     from nferd.deploy.export import export_onnx
     model = copy.deepcopy(model_and_cal[0])
     with torch.no_grad():

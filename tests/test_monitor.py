@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from nferd.deploy.monitor import DRIFT_ALPHA, DRIFT_WINDOW, DriftMonitor
-from nferd.engine.calibration import decision, normalize
+from nferd.engine.calibration import Calibration, decision
 
 N_REFERENCE = 30  # a typical calibration: a few dozen held-out good images
 
@@ -108,7 +108,7 @@ class ScriptedPredictor:
     """A stand-in model whose scores come from a script (a real model's scores cannot be shifted on
     demand); maps are flat, the calibration is a normal one with its reference scores."""
 
-    def __init__(self, scores: list[float], calibration: dict[str, Any]) -> None:
+    def __init__(self, scores: list[float], calibration: Calibration) -> None:
         self.scores, self.calibration, self.size = list(scores), calibration, 32
         self.preprocess = False
 
@@ -118,7 +118,7 @@ class ScriptedPredictor:
         return np.zeros((n, 32, 32), np.float32), np.asarray(out, np.float32)
 
     def decide(self, score: float) -> dict[str, Any]:
-        return {"score": score, "normalized_score": float(normalize(score, self.calibration)),
+        return {"score": score, "normalized_score": float(self.calibration.normalize(score)),
                 "decision": decision(score, self.calibration)}
 
 
@@ -138,8 +138,7 @@ def test_the_service_raises_drift_on_shifted_scores_only(shifted: bool) -> None:
     from nferd.deploy.serve import create_app
     rng = np.random.default_rng(3)
     ref, thr = reference_and_threshold(rng)
-    cal = {"method": "normal_bound", "image_threshold": thr, "pixel_threshold": 1.0, "pixel_median": 0.0,
-           "score_min": min(ref), "normal_scores": ref}
+    cal = Calibration(image_threshold=thr, pixel_threshold=1.0, score_min=min(ref), normal_scores=tuple(ref))
     stream = rng.gamma(4.0, 0.25, 300) + (1.5 * SD if shifted else 0.0)
     app = create_app(ScriptedPredictor(stream.tolist(), cal), warmup=False)
     image = png()
@@ -184,8 +183,7 @@ def test_errors_are_counted_and_never_enter_the_drift_window() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from nferd.deploy.serve import create_app
-    cal = {"method": "normal_bound", "image_threshold": 2.0, "pixel_threshold": 1.0, "pixel_median": 0.0,
-           "score_min": 0.0, "normal_scores": [0.5] * 10}
+    cal = Calibration(image_threshold=2.0, pixel_threshold=1.0, score_min=0.0, normal_scores=(0.5,) * 10)
     app = create_app(ScriptedPredictor([float("nan"), 0.5], cal), warmup=False)
     with TestClient(app) as client:
         assert client.post("/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 500

@@ -74,7 +74,7 @@ def test_the_service_runs_on_the_ir(ir, synth_root) -> None:
         r = client.post("/predict", files={"file": (good.name, good.read_bytes(), "image/png")})
         meta = client.get("/metadata").json()
     assert r.status_code == 200 and r.json()["decision"] in ("OK", "NOK")
-    assert meta["calibration"]["image_threshold"] == pytest.approx(ov.calibration["image_threshold"])
+    assert meta["calibration"]["image_threshold"] == pytest.approx(ov.calibration.image_threshold)
 
 
 def test_broken_foreign_or_missing_irs_are_refused(ir, tmp_path, capsys) -> None:

@@ -43,11 +43,11 @@ def test_int8_export_quantises_refits_the_thresholds_and_records_its_gate(traine
     assert meta["gate"]["ok"] and set(meta["gate"]["change"]) == set(GATE_BOUNDS)
     assert meta["statistics_images"] > 0 and meta["tool"].startswith("nncf")
     # the small training set was cross-fitted: the fp32 thresholds move by the int8 model's own change
-    assert a.calibration["n_images"] > 2 and b.calibration["n_images"] == a.calibration["n_images"]
-    shift = b.calibration["int8_shift"]
+    assert a.calibration.n_images > 2 and b.calibration.n_images == a.calibration.n_images
+    shift = b.calibration.int8_shift
     assert shift["n_images"] > 0 and shift["image_score"] != 0
-    assert b.calibration["image_threshold"] == pytest.approx(a.calibration["image_threshold"] + shift["image_score"])
-    assert b.calibration["pixel_threshold"] == pytest.approx(a.calibration["pixel_threshold"] + shift["pixel"])
+    assert b.calibration.image_threshold == pytest.approx(a.calibration.image_threshold + shift["image_score"])
+    assert b.calibration.pixel_threshold == pytest.approx(a.calibration.pixel_threshold + shift["pixel"])
     x = torch.rand(3, 3, 64, 64)
     maps, scores = b.maps(x)
     assert maps.shape == (3, 64, 64) and np.isfinite(maps).all()
@@ -137,7 +137,7 @@ def test_bf16_export_is_gated_refits_its_thresholds_and_runs_in_bf16(trained, tm
     assert "bfloat16" in str(b.compiled.get_property("INFERENCE_PRECISION_HINT"))
     assert b.metadata["bf16"]["gate"]["ok"] and set(b.metadata["bf16"]["gate"]["change"]) == set(GATE_BOUNDS)
     # its own thresholds: the fp32 ones moved by what bf16 did to the scores
-    assert b.calibration["image_threshold"] != a.calibration["image_threshold"]
+    assert b.calibration.image_threshold != a.calibration.image_threshold
     x = torch.rand(2, 3, 64, 64)
     ma, sa = a.maps(x)
     mb, sb = b.maps(x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import io
 import json
 import math
@@ -39,7 +40,6 @@ import uvicorn  # noqa: E402
 import nferd  # noqa: E402
 from nferd.deploy.predict import Predictor  # noqa: E402
 from nferd.deploy.serve import ModelOutputError, create_app, self_check  # noqa: E402
-from nferd.engine.calibration import normalize  # noqa: E402
 from nferd.engine.checkpoint import read_metadata  # noqa: E402
 
 UPLOAD_LIMIT = 256 * 1024
@@ -129,8 +129,8 @@ def test_good_and_defective_images_are_scored_like_the_python_api(server, predic
         # the same score as `nferd predict` / Predictor.predict_paths for this file
         ref = next(predictor.predict_paths([path]))
         assert res["score"] == pytest.approx(ref["score"], rel=1e-5), kind
-        assert res["decision"] == ("NOK" if res["score"] > cal["image_threshold"] else "OK")
-        assert res["normalized_score"] == pytest.approx(float(normalize(res["score"], cal)), abs=1e-9)
+        assert res["decision"] == ("NOK" if res["score"] > cal.image_threshold else "OK")
+        assert res["normalized_score"] == pytest.approx(float(cal.normalize(res["score"])), abs=1e-9)
         assert (res["normalized_score"] > 0.5) == (res["decision"] == "NOK")
         # defect area at the image's own size, and the mask PNG says the same
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["mask_png_base64"]))))
@@ -390,7 +390,8 @@ def test_a_response_holding_nan_is_a_strict_json_500(predictor) -> None:
     class NanCalibration(PoisonedPredictor):
         def __init__(self) -> None:
             super().__init__(predictor, "nan")
-            self.calibration = {**predictor.calibration, "pixel_median": float("nan")}
+            self.calibration = copy.copy(predictor.calibration)
+            object.__setattr__(self.calibration, "pixel_median", float("nan"))  # damaged past every check
 
     with serve_in_thread(create_app(NanCalibration(), warmup=False)) as url:
         r = httpx.get(f"{url}/metadata")
@@ -427,10 +428,11 @@ def test_health_and_metadata(server, checkpoint, predictor, synth_root) -> None:
     assert m["nferd_version"] == nferd.__version__
     assert m["teacher"]["name"] == "efficientnet_lite0" and m["model"] == meta["model"]
     assert m["image_size"] == 64 and m["decision_available"] is True
-    flat = {k: v for k, v in predictor.calibration.items() if not isinstance(v, (dict, list))}
+    cal = predictor.calibration.to_dict()
+    flat = {k: v for k, v in cal.items() if not isinstance(v, (dict, list))}
     assert {k: m["calibration"][k] for k in flat} == pytest.approx(flat)
-    assert m["calibration"]["normal_scores"] == pytest.approx(predictor.calibration["normal_scores"])
-    assert m["calibration"]["fitted_set"] == predictor.calibration["fitted_set"]
+    assert m["calibration"]["normal_scores"] == pytest.approx(cal["normal_scores"])
+    assert m["calibration"]["fitted_set"] == cal["fitted_set"] == meta["calibration"]["fitted_set"]
     assert m["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and m["limits"]["max_queue"] == 16
     assert m["limits"]["max_image_memory_bytes"] == 1024 * 1024 * 1024
     assert str(checkpoint.parent) not in r.text  # no server paths leak

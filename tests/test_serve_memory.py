@@ -40,6 +40,7 @@ from nferd.deploy.serve import (  # noqa: E402
     resized_rows,
     trim_memory,
 )
+from nferd.engine.calibration import Calibration  # noqa: E402
 from nferd.models.nferd import NFERD, ModelConfig  # noqa: E402
 
 MiB = 1024 * 1024
@@ -81,8 +82,8 @@ def predictor() -> Predictor:
         model.fill_banks([t[:4] for t in model.teacher(images[:4])], torch.arange(4))
     pred = Predictor(model, None, device="cpu")
     maps, scores = pred.maps(images[4:])
-    pred.calibration = {"image_threshold": float(np.median(scores)), "score_min": float(scores.min()),
-                        "pixel_threshold": float(np.quantile(maps, 0.9)), "pixel_median": float(np.median(maps))}
+    pred.calibration = Calibration(image_threshold=float(np.median(scores)), score_min=float(scores.min()),
+                                   pixel_threshold=float(np.quantile(maps, 0.9)), pixel_median=float(np.median(maps)))
     return pred
 
 

@@ -7,6 +7,7 @@ import urllib.error
 import pytest
 import torch
 
+from nferd.cli.wording import message
 from nferd.models import weights as W
 from nferd.models.teacher import TEACHERS, build_teacher
 from nferd.models.weights import TeacherWeightsError
@@ -103,7 +104,8 @@ def test_offline_download_fails_with_advice(tmp_path, monkeypatch) -> None:
         build_teacher("wide_resnet50_2")
     msg = str(e.value)
     assert "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth" in msg
-    assert "--teacher-weights" in msg and str(tmp_path) in msg
+    assert "`teacher_weights`" in msg and str(tmp_path) in msg  # the parameter; the command line says its flag
+    assert "--teacher-weights" in message(e.value) and "`" not in message(e.value)
 
 
 def test_corrupt_cached_download_is_rejected(tmp_path, monkeypatch) -> None:

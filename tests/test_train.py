@@ -62,7 +62,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_p
     model = NFERD(small_config())
     Trainer(model, Subset(ds, keep), cfg, trainer_out, Subset(ds, held), progress=False).fit(stop_after=2)
     assert read_metadata(trainer_out / LAST)["epoch"] == 2
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="`resume`"):
         train(ds, small_config(), cfg, trainer_out, progress=False)
     resumed, summary = train(ds, small_config(), cfg, trainer_out, resume=True, progress=False)
     assert summary["epochs_run"] == 2

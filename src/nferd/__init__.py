@@ -2,13 +2,16 @@
 
 Python API (the same verbs as the ``nferd`` command)::
 
-    from nferd import ModelConfig, TrainConfig, MVTecDataset, train, evaluate, Predictor
+    from nferd import DataSpec, ModelConfig, TrainConfig, MVTecDataset, train, train_categories, evaluate, Predictor
 
     train_set = MVTecDataset("/data/mvtec_ad", "bottle", "train")
     model, summary = train(train_set, ModelConfig(teacher="efficientnet_lite0"), TrainConfig(epochs=200),
                            "runs/bottle")
     metrics, _ = evaluate(model, MVTecDataset("/data/mvtec_ad", "bottle", "test"))
     predictor = Predictor.from_checkpoint("runs/bottle")
+
+    # every category of a dataset root, as ``nferd train --category all`` does
+    runs = train_categories(DataSpec("/data/mvtec_ad", "all"), ModelConfig(), TrainConfig(), "runs")
 """
 
 from typing import TYPE_CHECKING, Any
@@ -22,15 +25,19 @@ _EXPORTS = {
     "make_dataset": "data.datasets", "Predictor": "deploy.predict", "predict_to_folder": "deploy.predict",
     "load_checkpoint": "engine.checkpoint", "save_checkpoint": "engine.checkpoint", "evaluate": "engine.evaluate",
     "infer": "engine.evaluate", "TrainConfig": "engine.train", "train": "engine.train", "NFERD": "models.nferd",
-    "ModelConfig": "models.nferd", "build_teacher": "models.teacher",
+    "ModelConfig": "models.nferd", "build_teacher": "models.teacher", "DataSpec": "engine.runs",
+    "train_categories": "engine.runs", "Calibration": "engine.calibration", "NferdError": "errors",
 }
 
 if TYPE_CHECKING:
     from .data.datasets import FolderDataset, MVTecDataset, VisADataset, make_dataset
     from .deploy.predict import Predictor, predict_to_folder
+    from .engine.calibration import Calibration
     from .engine.checkpoint import load_checkpoint, save_checkpoint
     from .engine.evaluate import evaluate, infer
+    from .engine.runs import DataSpec, train_categories
     from .engine.train import TrainConfig, train
+    from .errors import NferdError
     from .models.nferd import NFERD, ModelConfig
     from .models.teacher import build_teacher
 
@@ -45,4 +52,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["NFERD", "ModelConfig", "TrainConfig", "train", "evaluate", "infer", "Predictor",
            "predict_to_folder", "load_checkpoint", "save_checkpoint", "build_teacher", "MVTecDataset",
-           "VisADataset", "FolderDataset", "make_dataset", "__version__"]
+           "VisADataset", "FolderDataset", "make_dataset", "DataSpec", "train_categories", "Calibration",
+           "NferdError", "__version__"]

@@ -36,6 +36,7 @@ from ..engine.device import (
 )
 from ..engine.provenance import cpu_flags, cpu_model
 from ..engine.train import make_adam
+from ..errors import MissingDependency
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig
 from ..models.resnet import RESNET_SPECS, make_layer
@@ -255,8 +256,9 @@ def peer_path(teacher: str, size: int, batch: int) -> tuple[BenchPath, str]:
         from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
         from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
     except ImportError as e:
-        raise ImportError(f"--peer anomalib needs anomalib, which is not importable here ({e}); run nferd speed in "
-                          "an environment with PyPI's torch, torchvision and anomalib (pip install anomalib)") from e
+        raise MissingDependency(f"--peer anomalib needs anomalib, which is not importable here ({e}); run nferd "
+                                "speed in an environment with PyPI's torch, torchvision and anomalib "
+                                "(pip install anomalib)") from e
     try:
         model = ReverseDistillationModel(backbone=teacher, input_size=(size, size),
                                          layers=["layer1", "layer2", "layer3"], anomaly_map_mode="add",

@@ -1,5 +1,5 @@
-"""What several verbs share: the datasets and categories an invocation names, tiling, the
-model configuration, experiment tracking and the metrics line.
+"""What several verbs share: the images an invocation names, tiling, the model configuration
+and experiment tracking.
 
 Imports of heavy modules sit inside the functions: a verb loads torch (and what else it needs)
 when it runs, so ``--help``, ``--version`` and option errors answer at once.
@@ -13,42 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .options import CLIError, model_config_from
+from .wording import message
 
 
-def datasets_for(args: argparse.Namespace, category: str | None, split: str, image_size: int):  # type: ignore[no-untyped-def]
-    from ..data.datasets import make_dataset
-    kw: dict[str, Any] = {}
-    if split == "test" and getattr(args, "image_metrics_only", False):
-        kw["image_metrics_only"] = True
-    if args.data_format == "folder":
-        if split == "test":
-            kw.update({"test_normal_dir": args.test_normal_dir, "test_abnormal_dir": args.test_abnormal_dir,
-                       "mask_dir": args.mask_dir})
-            if not (args.test_normal_dir or args.test_abnormal_dir):
-                raise CLIError("--format folder needs --test-normal-dir and/or --test-abnormal-dir to test")
-            return make_dataset("folder", None, None, split, image_size, **kw)
-    return make_dataset(args.data_format, args.data, category, split, image_size, **kw)
-
-
-def categories(args: argparse.Namespace) -> list[str | None]:
-    if args.data_format == "folder":
-        return [None]
-    if args.category is None:
-        raise CLIError(f"--category is required: a category folder under '{args.data}', or 'all'. (--data "
-                       "holds no images itself; for a folder of good images give that folder, or --format folder)")
-    if args.category == "all":
-        from ..data.datasets import discover_categories
-        return list(discover_categories(args.data))
-    return [args.category]
-
-
-def result_name(args: argparse.Namespace, category: str | None) -> str:
-    """The name results are filed under: the category, or for a plain folder the folder's name."""
-    if category:
-        return category
-    folder = args.data or args.test_normal_dir or args.test_abnormal_dir
-    name = Path(folder).resolve().name if folder else ""
-    return (Path(folder).resolve().parent.name if name in ("good", "train", "ok") else name) or "images"
+def data_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The images an invocation names (``--data``, ``--category``, ``--format`` and the folder options)."""
+    from ..engine.runs import DataSpec
+    return DataSpec(args.data, args.category, args.data_format, getattr(args, "test_normal_dir", None),
+                    getattr(args, "test_abnormal_dir", None), getattr(args, "mask_dir", None),
+                    getattr(args, "image_metrics_only", False))
 
 
 def recorded_data(args: argparse.Namespace) -> None:
@@ -78,46 +51,26 @@ def tiling_for(args: argparse.Namespace, recorded: dict[str, Any] | None, image_
     try:
         return resolve_tiling(recorded, getattr(args, "tile", None), getattr(args, "tile_overlap", None), image_size)
     except ValueError as e:
-        raise CLIError(str(e)) from e
-
-
-def validation_set(args: argparse.Namespace, category: str | None, image_size: int | None):  # type: ignore[no-untyped-def]
-    """A validation/good folder (MVTec 3D-AD, LOCO) calibrates instead of held-out training images."""
-    if args.data_format == "folder" or category is None:
-        return None
-    if not (Path(args.data) / category / "validation" / "good").is_dir():
-        return None
-    ds = datasets_for(args, category, "validation", image_size)
-    ds.calibration_source = "validation/good"
-    return ds
+        raise CLIError(message(e)) from e
 
 
 def model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     try:
         return model_config_from(args)
     except ValueError as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(message(e)) from e
 
 
 @contextlib.contextmanager
-def tracking(args: argparse.Namespace, name: str, lead: bool = True):  # type: ignore[no-untyped-def]
-    """An MLflow run when --mlflow asks for one (on the process that reports), else None."""
-    if not getattr(args, "mlflow", False) or not lead:
+def tracking(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
+    """An MLflow run when --mlflow asks for one, else None."""
+    if not getattr(args, "mlflow", False):
         yield None
         return
-    from ..engine.tracking import MLflowRun, TrackingUnavailable
+    from ..engine.runs import Tracking
+    from ..engine.tracking import TrackingUnavailable
     try:
-        run = MLflowRun(name, uri=args.mlflow_uri, directory=args.mlflow_dir)
+        with Tracking(args.mlflow_uri, args.mlflow_dir).run(name) as run:
+            yield run
     except TrackingUnavailable as e:
-        raise CLIError(str(e)) from e
-    with run:
-        print(f"MLflow run {run.run_id} in {run.uri}")
-        yield run
-
-
-def print_metrics(name: str, m: dict[str, Any]) -> None:
-    keys = ("image_auroc", "image_ap", "image_f1max", "miss_at_1pct_fa") + (() if m.get("pixel_metrics_absent") else
-                                                         ("pixel_auroc", "aupro", "pixel_ap", "segf1", "aupro_0.05"))
-    print(f"{name}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m))
-    if m.get("pixel_metrics_absent"):
-        print(f"{name}: pixel metrics absent: {m['pixel_metrics_absent']}")
+        raise CLIError(message(e)) from e

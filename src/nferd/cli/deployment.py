@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..text import count
 from .common import (
     tiling_for,
 )
 from .options import CLIError
-from .wording import count
+from .wording import message
 
 
 def _file_predictor(backend: str, model: str | None):  # type: ignore[no-untyped-def]
@@ -32,7 +33,7 @@ def _file_predictor(backend: str, model: str | None):  # type: ignore[no-untyped
         from ..deploy.openvino_runtime import OpenVinoPredictor
         return OpenVinoPredictor.from_file(model)
     except ImportError as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(message(e)) from e
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -114,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             from ..deploy.openvino_runtime import export_openvino, require_openvino
             require_openvino()
         except ImportError as e:
-            raise CLIError(str(e)) from e
+            raise CLIError(message(e)) from e
     if args.int8 and not openvino:
         raise CLIError("--int8 quantises the OpenVINO IR: add --format openvino (ONNX Runtime's static "
                        "quantisation lost accuracy where NNCF's did not; see docs/deploy.md)")
@@ -196,7 +197,7 @@ def _gate_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
         else:
             test_set = make_dataset(fmt, root, category, "test", size)
     except (OSError, ValueError) as e:
-        raise CLIError(f"the accuracy gate cannot read the data at '{root}' (category {category}): {e}; "
+        raise CLIError(f"the accuracy gate cannot read the data at '{root}' (category {category}): {message(e)}; "
                        "pass --data ROOT --category C") from e
     labels = set(getattr(test_set, "labels", ()))
     if labels != {0, 1} and not args.allow_accuracy_loss:  # found now, not after the quantisation
@@ -206,11 +207,25 @@ def _gate_sets(args: argparse.Namespace, model: Any, meta: dict[str, Any], tilin
     return TiledDataset(normal_set, tiling) if tiling else normal_set, cal_set, test_set
 
 
-def _print_gate(gate: dict[str, Any], name: str) -> None:
-    """The accuracy gate's figures, one metric a line: fp32, the reduced model, change, bound."""
+def _gated_export(exporter: Any, name: str, args: argparse.Namespace, model: Any, meta: dict[str, Any],
+                  extra: dict[str, Any], tiling: Any) -> tuple[Any, dict[str, Any], float]:
+    """Run a gated export (``export_int8`` or ``export_bf16``) and print its gate, one metric a line:
+    fp32, the reduced model, change, bound. Returns the written path (None: refused), the report and
+    the seconds it took."""
     from ..deploy.quantize import GATE_BOUNDS
+    normal_set, cal_set, test_set = _gate_sets(args, model, meta, tiling)
+    t0 = time.perf_counter()
+    path, report = exporter(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
+                            extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
+    gate = report["gate"]
     for k, d in gate.get("change", {}).items():
         print(f"{k}: fp32 {gate['fp32'][k]:.4f}, {name} {gate[name][k]:.4f} ({d:+.4f}; bound {GATE_BOUNDS[k]:.3f})")
+    return path, report, time.perf_counter() - t0
+
+
+def _warn_if_forced(gate: dict[str, Any]) -> None:
+    if not gate["ok"]:
+        print(f"warning: the accuracy gate failed ({gate['reason']}); written because of --allow-accuracy-loss")
 
 
 def _export_bf16(args: argparse.Namespace, model: Any, meta: dict[str, Any], extra: dict[str, Any],
@@ -222,22 +237,17 @@ def _export_bf16(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
     if args.precision == "auto" and not cpu_has_bf16():
         print("this CPU has no native bf16: exporting fp32")
         return None
-    normal_set, cal_set, test_set = _gate_sets(args, model, meta, tiling)
-    t0 = time.perf_counter()
-    path, report = export_bf16(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
-                               extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
-    gate = report["gate"]
-    _print_gate(gate, "bf16")
+    path, report, seconds = _gated_export(export_bf16, "bf16", args, model, meta, extra, tiling)
     if path is None:
+        reason = report["gate"]["reason"]
         if args.precision == "auto":
-            print(f"bf16 refused ({gate['reason']}): exporting fp32")
+            print(f"bf16 refused ({reason}): exporting fp32")
             return None
-        print(f"bf16 model refused: {gate['reason']}; nothing written (--allow-accuracy-loss writes it anyway)")
+        print(f"bf16 model refused: {reason}; nothing written (--allow-accuracy-loss writes it anyway)")
         return 3
     print(f"exported {model.config.describe()} ({model.config.teacher}) for bf16 inference to {path} "
-          f"({time.perf_counter() - t0:.1f} s); calibration {report['calibration']}")
-    if not gate["ok"]:
-        print(f"warning: the accuracy gate failed ({gate['reason']}); written because of --allow-accuracy-loss")
+          f"({seconds:.1f} s); calibration {report['calibration']}")
+    _warn_if_forced(report["gate"])
     return 0
 
 
@@ -247,23 +257,17 @@ def _export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], ext
         from ..deploy.quantize import export_int8, require_nncf
         require_nncf()
     except ImportError as e:
-        raise CLIError(str(e)) from e
-    normal_set, cal_set, test_set = _gate_sets(args, model, meta, tiling)
-    t0 = time.perf_counter()
-    path, report = export_int8(model, args.out, normal_set, cal_set, test_set, meta.get("calibration"),
-                               extra_meta=extra, allow_accuracy_loss=args.allow_accuracy_loss)
-    gate = report["gate"]
-    _print_gate(gate, "int8")
+        raise CLIError(message(e)) from e
+    path, report, seconds = _gated_export(export_int8, "int8", args, model, meta, extra, tiling)
     if path is None:
-        print(f"INT8 model refused: {gate['reason']}; nothing written (--allow-accuracy-loss writes it anyway)")
+        print(f"INT8 model refused: {report['gate']['reason']}; nothing written (--allow-accuracy-loss writes it "
+              "anyway)")
         return 3
     size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     print(f"exported {model.config.describe()} ({model.config.teacher}) as INT8 to {path} ({size / 2**20:.1f} MiB, "
-          f"{time.perf_counter() - t0:.1f} s; "
-          f"statistics from {count(report['statistics_images'], 'normal training image')}); "
+          f"{seconds:.1f} s; statistics from {count(report['statistics_images'], 'normal training image')}); "
           f"calibration {report['calibration']}")
-    if not gate["ok"]:
-        print(f"warning: the accuracy gate failed ({gate['reason']}); written because of --allow-accuracy-loss")
+    _warn_if_forced(report["gate"])
     return 0
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import warnings
 
-from . import deployment, tools, training
+from ..errors import NferdError
 from .options import CLIError, preflight
-from .parser import build_parser, parse_args
+from .parser import build_parser, parse_args, print_config
+from .wording import message
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
@@ -20,17 +21,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
 
 _default_show = warnings.showwarning
 
-# each verb and the function that runs it (`bench` is `speed`'s old name)
-VERBS = {"demo": training.cmd_demo, "train": training.cmd_train, "test": training.cmd_test,
-         "calibrate": training.cmd_calibrate, "predict": deployment.cmd_predict, "serve": deployment.cmd_serve,
-         "export": deployment.cmd_export, "mvtec-ad2-submission": deployment.cmd_mvtec_ad2_submission,
-         "synth": tools.cmd_synth, "info": tools.cmd_info, "diagnose": tools.cmd_diagnose, "speed": tools.cmd_speed,
-         "bench": tools.cmd_speed, "benchmark": tools.cmd_benchmark}
-
-
 def main(argv: list[str] | None = None) -> int:
-    warnings.showwarning = _show_warning
     """Run one ``nferd`` command; returns the exit status (2: bad input, reported in one line)."""
+    warnings.showwarning = _show_warning
     try:
         try:
             args = parse_args(argv)
@@ -39,19 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 1
+        if args.print_config:
+            print_config(args)
+            return 0
         preflight(args)  # every check that can fail before any work starts
         if args.command == "bench":
             print("nferd: note: `nferd bench` is now `nferd speed`; the old name goes in the next release",
                   file=sys.stderr)
-        return VERBS[args.command](args) or 0
+        return args.func(args) or 0
     except CLIError as e:
         print(f"nferd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nferd: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not type(e).__module__.startswith("nferd"):
-            raise  # a bug, not bad input: keep the traceback
-        print(f"nferd: error: {e}", file=sys.stderr)
+    except (NferdError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"nferd: error: {message(e)}", file=sys.stderr)  # bad input; any other exception is a bug
         return 2

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.limits import MAX_IMAGE_SIZE
+from .wording import message
 
 
 class CLIError(Exception):
@@ -168,7 +169,7 @@ IMAGE_SIZE_HELP = (f"input side in pixels: a multiple of 32 (the teacher downsam
                    "not a model that fits; default 256)")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: Any) -> None:
     from ..models.choices import DEFAULT_TEACHER, DISTANCES, FUSIONS, PRESETS, RECALLS, TEACHER_NAMES
     g = p.add_argument_group("model")
     g.add_argument("--teacher", default=DEFAULT_TEACHER, choices=list(TEACHER_NAMES),
@@ -249,7 +250,7 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     try:
         return ModelConfig(**kw)
     except ValueError as e:
-        raise CLIError(f"model options: {e}") from e
+        raise CLIError(f"model options: {message(e)}") from e
 
 
 def writable_folder(path: str | Path, option: str) -> None:
@@ -327,8 +328,8 @@ def preflight(args: argparse.Namespace) -> None:
         writable_folder(args.work, "--work")
 
 
-def add_tracking_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("experiment tracking")
+def add_tracking_options(p: Any) -> None:
+    g = p.add_argument_group("tracking")
     g.add_argument("--mlflow", action="store_true",
                    help="also log parameters, per-epoch loss, metrics and the checkpoint path to MLflow "
                         "(pip install 'nferd[mlflow]')")
@@ -338,7 +339,7 @@ def add_tracking_options(p: argparse.ArgumentParser) -> None:
                    help="another MLflow tracking URI (a server, a database) instead of --mlflow-dir")
 
 
-def add_tiling_options(p: argparse.ArgumentParser, training: bool = False) -> None:
+def add_tiling_options(p: Any, training: bool = False) -> None:
     """--tile / --tile-overlap: score (and with ``training`` train on) full-resolution tiles."""
     if training:
         what = ("train on tiles of SIZE px cut from the full-resolution images (the model input becomes SIZE) "
@@ -358,8 +359,8 @@ def add_folder_test_options(g: Any) -> None:
     g.add_argument("--mask-dir", default=None, help="folder format: masks matched by file stem")
 
 
-def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("data")
+def add_data_options(p: Any, required: bool = True) -> None:
+    g = p.add_argument_group("dataset")
     g.add_argument("--data", required=required, metavar="ROOT",
                    help="dataset root (MVTec AD / 3D-AD / LOCO / VisA layout) or a folder of good training "
                         "images" + ("" if required else " (default: the data recorded in the checkpoint)"))

@@ -7,18 +7,17 @@ with dashes or underscores); flags given on the command line override the file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from ..deploy.onnx_format import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..models.choices import DEFAULT_TEACHER, FUSIONS, LR_SCHEDULES, PRESETS, TEACHER_NAMES
 from ..version import __version__
+from . import config_file, deployment, tools, training
+from .config_file import Option, Recorder
 from .options import (
     DEVICES,
     IMAGE_SIZE_HELP,
-    CLIError,
     IntRange,
     add_data_options,
     add_folder_test_options,
@@ -67,25 +66,50 @@ EXAMPLES = {
 }
 
 
+# each verb and the function that runs it (``bench`` is ``speed``'s old name, an alias)
+COMMANDS = {"demo": training.cmd_demo, "train": training.cmd_train, "test": training.cmd_test,
+            "calibrate": training.cmd_calibrate, "predict": deployment.cmd_predict, "serve": deployment.cmd_serve,
+            "export": deployment.cmd_export, "mvtec-ad2-submission": deployment.cmd_mvtec_ad2_submission,
+            "synth": tools.cmd_synth, "info": tools.cmd_info, "diagnose": tools.cmd_diagnose, "speed": tools.cmd_speed,
+            "benchmark": tools.cmd_benchmark}
+
+
+class Verb(NamedTuple):
+    parser: argparse.ArgumentParser
+    options: dict[str, Option]  # by dest, as the verb's parser declares them (for config files)
+
+
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``nferd: error: argument --X: ...``), exit 2."""
+    """An argument parser whose errors are one line (``nferd: error: argument --X: ...``), exit 2;
+    ``verbs`` holds each sub-command's parser and options."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.verbs: dict[str, Verb] = {}
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"nferd: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     ap = Parser(prog="nferd", description="NFERD anomaly detection: train on normal images, "
                                  "find and localise defects.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
     ap.add_argument("--version", action="version", version=f"nferd {__version__}")
     sub = ap.add_subparsers(dest="command")
 
-    def cmd(name: str, help: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    def cmd(name: str, help: str, aliases: tuple[str, ...] = ()) -> Recorder:
         p = sub.add_parser(name, aliases=list(aliases), help=help, description=help,
                            epilog="example:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of options (flags override)")
-        return p
+        p.set_defaults(func=COMMANDS[name])
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="YAML/JSON file of options, flat or in sections (flags override it)")
+        p.add_argument("--print-config", action="store_true",
+                       help="print these options as a config file and exit (nothing runs)")
+        verb = ap.verbs[name] = Verb(p, {})
+        for alias in aliases:
+            ap.verbs[alias] = verb
+        return Recorder(p, verb.options)
 
     p = cmd("demo", "generate the embedded synthetic dataset, train NFERD on it, test, and write overlays")
     p.add_argument("--out", default="runs/demo")
@@ -321,73 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"config file '{path}' does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except Exception as e:
-        raise CLIError(f"cannot parse config file '{path}': {e}") from e
-    if not isinstance(data, dict):
-        raise CLIError(f"config file '{path}' must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _text(v: Any) -> str:
-    """A config-file value for a text option (a path, a name): numbers become text, nothing else does."""
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise argparse.ArgumentTypeError(f"must be text, got {v!r}")
-    return str(v)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse flags; a ``--config`` file's values become the defaults (so they may also fill required
     options), and flags given on the command line override them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    command = next((a for a in argv if a in commands), None)
+    command = next((a for a in argv if a in parser.verbs), None)
     config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or \
         next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if command is not None and config:
-        sub = commands[command]
-        cfg = load_config_file(config)
-        # a key may name an option by its flag (``format``) or by its dest (``data_format``)
-        flag_dest = {o.lstrip("-").replace("-", "_"): a.dest for a in sub._actions for o in a.option_strings
-                     if o.startswith("--")}
-        cfg = {flag_dest.get(k, k): v for k, v in cfg.items()}
-        actions = {a.dest: a for a in sub._actions}
-        unknown = sorted(set(cfg) - set(actions))
-        if unknown:
-            raise CLIError(f"config file '{config}' has unknown option(s): {', '.join(unknown)}")
-        for k, v in cfg.items():
-            action = actions[k]
-            flag = max((o for o in action.option_strings if o.startswith("--")), key=len, default=action.dest)
-            where = f" (in config file '{config}')"
-            if action.nargs == 0 and isinstance(action.const, bool):  # store_true / store_false
-                if not isinstance(v, bool):
-                    raise CLIError(f"argument {flag}: must be true or false, got {v!r}{where}")
-            elif v is not None:
-                try:
-                    # a list is one value per element only for an option that takes several
-                    # (nargs, or repeated); otherwise it is the option's one value (bank-stages: [2, 3])
-                    multi = action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction)
-                    convert = action.type or _text
-                    if multi:
-                        v = [convert(x) for x in (v if isinstance(v, list) else [v])]
-                    else:
-                        v = convert(v)
-                except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                    # the message a bad value on the command line gets, and where this one came from
-                    raise CLIError(f"argument {flag}: {e}{where}") from e
-            if action.choices is not None and v not in action.choices:
-                raise CLIError(f"argument {flag}: must be one of {', '.join(map(str, action.choices))}, "
-                               f"got {v!r}{where}")
-            action.default, action.required = v, False
+        verb = parser.verbs[command]
+        config_file.apply(verb.parser, verb.options, config)
     return parser.parse_args(argv)
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """``--print-config``: the options of this command as a YAML config file, in sections."""
+    import yaml
+    options = build_parser().verbs[args.command].options
+    print(f"# nferd {args.command}: options as a config file (nferd {args.command} --config FILE; flags override)")
+    print(yaml.safe_dump(config_file.as_file(args, options), sort_keys=False, default_flow_style=False), end="")

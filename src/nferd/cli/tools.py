@@ -10,13 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..engine import jsonio
-from .common import (
-    categories,
-    datasets_for,
-    model_config,
-)
+from .common import data_spec, model_config
 from .options import CLIError
+from .wording import message
+
+
+def _dumps(obj: object, **kw: object) -> str:
+    from ..engine import jsonio  # numpy: loaded when a verb prints JSON, not for --help
+    return jsonio.dumps(obj, **kw)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import model_info
     info = model_info(model_config(args), args.teacher_weights or "random")
     if args.json:
-        print(jsonio.dumps(info, indent=2))
+        print(_dumps(info, indent=2))
     else:
         for k, v in info["params"].items():
             print(f"{k:>14}: {v / 1e6:8.3f} M")
@@ -42,11 +43,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from ..engine.checkpoint import load_checkpoint
     from .diagnose import diagnose
     model, _ = load_checkpoint(args.checkpoint)
-    cats = categories(args)
-    test_set = datasets_for(args, cats[0], "test", model.config.image_size)
+    data = data_spec(args)
+    test_set = data.dataset(data.categories()[0], "test", model.config.image_size)
     report = diagnose(model, test_set, device=args.device)
     if args.json:
-        print(jsonio.dumps(report, indent=2))
+        print(_dumps(report, indent=2))
         return 0
     recalled = [r for r in report["retrieval"] if "top1_similarity_mean" not in r]
     if recalled:
@@ -85,12 +86,12 @@ def cmd_speed(args: argparse.Namespace) -> int:
                         precision=args.precision, peer=args.peer, preset=args.preset,
                         stages=args.stages)
     except (ImportError, ValueError) as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(message(e)) from e
     if args.save:
         from ..engine.benchmark import save_speed_result
         print(f"result file: {save_speed_result(res, Path(args.save))}", file=sys.stderr)
     if args.json:
-        print(jsonio.dumps(res, indent=2))
+        print(_dumps(res, indent=2))
     else:
         for k, v in res.items():
             print(f"{k}: {v}")

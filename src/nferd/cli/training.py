@@ -10,134 +10,38 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine.safe_io import write_json
-from .common import (
-    categories,
-    datasets_for,
-    model_config,
-    print_metrics,
-    recorded_data,
-    result_name,
-    tiling_for,
-    tracking,
-    validation_set,
-)
+from ..text import count
+from .common import data_spec, model_config, recorded_data, tiling_for, tracking
 from .options import CLIError
-from .wording import count, plural
+
+if TYPE_CHECKING:
+    from ..engine.calibration import Calibration
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..engine import distributed as ddp
-    from ..engine.train import TrainConfig, train
+    from ..engine.runs import Tracking, train_categories
+    from ..engine.train import TrainConfig
     if args.tile:  # the model's input is a tile
         args.image_size = args.tile
-    mcfg = model_config(args)
-    cats = categories(args)
-    # torchrun: several categories are trained whole, one process each (round robin, no gradient
-    # traffic); one category is trained by all processes together (DistributedDataParallel).
-    round_robin = ddp.launched() and len(cats) > 1
-    if round_robin:
-        cats = cats[ddp.env_rank()::ddp.env_world_size()]
-        names = ", ".join(map(str, cats)) or "none (more processes than categories)"
-        print(f"[rank {ddp.env_rank()}] categories: {names}")
-    lead = round_robin or not ddp.launched() or ddp.env_rank() == 0  # prints and writes the summary
-    for cat in cats:
-        out = Path(args.out) / cat if (args.category == "all" and cat) else Path(args.out)
-        if args.resume and _report_finished(out, args, lead):
-            continue
-        native = None if args.tile else mcfg.image_size  # tiles are cut from the full-resolution images
-        train_set = datasets_for(args, cat, "train", native)
-        cal_set = validation_set(args, cat, native)
-        tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           lr_schedule=args.lr_schedule, precision=args.precision, device=args.device,
-                           checkpoint_every=args.checkpoint_every,
-                           holdout=0.0 if cal_set is not None else args.holdout,
-                           false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
-                           compile=args.compile, tile=args.tile, cross_fit=args.cross_fit,
-                           strict_images=args.strict_images,
-                           tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap)
-        if lead:
-            print(f"training {mcfg.describe()} ({mcfg.teacher} teacher) on {cat or args.data}: "
-                  f"{count(len(train_set), 'image')}, {count(args.epochs, 'epoch')}"
-                  + (f", {ddp.env_world_size()} processes" if ddp.launched() and not round_robin else ""))
-        data_meta = {"data": {"root": str(args.data), "category": cat, "format": args.data_format}}
-        with tracking(args, f"train {result_name(args, cat)}", lead) as run:
-            if run is not None:
-                run.params({"model": mcfg.to_dict(), "train": vars(tcfg), **data_meta, "out": str(out)})
-            model, summary = train(train_set, mcfg, tcfg, out, teacher_weights=args.teacher_weights,
-                                   calibration_set=cal_set, resume=args.resume, extra_meta=data_meta,
-                                   distributed=False if round_robin else None,
-                                   sync_bn=getattr(args, "sync_bn", False),
-                                   on_epoch=run.epoch if run is not None else None)
-            if not lead:  # DDP: rank 0 reports, writes and tests
-                continue
-            write_json(out / "train_summary.json", summary, default=str)
-            loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-            skipped = len(summary.get("skipped_images", []))
-            print(f"done in {summary['train_seconds']:.0f} s (+{summary['feature_seconds']:.0f} s teacher features); "
-                  f"final loss {loss}; {summary['n_train']} {plural(summary['n_train'], 'image')} trained on"
-                  + (f", {skipped} unreadable {plural(skipped, 'image')} skipped" if skipped else "")
-                  + f"; checkpoint {summary['checkpoint']}")
-            if run is not None:
-                run.tag("checkpoint", summary["checkpoint"])
-                run.metrics({k: summary.get(k) for k in ("final_loss", "train_seconds", "feature_seconds")})
-            if args.test:
-                metrics = test_one(model, args, cat, out / "test", {"checkpoint": str(out), **summary})
-                if run is not None:
-                    run.metrics(metrics, prefix="test_")
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       lr_schedule=args.lr_schedule, precision=args.precision, device=args.device,
+                       checkpoint_every=args.checkpoint_every, holdout=args.holdout,
+                       false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
+                       compile=args.compile, tile=args.tile, cross_fit=args.cross_fit, strict_images=args.strict_images,
+                       tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap)
+    train_categories(data_spec(args), model_config(args), tcfg, args.out, teacher_weights=args.teacher_weights,
+                     resume=args.resume, test=args.test, sync_bn=args.sync_bn,
+                     tracking=Tracking(args.mlflow_uri, args.mlflow_dir) if args.mlflow else None)
     return 0
 
 
-def _report_finished(out: Path, args: argparse.Namespace, lead: bool) -> bool:
-    """``--resume`` on a run that already finished: say so and touch nothing (True), else False."""
-    from ..engine.train import finished_run
-    meta = finished_run(out, args.epochs)
-    if meta is None:
-        return False
-    if lead:
-        epochs = meta.get("epoch")
-        longer = (f"; it was trained for {count(epochs, 'epoch')}, more than --epochs {args.epochs}: "
-                  "train into another --out for a shorter run") if epochs != args.epochs else ""
-        test = f"; test it with `nferd test --checkpoint {out}`" if args.test else ""
-        print(f"{out}: training finished earlier ({count(epochs, 'epoch')}, {out / 'model.safetensors'}): "
-              f"nothing to resume, nothing changed{longer}{test}")
-    return True
-
-
-def test_one(model, args: argparse.Namespace, cat: str | None, out: Path, info: dict[str, Any]) -> dict:  # type: ignore[no-untyped-def]
-    from ..engine.evaluate import write_results
-    tiling = tiling_for(args, None, model.config.image_size)
-    test_set = datasets_for(args, cat, "test", None if tiling else model.config.image_size)
-    t0 = time.perf_counter()
-    from ..engine.distributed import local_device  # this process's GPU under torchrun
-    kw = {"batch_size": getattr(args, "batch_size", 16), "device": str(local_device(getattr(args, "device", "auto"))),
-          "precision": getattr(args, "precision", "auto"), "tiling": tiling}
-    metrics, raw = evaluate_category(model, args, cat, test_set, kw)
-    run = {"teacher": model.config.teacher, "model": model.config.to_dict(), "eval_seconds": time.perf_counter() - t0,
-           **info}
-    path = write_results(out, {result_name(args, cat): metrics}, run)
-    print_metrics(result_name(args, cat), metrics)
-    print(f"results: {path}")
-    return metrics
-
-
-def evaluate_category(model, args: argparse.Namespace, cat: str | None, test_set,  # type: ignore[no-untyped-def]
-              kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``evaluate``, plus MVTec AD 2's SegF1 and AU-PRO@0.05 for a test on its test_public split."""
-    from ..data.datasets import MVTecAD2Dataset
-    from ..engine.evaluate import evaluate, mvtec_ad2_metrics
-    metrics, raw = evaluate(model, test_set, **kw)
-    if isinstance(test_set, MVTecAD2Dataset):
-        size = None if kw.get("tiling") else model.config.image_size
-        metrics.update(mvtec_ad2_metrics(model, raw, datasets_for(args, cat, "validation", size), **kw))
-    return metrics, raw
-
-
 def cmd_test(args: argparse.Namespace) -> int:
+    from ..engine.calibration import as_calibration
     from ..engine.checkpoint import load_checkpoint
     from ..engine.evaluate import write_results
+    from ..engine.runs import evaluate_category, print_metrics
     report = getattr(args, "report", False)
     if report:
         from ..deploy.report import add_explanations, prepare_category, require_matplotlib
@@ -149,25 +53,28 @@ def cmd_test(args: argparse.Namespace) -> int:
     run: dict[str, Any] = {}
     t0, report_seconds = time.perf_counter(), 0.0
     recorded_data(args)
-    for cat in categories(args):
+    data = data_spec(args)
+    for cat in data.categories():
         ckpt = Path(args.checkpoint) / cat if (args.category == "all" and cat) else Path(args.checkpoint)
         model, meta = load_checkpoint(ckpt)
+        cal = as_calibration(meta.get("calibration"))
         tiling = tiling_for(args, meta.get("tiling"), model.config.image_size)
-        test_set = datasets_for(args, cat, "test", None if tiling else model.config.image_size)
-        kw = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision, "tiling": tiling}
-        metrics, raw = evaluate_category(model, args, cat, test_set, kw)
-        rows[result_name(args, cat)] = metrics
-        if meta.get("calibration"):
-            metrics["at_threshold"] = at_threshold(raw, meta["calibration"])
+        test_set = data.dataset(cat, "test", None if tiling else model.config.image_size)
+        metrics, raw = evaluate_category(model, data, cat, test_set, batch_size=args.batch_size, device=args.device,
+                                         precision=args.precision, tiling=tiling)
+        name = data.name(cat)
+        rows[name] = metrics
+        if cal is not None:
+            metrics["at_threshold"] = at_threshold(raw, cal)
         if report:  # reduced now, so only one category's maps are held at a time
             t1 = time.perf_counter()
-            sections[result_name(args, cat)] = prepare_category({**raw, "metrics": metrics}, meta.get("calibration"),
+            sections[name] = prepare_category({**raw, "metrics": metrics}, cal,
                                                          gallery_size=args.report_gallery)
             if tiling is None:
-                add_explanations(sections[result_name(args, cat)], model, meta.get("memory_images"), raw["maps"])
+                add_explanations(sections[name], model, meta.get("memory_images"), raw["maps"])
             report_seconds += time.perf_counter() - t1
         del raw
-        print_metrics(result_name(args, cat), metrics)
+        print_metrics(name, metrics)
         if "at_threshold" in metrics:
             a = metrics["at_threshold"]
             print(f"at the calibrated threshold: {a['false_alarms']} of {a['good']} good images flagged "
@@ -184,7 +91,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     run["provenance"] = provenance(torch.get_num_threads(), str(resolve_device(args.device)))
     path = write_results(args.out, rows, run)
     print(f"results: {path}")
-    with tracking(args, f"test {result_name(args, args.category)}") as tracked:
+    with tracking(args, f"test {data.name(args.category)}") as tracked:
         if tracked is not None:
             tracked.params({"checkpoint": str(args.checkpoint), "data": str(args.data), "category": args.category,
                             "model": run.get("model"), "epochs": run.get("epochs")})
@@ -202,16 +109,14 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def at_threshold(raw: dict[str, Any], cal: dict[str, Any]) -> dict[str, Any]:
+def at_threshold(raw: dict[str, Any], cal: Calibration) -> dict[str, Any]:
     """Decisions on the test split at the checkpoint's calibrated threshold, next to the
     false-alarm bound the calibration promised (when it was fitted on normal images only)."""
-    from ..engine.calibration import decision_counts
-    c = decision_counts(raw["scores"], raw["labels"], cal)
+    c = cal.counts(raw["scores"], raw["labels"])
     return {**c, "false_alarm_rate": c["false_alarms"] / c["good"] if c["good"] else None,
             "miss_rate": c["misses"] / c["defective"] if c["defective"] else None,
-            "method": cal.get("method"), "false_alarm_target": cal.get("false_alarm_rate"),
-            "confidence": cal.get("confidence"), "false_alarm_bound": cal.get("false_alarm_bound"),
-            "n_images": cal.get("n_images")}
+            "method": cal.method, "false_alarm_target": cal.false_alarm_rate, "confidence": cal.confidence,
+            "false_alarm_bound": cal.false_alarm_bound, "n_images": cal.n_images}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -219,7 +124,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from ..data.datasets import FolderDataset, MVTecDataset
     from ..data.tiles import Tiling
-    from ..engine.calibration import CalibrationWarning, calibrate, describe_guarantee
+    from ..engine.calibration import CalibrationWarning, calibrate
     from ..engine.checkpoint import load_checkpoint, update_metadata
     folders = [d for d in (args.normal_dir, args.abnormal_dir) if d]
     if bool(folders) == bool(args.data):
@@ -243,21 +148,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # a too-small set is reported below, in the calibration's own words
         warnings.simplefilter("ignore", CalibrationWarning)
         cal = calibrate(model, ds, args.false_alarm_rate, args.device, args.precision, args.batch_size, tiling=tiling)
-    counts = cal["fitted_set"]
-    previous = meta.get("calibration")
-    update_metadata(args.checkpoint, calibration=cal)
-    print(f"calibration ({cal['method']}, {count(cal['n_images'], 'image')} from {cal['source']}): image threshold "
-          f"{cal['image_threshold']:.5f}, pixel threshold {cal['pixel_threshold']:.5f}"
+    counts = cal.fitted_set or {}
+    previous = meta.get("calibration")  # as the file holds it: perhaps the broken calibration this replaces
+    update_metadata(args.checkpoint, calibration=cal.to_dict())
+    print(f"calibration ({cal.method}, {count(cal.n_images or 0, 'image')} from {cal.source}): image threshold "
+          f"{cal.image_threshold:.5f}, pixel threshold {cal.pixel_threshold:.5f}"
           + (f" (was {previous['image_threshold']:.5f} / {previous['pixel_threshold']:.5f})"
              if previous and all(isinstance(previous.get(k), (int, float))
                                  for k in ("image_threshold", "pixel_threshold")) else ""))
-    if cal["method"] == "normal_bound":
-        print(describe_guarantee(cal))
-        if "warning" in cal:
-            print(f"nferd: warning: {cal['warning']}", file=sys.stderr)
-    if cal["method"] == "validation_f1":
+    if cal.method == "normal_bound":
+        print(cal.guarantee())
+        if cal.warning is not None:
+            print(f"nferd: warning: {cal.warning}", file=sys.stderr)
+    if cal.method == "validation_f1":
         print(f"on this set: {counts['false_alarms']} of {counts['good']} good images flagged, {counts['misses']} of "
-              f"{counts['defective']} defective images missed (image F1 {cal['image_f1']:.4f})")
+              f"{counts['defective']} defective images missed (image F1 {cal.image_f1:.4f})")
     print(f"written to {args.checkpoint}")
     return 0
 
@@ -268,6 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..data.synth import ensure_synthetic_dataset
     from ..deploy.predict import Predictor, predict_to_folder
     from ..engine.evaluate import evaluate, write_results
+    from ..engine.runs import print_metrics
     from ..engine.train import TrainConfig, train
     from ..models.nferd import ModelConfig
     t0 = time.perf_counter()
@@ -288,21 +194,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[2/3] training {mcfg.describe()} ({mcfg.teacher} teacher) for {count(args.epochs, 'epoch')}")
     import warnings
 
-    from ..engine.calibration import CalibrationWarning
+    from ..engine.calibration import CalibrationWarning, as_calibration
     with warnings.catch_warnings():  # said below in words a newcomer can act on
         warnings.simplefilter("ignore", CalibrationWarning)
         model, summary = train(train_set, mcfg, tcfg, ckpt, resume=resume)
-    cal = summary.get("calibration") or {}
-    if cal.get("warning"):
-        print(f"      note: the demo keeps {count(cal['n_images'], 'good image')} out to set its OK/NOK threshold, "
-              f"which bounds false alarms only loosely (under {100 * cal['false_alarm_bound']:.0f} %); with your own "
-              f"product keep {cal['images_needed']} or more good images out (--holdout or a validation folder) "
+    cal = as_calibration(summary.get("calibration"))
+    if cal is not None and cal.warning:
+        print(f"      note: the demo keeps {count(cal.n_images or 0, 'good image')} out to set its OK/NOK threshold, "
+              f"which bounds false alarms only loosely (under {100 * (cal.false_alarm_bound or 0):.0f} %); with your "
+              f"own product keep {cal.images_needed} or more good images out (--holdout or a validation folder) "
               "for a 1 % bound")
     metrics, _ = evaluate(model, test_set)
     write_results(out / "test", {cat_dir.name: metrics}, {"teacher": mcfg.teacher, "epochs": args.epochs,
                                                           "train_seconds": summary["train_seconds"]})
     print_metrics(cat_dir.name, metrics)
-    predictor = Predictor(model, summary.get("calibration"))
+    predictor = Predictor(model, cal)
     rows = predict_to_folder(predictor, [str(cat_dir / "test" / "*" / "*.png")], out / "predictions",
                              progress=False)
     print(f"[3/3] {len(rows)} test images scored; overlays in {out / 'predictions' / 'overlays'}")

@@ -1,15 +1,17 @@
-"""Counts in messages: "1 image", "2 images"."""
+"""The command line's wording of library errors: the options they name, as flags."""
 
 from __future__ import annotations
 
-
-def plural(n: int, word: str) -> str:
-    """``word`` for one, ``word + "s"`` (or "ies" after a consonant and y) otherwise."""
-    if n == 1:
-        return word
-    return word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + "s"
+# Python names whose flag is not ``--`` + the name with dashes
+FLAGS = {"out_dir": "--out", "root": "--data", "data_format": "--format", "include_preprocess": "--preprocess"}
 
 
-def count(n: int, word: str) -> str:
-    """``"1 image"``, ``"3 images"``."""
-    return f"{n} {plural(n, word)}"
+def flag(key: str) -> str:
+    """The command-line flag of the option a library error names (``n_bank`` -> ``--n-bank``)."""
+    return FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def message(e: BaseException) -> str:
+    """An error's text as the command line says it: the options it names are flags."""
+    from ..errors import NferdError
+    return e.render(flag) if isinstance(e, NferdError) else str(e)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import NferdError, option
 from .images import IMAGE_EXTENSIONS, list_images, load_image, load_mask
 
 GOOD = "good"
@@ -27,7 +28,7 @@ EXT_TEXT = ", ".join(IMAGE_EXTENSIONS)
 ImageSize = int | tuple[int, int] | None
 
 
-class DatasetError(ValueError):
+class DatasetError(NferdError, ValueError):
     """The data on disk does not have the expected layout or content."""
 
 
@@ -65,7 +66,7 @@ class AnomalyDataset(Dataset):
         self.no_masks_reason: str | None = None
         if image_metrics_only and anomalous:
             samples = [Sample(s.path, s.label, s.defect_type) for s in samples]
-            self.no_masks_reason = "image metrics only were asked for (--image-metrics-only): masks ignored"
+            self.no_masks_reason = "image metrics only were asked for: masks ignored"
         elif missing and len(missing) == len(anomalous):
             self.no_masks_reason = (f"the {len(anomalous)} anomalous images have image labels but no "
                                     f"ground-truth masks{where_masks}: pixel metrics need masks")
@@ -74,7 +75,7 @@ class AnomalyDataset(Dataset):
                                                           if len(missing) > 20 else "")
             raise DatasetError(f"{len(missing)} of {len(anomalous)} anomalous images have no ground-truth mask"
                                f"{where_masks}:\n  {shown}\nadd their masks, or evaluate on image labels alone with "
-                               f"--image-metrics-only")
+                               f"{option('image_metrics_only')}")
         self.samples: list[Sample] = list(samples)
         self.split = split
         self.image_size = image_size

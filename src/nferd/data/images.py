@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import NferdError
+
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 
 
@@ -61,7 +63,7 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 Size = int | tuple[int, int] | Sequence[int] | None
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(NferdError, ValueError):
     """An image or mask file could not be read or understood."""
 
 

@@ -40,18 +40,11 @@ class MVTecDataset(AnomalyDataset):
 
     SPLITS = ("train", "validation", "test")
 
-    def __init__(
-        self,
-        root: str | Path,
-        category: str,
-        split: str = "train",
-        image_size: ImageSize = 256,
-        image_metrics_only: bool = False,
-    ) -> None:
+    def __init__(self, root: str | Path, category: str, split: str = "train", image_size: ImageSize = 256,
+                 image_metrics_only: bool = False) -> None:
         if split not in self.SPLITS:
             raise DatasetError(f"split must be one of {self.SPLITS}, got {split!r}")
-        self.root = Path(root)
-        self.category = category
+        self.root, self.category = Path(root), category
         self.category_dir = self.root / category
         self._check_category()
         if split == "test":

@@ -19,6 +19,7 @@ zlib versions; float rounding may differ across CPUs by an 8-bit level).
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -289,6 +290,11 @@ def generate_synthetic_dataset(
     return target
 
 
+# the parameters that name a generated dataset, with their defaults (set once, in the signature above)
+_DEFAULTS = {k: v.default for k, v in inspect.signature(generate_synthetic_dataset).parameters.items()
+             if k not in ("out_dir", "category")}
+
+
 def _is_generated(folder: Path) -> bool:
     readme = folder / "readme.txt"
     if not readme.is_file():
@@ -296,21 +302,12 @@ def _is_generated(folder: Path) -> bool:
     return readme.read_text(encoding="utf-8", errors="replace").startswith(_MARKER)
 
 
-def ensure_synthetic_dataset(
-    out_dir: str | Path,
-    seed: int = 0,
-    category: str = DEFAULT_CATEGORY,
-    n_train: int = 60,
-    n_test_good: int = 12,
-    n_test_per_defect: int = 8,
-    image_size: int = 256,
-) -> Path:
-    """Return ``out_dir/category``, generating it only if missing or made with other parameters."""
+def ensure_synthetic_dataset(out_dir: str | Path, category: str = DEFAULT_CATEGORY, **params: int) -> Path:
+    """Return ``out_dir/category``, generating it only if missing or made with other parameters
+    (``params``: the counts, size and seed of :func:`generate_synthetic_dataset`)."""
     target = Path(out_dir) / category
-    params = _params(seed, n_train, n_test_good, n_test_per_defect, image_size)
+    wanted = {**_DEFAULTS, **params}
     readme = target / "readme.txt"
-    if _is_generated(target) and f"parameters: {params}\n" in readme.read_text(encoding="utf-8"):
+    if _is_generated(target) and f"parameters: {_params(**wanted)}\n" in readme.read_text(encoding="utf-8"):
         return target
-    return generate_synthetic_dataset(
-        out_dir, seed, category, n_train, n_test_good, n_test_per_defect, image_size
-    )
+    return generate_synthetic_dataset(out_dir, category=category, **wanted)

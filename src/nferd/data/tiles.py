@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import OptionError, option
+
 
 @dataclass(frozen=True)
 class Tiling:
@@ -103,10 +105,10 @@ def resolve_tiling(recorded: dict[str, Any] | None, size: int | None, overlap: f
         return base
     size = size or (base.size if base else None)
     if size is None:
-        raise ValueError("--tile-overlap needs --tile SIZE: this model was not trained on tiles")
+        raise OptionError(f"{option('tile_overlap')} needs {option('tile')}: this model was not trained on tiles")
     if size != image_size:
-        raise ValueError(f"--tile {size}: tiles are the model's input, which is {image_size} px; "
-                         f"use --tile {image_size}")
+        raise OptionError(f"{option('tile')} {size}: tiles are the model's input, which is {image_size} px; "
+                          f"use {option('tile')} {image_size}")
     return Tiling(size, overlap if overlap is not None else (base.overlap if base else 0.25))
 
 

@@ -16,16 +16,9 @@ class VisADataset(AnomalyDataset):
 
     COLUMNS = ("object", "split", "label", "image", "mask")
 
-    def __init__(
-        self,
-        root: str | Path,
-        category: str,
-        split: str = "train",
-        image_size: ImageSize = 256,
-        split_csv: str | Path | None = None,
-    ) -> None:
-        self.root = Path(root)
-        self.category = category
+    def __init__(self, root: str | Path, category: str, split: str = "train", image_size: ImageSize = 256,
+                 split_csv: str | Path | None = None) -> None:
+        self.root, self.category = Path(root), category
         default_csv = self.root / "split_csv" / "1cls.csv"
         self.split_csv = Path(split_csv) if split_csv is not None else default_csv
         rows = self._read_rows()

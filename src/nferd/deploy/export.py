@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine import safe_io, scoring
-from ..engine.calibration import check_calibration
+from ..engine.calibration import Calibration, as_calibration, calibration_dict
 from ..engine.jsonio import dumps
+from ..errors import OptionError, option
 from ..models.nferd import NFERD
 from .onnx_format import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, MIN_OPSET, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES  # noqa: F401
 
@@ -128,7 +130,7 @@ def _prepend_preprocess(proto: Any, size: int, batch: str | int) -> None:
                                                               [batch, "height", "width", 3]))
 
 
-def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibration: dict[str, Any] | None,
+def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibration: Calibration | None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the runtime side needs to know, besides the graph."""
     from ..engine.checkpoint import model_metadata
@@ -137,7 +139,7 @@ def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibratio
     b = "batch"
     meta.update({
         "format": ONNX_FORMAT, "version": ONNX_VERSION, "opset": opset, "image_size": s,
-        "calibration": calibration,
+        "calibration": calibration_dict(calibration),
         "input": ({"name": INPUT_NAME, "dtype": "uint8", "shape": [b, "height", "width", 3],
                    "range": [0, 255], "preprocess": "Pillow-like antialiased bilinear resize to image_size "
                                                     "(width then height, 8-bit rounding after each), / 255"}
@@ -150,10 +152,12 @@ def onnx_metadata(model: NFERD, include_preprocess: bool, opset: int, calibratio
 
 
 def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, include_preprocess: bool = False,
-                calibration: dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
+                calibration: Calibration | Mapping[str, Any] | None = None,
+                extra_meta: dict[str, Any] | None = None) -> Path:
     """Write the fp32 eval-mode inference graph of ``model`` to ``path`` (one self-contained .onnx file).
 
-    ``calibration`` (from the checkpoint) is stored so decisions can be made from the file alone.
+    ``calibration`` (a ``Calibration`` or the checkpoint's JSON object) is stored so decisions can be
+    made from the file alone.
     The model itself is not modified (a CPU fp32 copy is exported). NaN or infinite weights or
     calibration values are refused: the file would decide nothing the runtime could trust.
     """
@@ -162,11 +166,12 @@ def export_onnx(model: NFERD, path: str | Path, opset: int = DEFAULT_OPSET, incl
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     if include_preprocess and opset < 18:
-        raise ValueError(f"--preprocess needs opset 18 or newer (antialiased Resize); got opset {opset}")
+        raise OptionError(f"{option('include_preprocess')} needs {option('opset')} 18 or newer (antialiased "
+                          f"Resize); got {opset}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"ONNX output file must end in .onnx, got '{path}'")
-    check_calibration(calibration)
+    calibration = as_calibration(calibration)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"refusing to export a model with non-finite values in {bad[0]}"

@@ -22,18 +22,21 @@ import base64
 import io
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..engine.calibration import Calibration, as_calibration
+
 DRIFT_WINDOW = 50
 DRIFT_ALPHA = 0.001
 RECENT = 12  # decisions kept for the operator page
 THUMB_SIDE = 96
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# normalised scores: the calibrated threshold is 0.5 (engine.calibration.normalize)
+# normalised scores: the calibrated threshold is 0.5 (engine.calibration.Calibration.normalize)
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -45,7 +48,7 @@ class DriftMonitor:
     of the reference, as NOK parts are left out of the window.
     """
 
-    def __init__(self, reference: list[float] | None, threshold: float | None, window: int = DRIFT_WINDOW,
+    def __init__(self, reference: Sequence[float] | None, threshold: float | None, window: int = DRIFT_WINDOW,
                  alpha: float = DRIFT_ALPHA) -> None:
         if window < 5 or not 0 < alpha < 1:
             raise ValueError(f"the drift window must be >= 5 and alpha in (0, 1); got {window}, {alpha}")
@@ -110,9 +113,10 @@ def thumbnail_png(tensor: torch.Tensor, side: int = THUMB_SIDE) -> str:
 class LineMonitor:
     """Counters, histograms and drift for one service; ``render()`` is the /metrics body."""
 
-    def __init__(self, calibration: dict[str, Any] | None, window: int = DRIFT_WINDOW, alpha: float = DRIFT_ALPHA,
-                 recent: int = RECENT) -> None:
+    def __init__(self, calibration: Calibration | Mapping[str, Any] | None, window: int = DRIFT_WINDOW,
+                 alpha: float = DRIFT_ALPHA, recent: int = RECENT) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        cal = as_calibration(calibration)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("nferd_requests", "Scoring requests by endpoint and HTTP status",
@@ -124,14 +128,14 @@ class LineMonitor:
         self.scores = Histogram("nferd_image_score_normalized", "Normalised image scores (0.5 is the calibrated "
                                 "threshold)", buckets=SCORE_BUCKETS, registry=r)
         self.raw_scores = Histogram("nferd_image_score", "Raw image scores", registry=r,
-                                    buckets=_raw_buckets(calibration))
+                                    buckets=_raw_buckets(cal))
         self.drift_alarm = Gauge("nferd_drift_alarm", "1 while the recent OK scores differ from the "
                                  "calibration's (see nferd_drift_p_value)", registry=r)
         self.drift_p = Gauge("nferd_drift_p_value", "p-value of the latest drift test (NaN before the window "
                              "is full or without reference scores)", registry=r)
         self.drift_p.set(float("nan"))
-        cal = calibration or {}
-        self.drift = DriftMonitor(cal.get("normal_scores"), cal.get("image_threshold"), window, alpha)
+        reference, threshold = (None, None) if cal is None else (cal.normal_scores, cal.image_threshold)
+        self.drift = DriftMonitor(reference, threshold, window, alpha)
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
 
     def record(self, result: dict[str, Any], thumbnail: str | None = None) -> None:
@@ -163,9 +167,9 @@ class LineMonitor:
         return generate_latest(self.registry)
 
 
-def _raw_buckets(calibration: dict[str, Any] | None) -> tuple[float, ...]:
+def _raw_buckets(calibration: Calibration | None) -> tuple[float, ...]:
     """Raw-score buckets around the calibrated threshold (its scale depends on the model)."""
-    thr = (calibration or {}).get("image_threshold")
+    thr = None if calibration is None else calibration.image_threshold
     if thr is None or thr <= 0:
         return (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0)
     return tuple(round(thr * f, 6) for f in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0))

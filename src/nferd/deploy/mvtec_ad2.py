@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import AD2_PRIVATE_SPLITS, MVTecAD2Dataset
 from ..data.images import open_image
 from ..engine import safe_io
+from ..errors import MissingDependency
 from ..metrics import validation_threshold
 from .predict import resize_map
 
@@ -125,7 +126,7 @@ def write_submission(predictors: dict[str, Any], root: str | Path, out: str | Pa
     try:
         import tifffile  # noqa: F401  (the server reads float16 TIFF, which Pillow cannot write)
     except ImportError as e:
-        raise RuntimeError("the MVTec AD 2 submission writes float16 TIFF maps with tifffile: "
+        raise MissingDependency("the MVTec AD 2 submission writes float16 TIFF maps with tifffile: "
                            "pip install 'nferd[mvtec-ad2]'") from e
     out = Path(out)
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from ..data.tiles import Tiling
-from ..engine.calibration import check_calibration
+from ..engine.calibration import as_calibration
 from ..engine.device import micro_batch
+from ..errors import MissingDependency, NferdError
 from ..models.limits import MAX_IMAGE_SIZE
 from .onnx_format import INPUT_NAME, ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
 from .predict import BasePredictor
@@ -27,7 +28,7 @@ from .predict import BasePredictor
 INSTALL_HINT = "pip install nferd[onnx]"
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(NferdError, ValueError):
     """An .onnx file is missing, unreadable, not an nferd export this version understands, or holds NaN
     or infinite weights or calibration values."""
 
@@ -37,7 +38,7 @@ def require_onnxruntime():  # type: ignore[no-untyped-def]
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError(f"the ONNX backend needs onnxruntime, which is not installed: {INSTALL_HINT}") from e
+        raise MissingDependency(f"the ONNX backend needs onnxruntime, which is not installed: {INSTALL_HINT}") from e
     return onnxruntime
 
 
@@ -67,7 +68,7 @@ def read_onnx_metadata(session: Any, path: str | Path) -> dict[str, Any]:
         raise OnnxModelError(f"'{path}' has nferd ONNX format version {meta['version']}, newer than this nferd "
                              f"reads ({ONNX_VERSION}): upgrade nferd")
     try:
-        check_calibration(meta.get("calibration"))
+        as_calibration(meta.get("calibration"))
     except ValueError as e:
         raise OnnxModelError(f"'{path}' has an unusable calibration: {e}. Its decisions cannot be trusted: "
                              "export it again from a sound checkpoint") from e
@@ -99,7 +100,7 @@ def check_weights(path: str | Path) -> None:
         import onnx
         from onnx import numpy_helper
     except ImportError as e:
-        raise ImportError(f"checking an ONNX model's weights needs the onnx package, which is not installed: "
+        raise MissingDependency(f"checking an ONNX model's weights needs the onnx package, which is not installed: "
                           f"{INSTALL_HINT}") from e
     try:
         proto = onnx.load(str(path))
@@ -116,20 +117,27 @@ def check_weights(path: str | Path) -> None:
                              "it again from a sound checkpoint or restore a copy")
 
 
-class OnnxPredictor(BasePredictor):
-    """An ONNX Runtime session over an nferd export, plus the calibration stored in it."""
+class ExportedPredictor(BasePredictor):
+    """A predictor over an exported file (ONNX, OpenVINO IR): what it knows comes from the nferd
+    metadata ``export_onnx`` wrote into the file, its calibration checked as it is read."""
 
-    def __init__(self, session: Any, metadata: dict[str, Any], path: str | Path | None = None) -> None:
-        self.session = session
+    def __init__(self, metadata: dict[str, Any], path: str | Path | None = None) -> None:
         self.metadata = metadata
         self.path = None if path is None else Path(path)
         self.size = int(metadata["image_size"])
         self.micro_batch = micro_batch(torch.device("cpu"), self.size ** 2)  # runs on the CPU
         self.tiling = Tiling.from_dict(metadata.get("tiling"))
-        check_calibration(metadata.get("calibration"))
-        self.calibration = metadata.get("calibration")
+        self.calibration = as_calibration(metadata.get("calibration"))
         self.preprocess = bool(metadata.get("preprocess", False))
         self.config = metadata.get("model", {})
+
+
+class OnnxPredictor(ExportedPredictor):
+    """An ONNX Runtime session over an nferd export, plus the calibration stored in it."""
+
+    def __init__(self, session: Any, metadata: dict[str, Any], path: str | Path | None = None) -> None:
+        self.session = session
+        super().__init__(metadata, path)
 
     @classmethod
     def from_file(cls, path: str | Path, threads: int | None = None) -> OnnxPredictor:

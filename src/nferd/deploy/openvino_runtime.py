@@ -15,19 +15,18 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.tiles import Tiling
 from ..engine import safe_io
-from ..engine.calibration import check_calibration
-from ..engine.device import micro_batch
+from ..engine.calibration import Calibration, as_calibration
+from ..errors import MissingDependency
 from .onnx_format import ONNX_FORMAT, ONNX_VERSION, OUTPUT_NAMES
-from .onnx_runtime import OnnxModelError, check_image_size
-from .predict import BasePredictor
+from .onnx_runtime import ExportedPredictor, OnnxModelError, check_image_size
 
 INSTALL_HINT = "pip install nferd[openvino]"
 RT_SECTION = "nferd"
@@ -37,11 +36,11 @@ def require_openvino():  # type: ignore[no-untyped-def]
     try:
         import openvino
     except ImportError as e:
-        raise ImportError(f"the OpenVINO backend needs openvino, which is not installed: {INSTALL_HINT}") from e
+        raise MissingDependency(f"the OpenVINO backend needs openvino, which is not installed: {INSTALL_HINT}") from e
     return openvino
 
 
-def export_openvino(model: Any, path: str | Path, calibration: dict[str, Any] | None = None,
+def export_openvino(model: Any, path: str | Path, calibration: Calibration | Mapping[str, Any] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s fp32 inference graph as an OpenVINO IR at ``path`` (``.xml``, ``.bin`` beside)."""
     ov = require_openvino()
@@ -62,20 +61,13 @@ def export_openvino(model: Any, path: str | Path, calibration: dict[str, Any] | 
     return out
 
 
-class OpenVinoPredictor(BasePredictor):
+class OpenVinoPredictor(ExportedPredictor):
     """A compiled OpenVINO model over an nferd IR, plus the calibration stored in it."""
 
     def __init__(self, compiled: Any, metadata: dict[str, Any], path: str | Path | None = None) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self.metadata = metadata
-        self.path = None if path is None else Path(path)
-        self.size = int(metadata["image_size"])
-        self.micro_batch = micro_batch(torch.device("cpu"), self.size ** 2)  # runs on the CPU
-        self.tiling = Tiling.from_dict(metadata.get("tiling"))
-        self.calibration = metadata.get("calibration")
-        self.preprocess = bool(metadata.get("preprocess", False))
-        self.config = metadata.get("model", {})
+        super().__init__(metadata, path)
         self.outputs = [compiled.output(name) for name in OUTPUT_NAMES]
         self.precision = metadata.get("inference_precision", "f32")
 
@@ -96,7 +88,7 @@ class OpenVinoPredictor(BasePredictor):
         shape = model.input(0).get_partial_shape()
         check_image_size(meta, [d.get_length() if d.is_static else None for d in shape], p)
         try:
-            check_calibration(meta.get("calibration"))
+            as_calibration(meta.get("calibration"))
         except ValueError as e:
             raise OnnxModelError(f"'{p}' has an unusable calibration: {e}; export it again from a sound "
                                  "checkpoint") from e
@@ -115,7 +107,8 @@ class OpenVinoPredictor(BasePredictor):
         x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         x = x.astype(np.float32, copy=False)
         if self.preprocess:
-            raise ValueError("this IR was exported with --preprocess; export a plain one for the OpenVINO backend")
+            raise ValueError("this IR was exported with the preprocessing built in (uint8 images of any size); "
+                             "export a plain one for the OpenVINO backend")
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.size, self.size) or len(x) == 0:
             raise ValueError(f"this model takes float images N x 3 x {self.size} x {self.size} in [0, 1]; "
                              f"got {tuple(x.shape)}")

@@ -19,7 +19,7 @@ import glob
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ from ..data.images import ImageLoadError, is_image_file, list_images, load_image
 from ..data.tiles import Tiling
 from ..engine import distributed as ddp
 from ..engine import jsonio, scoring
-from ..engine.calibration import NonFiniteError, check_calibration, decision, display_range, normalize
+from ..engine.calibration import Calibration, NonFiniteError, as_calibration, calibration_dict, decision, display_range
 from ..engine.device import autocast_dtype, inference_copy, micro_batch, place, resolve_device
 from ..engine.safe_io import make_dir, open_append, remove_own_temps, save_image, save_npy, write_dict_csv, write_json
+from ..errors import option
 from ..models.nferd import NFERD
 from .explain import cell_box, nearest_normal, side_by_side
 from .visualize import captioned, overlay
@@ -76,7 +77,7 @@ class BasePredictor:
     """What ``predict_to_folder`` needs from a backend: ``maps`` plus the calibration; batching,
     file loading and decisions are shared by the PyTorch ``Predictor`` and ``onnx_backend.OnnxPredictor``."""
 
-    calibration: dict[str, Any] | None = None
+    calibration: Calibration | None = None
     size: int
     #: Images per network call (``engine.device.micro_batch``): on a CPU one 256-px image's worth
     #: of pixels, None (the whole batch) on a GPU.
@@ -118,8 +119,9 @@ class BasePredictor:
 
         Fails closed: a NaN or infinite score or threshold raises ``NonFiniteError``, never OK.
         """
-        dec = decision(score, self.calibration)
-        ns = None if self.calibration is None else float(normalize(score, self.calibration))
+        cal = self.calibration
+        dec = decision(score, cal)
+        ns = None if cal is None else float(cal.normalize(score))
         return {"score": score, "normalized_score": ns, "decision": dec}
 
     def image_result(self, path: Path, amap: np.ndarray, score: float) -> dict[str, Any]:
@@ -162,15 +164,14 @@ class BasePredictor:
 class Predictor(BasePredictor):
     """A loaded model plus its calibration, ready for batches of image files."""
 
-    def __init__(self, model: NFERD, calibration: dict[str, Any] | None = None, device: str = "auto",
+    def __init__(self, model: NFERD, calibration: Calibration | Mapping[str, Any] | None = None, device: str = "auto",
                  precision: str = "auto", tiling: Tiling | None = None,
                  memory_images: list[str] | None = None) -> None:
         self.device = resolve_device(device)
         self.model = place(model.eval(), self.device)
         self.amp = autocast_dtype(self.device, precision)
         self.runner = inference_copy(self.model, self.amp)  # weights pre-cast for autocast
-        check_calibration(calibration)
-        self.calibration = calibration
+        self.calibration = as_calibration(calibration)  # a JSON object (a user's file) is checked here
         self.size = model.config.image_size
         self.micro_batch = micro_batch(self.device, self.size ** 2)
         self.tiling = tiling
@@ -199,7 +200,7 @@ def resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, Any] | None,
+def save_outputs(result: dict[str, Any], out_dir: Path, calibration: Calibration | None,
                  map_format: str = "npy") -> dict[str, Any]:
     """Write map (.npy float32 or 16-bit PNG scaled to the display range), mask and overlay PNGs."""
     src = Path(result["path"])
@@ -216,12 +217,12 @@ def save_outputs(result: dict[str, Any], out_dir: Path, calibration: dict[str, A
         save_image(out_dir / "maps" / f"{stem}.png", Image.fromarray(scaled.astype(np.uint16)))
     mask = None
     if calibration is not None:
-        mask = amap > calibration["pixel_threshold"]
+        mask = amap > calibration.pixel_threshold
         save_image(out_dir / "masks" / f"{stem}.png", Image.fromarray((mask * 255).astype(np.uint8)))
         row["defect_area_px"] = int(mask.sum())
         row["defect_area_fraction"] = float(mask.mean())
     shown = captioned(overlay(rgb, amap, vmin, vmax, mask=mask), result.get("decision"), float(result["score"]),
-                      None if calibration is None else float(calibration["image_threshold"]))
+                      None if calibration is None else float(calibration.image_threshold))
     save_image(out_dir / "overlays" / f"{stem}.png", Image.fromarray(shown))
     near = row.get("nearest_normal") or {}
     if near.get("available"):  # the box in the input's own pixels
@@ -241,7 +242,7 @@ _PROGRESS_FORMAT = "nferd-predict-progress"
 def _model_key(predictor: BasePredictor) -> str:
     """Digest of what the results depend on: backend, calibration, input size, and every weight
     (torch backend) or the model file's identity (a backend with a ``path``, e.g. ONNX)."""
-    h = hashlib.sha256(json.dumps([type(predictor).__name__, predictor.calibration, predictor.size],
+    h = hashlib.sha256(json.dumps([type(predictor).__name__, calibration_dict(predictor.calibration), predictor.size],
                                   sort_keys=True, default=str).encode())
     src = getattr(predictor, "path", None)
     if src is not None and Path(src).is_file():
@@ -306,7 +307,8 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     old = _read_manifest(prog)
     if resume and old is not None and old != manifest:
         raise ValueError(f"'{out}' holds an interrupted prediction run with another model, input list or map "
-                         f"format ({prog}): pass --fresh (resume=False) to discard it, or choose another --out")
+                         f"format ({prog}): pass {option('fresh', 'resume=False')} to discard it, or choose another "
+                          f"{option('out_dir')}")
     ddp.barrier()  # every rank has read the old manifest before rank 0 replaces it
     if ddp.is_main():
         if not resume or old is None:
@@ -327,7 +329,7 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     mine = ddp.shard(todo, rank, world)
     if progress and ddp.is_main() and done:
         print(f"continuing an interrupted run in {out}: {len(done)} of {len(paths)} images already done "
-              "(--fresh starts over)")
+              "(a fresh run starts over)")
     bar = None
     if progress and ddp.is_main():
         from tqdm import tqdm
@@ -360,7 +362,7 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     missing = [str(p) for p in paths if str(p) not in finished]
     if missing:
         raise ValueError(f"{len(missing)} image(s) have no result in {prog} (first: {missing[0]}): with several "
-                         "nodes, --out must be on a file system they all share")
+                         f"nodes, {option('out_dir')} must be on a file system they all share")
     rows = [finished[str(p)] for p in paths]
     ddp.barrier()  # every rank has read the rows before rank 0 removes them
     if ddp.is_main():

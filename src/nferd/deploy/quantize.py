@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 
 from ..engine import safe_io
-from ..engine.calibration import DEFAULT_CONFIDENCE, fit_calibration
+from ..engine.calibration import DEFAULT_CONFIDENCE, Calibration, as_calibration, calibration_dict, fit_calibration
+from ..errors import MissingDependency
 from ..metrics import aupro, auroc, pixel_auroc
 from .openvino_runtime import (
     RT_SECTION,
@@ -58,7 +60,7 @@ def require_nncf():  # type: ignore[no-untyped-def]
     try:
         import nncf
     except ImportError as e:
-        raise ImportError("INT8 export needs NNCF, which is not installed: pip install nferd[openvino]") from e
+        raise MissingDependency("INT8 export needs NNCF, which is not installed: pip install nferd[openvino]") from e
     return nncf
 
 
@@ -132,8 +134,8 @@ def accuracy_gate(fp32: Any, int8: Any, test_set: Any | None, name: str = "int8"
             "n_images": len(test_set), **({"reason": f"{', '.join(failed)} moved beyond the bounds"} if failed else {})}
 
 
-def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any, images: list[torch.Tensor],
-                        name: str = "int8") -> dict[str, Any]:
+def shifted_calibration(calibration: Calibration, fp32: Any, int8: Any, images: list[torch.Tensor],
+                        name: str = "int8") -> Calibration:
     """The fp32 thresholds moved by the int8 model's median change of image score and of pixel
     value on ``images``: a calibration fitted on cross-fitted scores (fold students that saw the
     other images) cannot be fitted again on the int8 model, and quantisation shifts both terms."""
@@ -143,35 +145,24 @@ def shifted_calibration(calibration: dict[str, Any], fp32: Any, int8: Any, image
         m8, s8 = int8.batch_maps([image])
         d_score.append(float(s8[0]) - float(s32[0]))
         d_pixel.append(float(np.median(m8[0] - m32[0])))
-    ds, dp = float(np.median(d_score)), float(np.median(d_pixel))
-    cal = dict(calibration)
-    for key in ("image_threshold", "score_min"):
-        if key in cal:
-            cal[key] = float(cal[key]) + ds
-    if "normal_scores" in cal:
-        cal["normal_scores"] = [float(v) + ds for v in cal["normal_scores"]]
-    for key in ("pixel_threshold", "pixel_median"):
-        if key in cal:
-            cal[key] = float(cal[key]) + dp
-    cal[f"{name}_shift"] = {"image_score": ds, "pixel": dp, "n_images": len(images)}
-    return cal
+    return calibration.shifted(name, float(np.median(d_score)), float(np.median(d_pixel)), len(images))
 
 
-def refit_calibration(calibration: dict[str, Any] | None, fp32: Any, reduced: Any, normal_set: Any,
-                      calibration_set: Any | None, name: str) -> tuple[dict[str, Any] | None, str]:
+def refit_calibration(calibration: Calibration | None, fp32: Any, reduced: Any, normal_set: Any,
+                      calibration_set: Any | None, name: str) -> tuple[Calibration | None, str]:
     """The reduced-precision model's thresholds and how they were obtained: fitted again on the
     calibration images, or, for a cross-fitted calibration, the fp32 ones shifted by its change."""
     held = len(calibration_set) if calibration_set is not None else 0
-    if calibration and calibration.get("n_images", 0) > held:
+    if calibration is not None and (calibration.n_images or 0) > held:
         # fitted on cross-fitted scores of fp32 fold students, which no reduced model can give again
-        cal = shifted_calibration(calibration, fp32, reduced, [torch.from_numpy(x[0]) for x in
-                                                                _images(normal_set, STATISTICS_IMAGES)], name)
-        return cal, (f"carried over from the fp32 model, shifted by the {name} model's median change on "
-                     f"{cal[f'{name}_shift']['n_images']} training images")
+        images = [torch.from_numpy(x[0]) for x in _images(normal_set, STATISTICS_IMAGES)]
+        return shifted_calibration(calibration, fp32, reduced, images, name), (
+            f"carried over from the fp32 model, shifted by the {name} model's median change on {len(images)} "
+            "training images")
     if held >= 2:
-        old = calibration or {}
-        cal = fit_calibration(run_over(reduced, calibration_set), calibration_set,
-                              old.get("false_alarm_rate", 0.01), old.get("confidence", DEFAULT_CONFIDENCE))
+        rate = getattr(calibration, "false_alarm_rate", None) or 0.01  # the fp32 calibration's, when it has one
+        confidence = getattr(calibration, "confidence", None) or DEFAULT_CONFIDENCE
+        cal = fit_calibration(run_over(reduced, calibration_set), calibration_set, rate, confidence)
         return cal, f"refitted on the {name} model"
     return None, "absent (no calibration images)"
 
@@ -188,12 +179,12 @@ def save_gated(ir: Any, meta: dict[str, Any], out: Path) -> Path:
 
 
 def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: Any | None, test_set: Any | None,
-                calibration: dict[str, Any] | None, extra_meta: dict[str, Any] | None = None,
+                calibration: Calibration | Mapping[str, Any] | None, extra_meta: dict[str, Any] | None = None,
                 allow_accuracy_loss: bool = False, threads: int | None = None) -> tuple[Path | None, dict[str, Any]]:
     """Quantise ``model``'s IR with ``normal_set`` (training images), gate it on ``test_set``,
     refit the thresholds on ``calibration_set`` and write ``out`` (``.xml``). Returns the path (None
     when the gate failed and ``allow_accuracy_loss`` is off: nothing is written) and the report."""
-    out = Path(out)
+    out, calibration = Path(out), as_calibration(calibration)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_openvino(model, Path(tmp) / "fp32.xml", calibration=calibration, extra_meta=extra_meta)
         fp32 = OpenVinoPredictor.from_file(fp32_path, threads=threads)
@@ -203,19 +194,20 @@ def export_int8(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         cal, report["calibration"] = refit_calibration(calibration, fp32, int8, normal_set, calibration_set, "int8")
         if not report["gate"]["ok"] and not allow_accuracy_loss:
             return None, report
-        meta = {**int8.metadata, "calibration": cal, "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
-                                                     "statistics_images": report["statistics_images"]}}
+        meta = {**int8.metadata, "calibration": calibration_dict(cal),
+                "int8": {"tool": f"nncf {report['nncf']}", "gate": report["gate"],
+                         "statistics_images": report["statistics_images"]}}
         return save_gated(quantised, meta, out), report
 
 
 def export_bf16(model: Any, out: str | Path, normal_set: Any, calibration_set: Any | None, test_set: Any | None,
-                calibration: dict[str, Any] | None, extra_meta: dict[str, Any] | None = None,
+                calibration: Calibration | Mapping[str, Any] | None, extra_meta: dict[str, Any] | None = None,
                 allow_accuracy_loss: bool = False, threads: int | None = None) -> tuple[Path | None, dict[str, Any]]:
     """``model``'s IR marked to run in bf16 on the CPU (every layer: on CPUs with native bf16 its
     matrix products run at twice fp32's peak), gated on ``test_set`` against the fp32 IR and with
     its thresholds refitted, as :func:`export_int8`. Returns the path (None when refused) and the report."""
     ov = require_openvino()
-    out = Path(out)
+    out, calibration = Path(out), as_calibration(calibration)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_openvino(model, Path(tmp) / "fp32.xml", calibration=calibration, extra_meta=extra_meta)
         fp32 = OpenVinoPredictor.from_file(fp32_path, threads=threads)
@@ -227,4 +219,5 @@ def export_bf16(model: Any, out: str | Path, normal_set: Any, calibration_set: A
         cal, report["calibration"] = refit_calibration(calibration, fp32, bf16, normal_set, calibration_set, "bf16")
         if not report["gate"]["ok"] and not allow_accuracy_loss:
             return None, report
-        return save_gated(ir, {**meta, "calibration": cal, "bf16": {"gate": report["gate"]}}, out), report
+        meta = {**meta, "calibration": calibration_dict(cal), "bf16": {"gate": report["gate"]}}
+        return save_gated(ir, meta, out), report

@@ -31,12 +31,12 @@ from PIL import Image
 from ..data.images import ImageLoadError, load_image
 from ..engine import safe_io
 from ..engine.calibration import (
+    Calibration,
     NonFiniteError,
-    check_calibration,
+    as_calibration,
     decision,
-    describe_calibration,
     display_range,
-    normalize,
+    mid_scale_range,
 )
 from ..engine.evaluate import METRIC_KEYS
 from ..engine.jsonio import dumps
@@ -96,7 +96,7 @@ def _gallery_indices(scores: np.ndarray, labels: np.ndarray, k: int) -> list[tup
             + [("detection", int(i)) for i in rest[:k]])
 
 
-def _decision(score: float, cal: dict[str, Any] | None) -> str | None:
+def _decision(score: float, cal: Calibration | None) -> str | None:
     """'OK' / 'NOK' at the calibrated threshold, None without calibration, 'ERROR' (never OK) for a
     NaN or infinite score or threshold."""
     try:
@@ -114,7 +114,7 @@ def _gallery_entry(kind: str, i: int, prep: Mapping[str, Any], maps: Any, masks:
     dec = "ERROR" if amap is not None and not np.isfinite(amap).all() else _decision(score, cal)
     if dec is not None:
         entry["decision"] = dec
-        entry["normalized_score"] = None if dec == "ERROR" else float(normalize(score, cal))  # type: ignore[arg-type]
+        entry["normalized_score"] = None if dec == "ERROR" or cal is None else float(cal.normalize(score))
     if dec == "ERROR":
         entry["problem"] = "non-finite score or anomaly map (NaN or infinite): no decision, the model is broken"
     if amap is None or dec == "ERROR":
@@ -123,7 +123,7 @@ def _gallery_entry(kind: str, i: int, prep: Mapping[str, Any], maps: Any, masks:
     rgb, problem = _image_rgb(entry["path"], hw)
     small = _resize(amap, hw)
     vmin, vmax = display_range(cal, small) if cal is not None else vrange
-    predicted = small > cal["pixel_threshold"] if cal is not None else None
+    predicted = small > cal.pixel_threshold if cal is not None else None
     entry["image_png"] = _png_b64(rgb)
     entry["overlay_png"] = _png_b64(overlay(rgb, small, vmin, vmax, mask=predicted))
     if masks is not None:
@@ -144,17 +144,17 @@ def _uncalibrated_range(maps: Any, labels: np.ndarray) -> tuple[float, float]:
         return float(np.min(maps)), float(max(np.max(maps), np.min(maps) + 1e-6))
     step = max(1, round(max(maps.shape[1:]) / 128))
     sample = maps[:, ::step, ::step][good].astype(np.float32, copy=False)
-    pseudo = {"pixel_median": float(np.median(sample)), "pixel_threshold": float(np.quantile(sample, 0.999))}
-    return display_range(pseudo, sample)
+    return mid_scale_range(float(np.median(sample)), float(np.quantile(sample, 0.999)))
 
 
-def prepare_category(data: Mapping[str, Any], calibration: dict[str, Any] | None = None, gallery_size: int = 4,
-                     thumb_px: int = 256, fpr_limit: float = 0.3) -> dict[str, Any]:
+def prepare_category(data: Mapping[str, Any], calibration: Calibration | Mapping[str, Any] | None = None,
+                     gallery_size: int = 4, thumb_px: int = 256, fpr_limit: float = 0.3) -> dict[str, Any]:
     """Reduce one category's results to what the report shows (curves, scores, thumbnails).
 
     ``data``: ``metrics`` (dict), ``scores``, ``labels`` (1 = defective) and ``paths`` per image;
     optional ``maps`` and ``masks`` (N x H x W), ``defect_types``, ``has_masks`` (False: the masks
     are not ground truth, no PRO curve and no mask panel) and ``calibration`` (overrides the argument).
+    A calibration is a ``Calibration`` or its JSON object (a checkpoint's or a user's file), checked here.
     The result no longer references the maps, so the caller can drop them.
     """
     from sklearn.metrics import roc_curve
@@ -164,9 +164,8 @@ def prepare_category(data: Mapping[str, Any], calibration: dict[str, Any] | None
     labels = np.asarray(data["labels"]).astype(int).reshape(-1)
     if not (scores.size == labels.size == len(data["paths"])):
         raise ValueError(f"report data: {scores.size} scores, {labels.size} labels, {len(data['paths'])} paths")
-    cal = data.get("calibration") or calibration
     try:
-        check_calibration(cal)
+        cal = as_calibration(data.get("calibration") or calibration)
     except ValueError as e:
         raise ReportError(f"unusable calibration, no decisions can be shown: {e}") from e
     maps = data.get("maps")
@@ -307,7 +306,7 @@ def _threshold_html(prep: dict[str, Any]) -> str:
     y = prep["labels"]
     dec = np.array([_decision(s, cal) for s in prep["scores"]], dtype=object)
     n_good, n_bad, n_err = int((y == 0).sum()), int((y == 1).sum()), int((dec == "ERROR").sum())
-    desc = _e(describe_calibration(cal))
+    desc = _e(cal.describe())
     errors = (f" <b>{n_err}</b> images have a NaN or infinite score: ERROR, no decision." if n_err else "")
     return (f'<p class="threshold">At the calibrated threshold: <b>{int((dec[y == 0] == "NOK").sum())} of {n_good}'
             f"</b> good images flagged (false alarms), <b>{int((dec[y == 1] == 'OK').sum())} of {n_bad}</b> "
@@ -352,7 +351,7 @@ def _run_html(run_info: Mapping[str, Any]) -> str:
 
 
 def write_report(out_dir: str | Path, categories: Mapping[str, Mapping[str, Any]], run_info: Mapping[str, Any],
-                 calibration: dict[str, Any] | None = None, gallery_size: int = 4) -> Path:
+                 calibration: Calibration | Mapping[str, Any] | None = None, gallery_size: int = 4) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``categories``: name -> the results of :func:`prepare_category` or its raw input (``metrics``,

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NferdError, option
 
-class ReportError(RuntimeError):
+
+class ReportError(NferdError, RuntimeError):
     """The report cannot be written (missing optional dependency, unusable input)."""
 
 
@@ -21,7 +23,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise ReportError("the HTML report needs matplotlib: pip install 'nferd[report]' "
-                          "(or run nferd test without --report)") from e
+                          f"(or test without {option('report')})") from e
 
 
 def figure() -> Any:
@@ -49,7 +51,7 @@ def roc_plot(name: str, prep: dict[str, Any]) -> str:
     if cal is not None:
         ok = np.isfinite(prep["scores"])
         s, y = prep["scores"][ok], prep["labels"][ok]
-        nok = s > cal["image_threshold"]
+        nok = s > cal.image_threshold
         ax.plot([nok[y == 0].mean()], [nok[y == 1].mean()], "o", c="tab:red", label="calibrated threshold")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (good images)",
            ylabel="true positive rate (defective images)", title=f"{name}: image ROC")
@@ -76,14 +78,14 @@ def histogram_plot(name: str, prep: dict[str, Any]) -> str:
     cal = prep["calibration"]
     lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 1.0)
     if cal is not None:
-        lo, hi = min(lo, cal["image_threshold"]), max(hi, cal["image_threshold"])
+        lo, hi = min(lo, cal.image_threshold), max(hi, cal.image_threshold)
     edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, int(np.clip(2 * np.sqrt(s.size), 10, 50)) + 1)
     fig = figure()
     ax = fig.add_subplot()
     ax.hist(s[y == 0], bins=edges, alpha=0.6, color="tab:green", label=f"good ({int((y == 0).sum())})")
     ax.hist(s[y == 1], bins=edges, alpha=0.6, color="tab:red", label=f"defective ({int((y == 1).sum())})")
     if cal is not None:
-        ax.axvline(cal["image_threshold"], c="black", ls="--", label=f"threshold {cal['image_threshold']:.4g}")
+        ax.axvline(cal.image_threshold, c="black", ls="--", label=f"threshold {cal.image_threshold:.4g}")
     ax.set(xlabel="image score", ylabel="images", title=f"{name}: score histogram")
     ax.legend(loc="upper right")
     return figure_b64(fig)

@@ -14,10 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import OptionError, option
 from . import safe_io
 from .provenance import provenance
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "miss_at_1pct_fa")
 
@@ -65,7 +69,7 @@ class Run:
 def few_images(n: int, count: int, seed: int) -> list[int]:
     """The seeded subset of ``count`` of ``n`` training images that a few-image run trains on."""
     if count > n:
-        raise ValueError(f"--train-images {count} is more than the {n} training images")
+        raise OptionError(f"{option('train_images')} {count} is more than the {n} training images")
     import torch
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed + 15485863))[:count].tolist())
 
@@ -98,6 +102,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     from torch.utils.data import Subset
 
     from ..data.datasets import make_dataset
+    from .calibration import as_calibration
     from .checkpoint import load_checkpoint, weights_file
     from .device import autocast_dtype, resolve_device
     from .evaluate import evaluate
@@ -121,8 +126,8 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     if weights_file(out).is_file():  # trained before, its result file lost: test only
         model, meta = load_checkpoint(out)
         if model.config != mcfg:
-            raise ValueError(f"{out} holds a model trained with another configuration than preset '{run.model}' "
-                             f"has today: move it away (or pass another --work folder) and run again")
+            raise OptionError(f"{out} holds a model trained with another configuration than preset '{run.model}' "
+                              f"has today: move it away (or pass another {option('work')} folder) and run again")
         summary = {"train_seconds": meta.get("train_seconds"), "feature_seconds": None}
     else:
         source = shared_student(run, work, presets, list(siblings))
@@ -133,7 +138,7 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     test_set = make_dataset("auto", root, run.category, "test", run.image_size, image_metrics_only=image_metrics_only)
     metrics, raw = evaluate(model, test_set, device=device, progress=progress)
     n = metrics["n_images"]
-    at_threshold = threshold_outcome(raw, summary.get("calibration") or (meta_calibration(out)))
+    at_threshold = threshold_outcome(raw, as_calibration(summary.get("calibration")) or meta_calibration(out))
     result = {
         "dataset": run.dataset, "category": run.category, "model": run.model, "teacher": run.teacher,
         "image_size": run.image_size, "epochs": run.epochs, "seed": run.seed,
@@ -156,22 +161,22 @@ def run_one(run: Run, results: Path, work: Path, threads: int, device: str = "au
     return result
 
 
-def meta_calibration(folder: Path) -> dict[str, Any] | None:
+def meta_calibration(folder: Path) -> Calibration | None:
+    from .calibration import as_calibration
     from .checkpoint import read_metadata
-    return read_metadata(folder).get("calibration")
+    return as_calibration(read_metadata(folder).get("calibration"))
 
 
-def threshold_outcome(raw: dict[str, Any], cal: dict[str, Any] | None) -> dict[str, Any] | None:
+def threshold_outcome(raw: dict[str, Any], cal: Calibration | None) -> dict[str, Any] | None:
     """What the calibrated threshold did on the test split: the share of good images flagged (false
     alarms) and of defective images passed (misses), beside the false-alarm bound it promised."""
-    if not cal:
+    if cal is None:
         return None
-    from .calibration import decision_counts
-    c = decision_counts(raw["scores"], raw["labels"], cal)
+    c = cal.counts(raw["scores"], raw["labels"])
     return {**c, "false_alarm_rate": c["false_alarms"] / c["good"] if c["good"] else None,
             "miss_rate": c["misses"] / c["defective"] if c["defective"] else None,
-            "promised_false_alarm_bound": cal.get("false_alarm_bound"), "calibration_images": cal.get("n_images"),
-            "calibration_source": cal.get("source")}
+            "promised_false_alarm_bound": cal.false_alarm_bound, "calibration_images": cal.n_images,
+            "calibration_source": cal.source}
 
 
 def run_grid(runs: list[Run], results: Path, work: Path, threads: int, device: str = "auto",

@@ -21,10 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import NferdError
 from ..models.nferd import NFERD, ModelConfig
 from ..version import __version__
 from . import safe_io
-from .calibration import check_calibration
+from .calibration import as_calibration
 from .jsonio import NonFiniteJSONError, dumps
 from .safe_io import write_json
 
@@ -33,7 +34,7 @@ VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NferdError, ValueError):
     """A checkpoint is missing, of another format or version, does not fit its config, or holds NaN or
     infinite weights or calibration values."""
 
@@ -113,7 +114,7 @@ def update_metadata(path: str | Path, **changes: Any) -> dict[str, Any]:
 def _check_header(meta: dict[str, Any], f: str | Path, writing: bool = False) -> None:
     """A calibration that decisions cannot rest on (NaN, infinite, no image threshold) is an error."""
     try:
-        check_calibration(meta.get("calibration"))
+        as_calibration(meta.get("calibration"))
     except ValueError as e:
         if writing:
             raise CheckpointError(f"refusing to write checkpoint '{f}' with an unusable calibration: {e}") from e
@@ -135,8 +136,8 @@ def read_metadata(path: str | Path, check: bool = True) -> dict[str, Any]:
     calibration."""
     f = weights_file(path)
     if not f.is_file():
-        raise CheckpointError(f"no checkpoint at '{path}' (looked for {f}). Pass the folder written by "
-                              "`nferd train --out` or a .safetensors checkpoint file.")
+        raise CheckpointError(f"no checkpoint at '{path}' (looked for {f}). Pass the folder a training "
+                              "wrote, or a .safetensors checkpoint file.")
     try:
         with safe_open(str(f), framework="pt") as sf:
             meta = json.loads((sf.metadata() or {}).get("nferd", "null"))

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ..errors import OptionError, option
+
 CPU_PIXELS_PER_CALL = 256 * 256  # a 256-px image: one image's activations stay in cache
 
 
@@ -24,7 +26,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but no CUDA GPU is visible to torch; use --device cpu")
+        raise OptionError(f"{option('device')} {device} was asked for but no CUDA GPU is visible to torch; "
+                          f"use {option('device')} cpu")
     return torch.device(device)
 
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ..errors import OptionError, option
 from ..models.teacher import Teacher
 from .device import default_threads, resolve_device
 from .features import FeatureCache, cache_key
@@ -104,11 +105,11 @@ def init(device: torch.device | None = None, backend: str | None = None,
     kw: dict = {}
     if backend == "nccl":
         if device is None or device.type != "cuda":
-            raise ValueError("the NCCL backend needs a CUDA device; use --device cuda or run on CPU (gloo)")
+            raise OptionError(f"the NCCL backend needs a CUDA device; use {option('device')} cuda or run on CPU (gloo)")
         n_local, n_gpus = _env_int("LOCAL_WORLD_SIZE", 1), torch.cuda.device_count()
         if n_local > n_gpus:
             raise ValueError(f"torchrun started {n_local} processes on this machine but {n_gpus} GPU(s) are "
-                             f"visible: use --nproc_per_node {n_gpus} (one process per GPU)")
+                             f"visible: start it with `torchrun --nproc_per_node {n_gpus}` (one process per GPU)")
         torch.cuda.set_device(device)
         kw["device_id"] = device
     if timeout is not None:
@@ -380,9 +381,9 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 def check_batch_size(batch_size: int, world_size: int) -> None:
     if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
-                         f"{world_size} processes (each takes batch_size / processes); choose e.g. "
-                         f"{max(world_size, batch_size - batch_size % world_size)}")
+        raise OptionError(f"{option('batch_size')} {batch_size} is the global batch and must be divisible by the "
+                          f"{world_size} processes (each takes batch_size / processes); choose e.g. "
+                          f"{max(world_size, batch_size - batch_size % world_size)}")
 
 
 def batch_part(batch: Tensor, rank: int, world: int) -> tuple[Tensor, float, bool]:

@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import NferdError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(NferdError, ValueError):
     """A score, an anomaly map or a calibration value is NaN or infinite: no decision may rest on it."""
 
 

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NferdError
+
 __all__ = ["NonFiniteJSONError", "dumps", "finite_or_none"]
 
 
-class NonFiniteJSONError(ValueError):
+class NonFiniteJSONError(NferdError, ValueError):
     """A value that must be written is NaN or infinite; ``where`` is its key path (``calibration.x``)."""
 
     def __init__(self, where: str, value: float) -> None:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import NferdError
 from . import jsonio
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -38,7 +39,7 @@ _BINARY = getattr(os, "O_BINARY", 0)
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP: cells a spreadsheet may read as a formula
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(NferdError, ValueError):
     """An output path is a symbolic link (or a hard-linked file) that nferd refuses to write through."""
 
 
@@ -145,7 +146,7 @@ def make_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.is_symlink():
         raise UnsafePathError(f"'{path}' is a symbolic link; nferd writes its outputs only into real folders: "
-                              "remove the link or choose another --out")
+                              "remove the link or write somewhere else")
     path.mkdir(parents=True, exist_ok=True)
     if path.is_symlink() or not path.is_dir():
         raise UnsafePathError(f"'{path}' is not a folder")

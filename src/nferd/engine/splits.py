@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..errors import OptionError, option
+
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of n training indices into (train, held-out normal for calibration)."""
@@ -15,8 +17,8 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
         return list(range(n)), []
     k = max(2, int(round(n * fraction)))
     if n - k < 2:
-        raise ValueError(f"only {n} training images: too few to hold out {fraction:.0%} for calibration; "
-                         "use --holdout 0 and a validation folder")
+        raise OptionError(f"only {n} training images: too few to hold out {fraction:.0%} for calibration; "
+                          f"use {option('holdout')} 0 and a validation folder")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     return sorted(perm[k:]), sorted(perm[:k])
 
@@ -44,5 +46,6 @@ def held_out_normals(root: str | Path, category: str, image_size: int, seed: int
 def bank_indices(n_train: int, n_bank: int, seed: int) -> torch.Tensor:
     """The N normal images whose teacher maps fill the banks (seeded, as the paper draws them)."""
     if n_bank > n_train:
-        raise ValueError(f"--n-bank {n_bank} is larger than the {n_train} training images; lower --n-bank")
+        raise OptionError(f"{option('n_bank')} {n_bank} is larger than the {n_train} training images; "
+                          f"lower {option('n_bank')}")
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 104729))[:n_bank].sort().values

@@ -18,11 +18,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import NferdError
+
 DEFAULT_DIR = "mlruns"
 DEFAULT_EXPERIMENT = "nferd"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(NferdError, RuntimeError):
     """MLflow was asked for and is not installed."""
 
 
@@ -49,7 +51,8 @@ class MLflowRun:
         try:
             import mlflow
         except ImportError as e:
-            raise TrackingUnavailable("--mlflow needs MLflow: pip install 'nferd[mlflow]' (or mlflow-skinny)") from e
+            raise TrackingUnavailable("MLflow tracking needs MLflow: pip install 'nferd[mlflow]' "
+                                      "(or mlflow-skinny)") from e
         self.mlflow = mlflow
         if uri is None:
             path = Path(directory).resolve()

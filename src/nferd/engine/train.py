@@ -30,11 +30,12 @@ from torch.utils.data import Dataset, Subset
 from ..data.datasets import readable, sample_path
 from ..data.images import ImageLoadError
 from ..data.tiles import TiledDataset
+from ..errors import NferdError, OptionError, option
 from ..models.loss import distillation_loss
 from ..models.nferd import NFERD, ModelConfig
 from . import distributed as ddp
 from . import jsonio
-from .calibration import calibrate
+from .calibration import Calibration, calibrate, calibration_dict
 from .checkpoint import (
     load_checkpoint,
     load_optimizer_state,
@@ -51,6 +52,15 @@ from .train_config import CROSS_FIT_MAX_TRAIN, LAST, LOG, RUN_FILES, TrainConfig
 
 __all__ = ["LAST", "LOG", "RUN_FILES", "TrainConfig", "Trainer", "bank_indices", "finished_run", "held_out_normals",
            "make_adam", "split_holdout", "train", "training_split", "truncate_log"]
+
+
+
+class RunExistsError(NferdError, FileExistsError):
+    """The output folder holds a run already: resuming it, or another folder, is the user's choice."""
+
+
+class TrainingDiverged(NferdError, FloatingPointError):
+    """The loss became NaN or infinite: the options (learning rate, precision) do not train."""
 
 
 class Trainer:
@@ -135,8 +145,8 @@ class Trainer:
             return False
         meta = read_metadata(last)
         if ModelConfig.from_dict(meta["model"]) != self.model.config:  # from_dict fills options added since
-            raise ValueError(f"cannot resume from '{last}': it was trained with another model config "
-                             f"({meta['model']}); use another --out or delete it")
+            raise OptionError(f"cannot resume from '{last}': it was trained with another model config "
+                              f"({meta['model']}); use another {option('out_dir')} or delete it")
         from safetensors.torch import load_file
         # the memory is filled again from the training images (the same rows): only the weights come back
         tensors = {k: v for k, v in load_file(str(last)).items() if not k.startswith(("optimizer.", "memory."))}
@@ -152,8 +162,8 @@ class Trainer:
         if self.distributed:
             anyone, everyone = ddp.agree(exists)
             if anyone != everyone:
-                raise ValueError(f"'{self.out / LAST}' is visible to some processes only: put --out on a "
-                                 "file system every node shares to resume a multi-node run")
+                raise OptionError(f"'{self.out / LAST}' is visible to some processes only: put {option('out_dir')} "
+                                  "on a file system every node shares to resume a multi-node run")
         return exists
 
     # -------------------------------------------------------------- training
@@ -183,8 +193,8 @@ class Trainer:
                 t, s = model(None, exclude_ids=idx.to(self.device), teacher_feats=feats)
             loss = distillation_loss(t, s, self.model.config.loss)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}{where}: lower --lr or "
-                                         "use --precision fp32")
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}{where}: lower "
+                                       f"{option('lr')} or use {option('precision')} fp32")
             self.optimizer.zero_grad(set_to_none=True)
             (loss * weight if weight != 1.0 else loss).backward()
             self.optimizer.step()
@@ -243,8 +253,9 @@ class Trainer:
                    "final_loss": history[-1]["loss"] if history else logged_loss(self.out / LOG)}
         # the last epoch is done (also when a run was killed after its last checkpoint, before the model)
         if (self.start_epoch + len(history) == self.config.epochs or not trains) and self.main:
-            summary["calibration"] = self.calibrate()
-            meta = self._meta(self.config.epochs, summary["calibration"])
+            cal = self.calibrate()
+            summary["calibration"] = calibration_dict(cal)  # the summary is written as JSON
+            meta = self._meta(self.config.epochs, cal)
             meta["train_seconds"] = summary["train_seconds"] + self.prior_seconds
             save_checkpoint(self.out, self.model, meta)
         if self.distributed:  # every rank waits for rank 0's calibration and model, then all leave together
@@ -261,7 +272,7 @@ class Trainer:
                 and 2 * FOLDS <= len(self.train_set) <= CROSS_FIT_MAX_TRAIN
                 and self.config.tiling is None and not self.distributed)
 
-    def calibrate(self) -> dict[str, Any] | None:
+    def calibrate(self) -> Calibration | None:
         from .calibration import fit_calibration
         from .crossfit import FOLDS, left_out_results, merge_results, train_folds
         from .evaluate import infer
@@ -289,8 +300,7 @@ class Trainer:
         cal = fit_calibration(merge_results(parts), self.calibration_set, self.config.false_alarm_rate)
         held = (getattr(self.calibration_set, "calibration_source", "holdout")
                 if self.calibration_set is not None else None)
-        cal["source"] = f"{held} and {how}" if held else how
-        return cal
+        return dataclasses.replace(cal, source=f"{held} and {how}" if held else how)
 
     def fit_map_norm(self, folds: list[tuple[NFERD, list[int]]] = ()) -> None:
         """Standardise the map's two terms on held-out normal images, or, without any, on the
@@ -310,16 +320,16 @@ class Trainer:
             in_bank = set(next(iter(self.model.banks.values())).ids.tolist())
             images = Subset(self.train_set, [i for i in range(len(self.train_set)) if i not in in_bank])
         if len(images) < 2:
-            raise ValueError("the bank distance in the map needs normal images outside the bank to standardise it: "
-                             "hold some out (--holdout) or lower --n-bank")
+            raise OptionError("the bank distance in the map needs normal images outside the bank to standardise it: "
+                              f"hold some out ({option('holdout')}) or lower {option('n_bank')}")
         fit_map_norm(self.model, images, device=self.device, precision=self.config.precision)
 
-    def _meta(self, epoch: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _meta(self, epoch: int, calibration: Calibration | None = None) -> dict[str, Any]:
         tiling = self.config.tiling
         # the image behind each memory id, so a decision can show the normal region it was measured against
         images = [sample_path(self.train_set, i) for i in range(len(self.train_set))] \
             if self.model.memory is not None and tiling is None else None
-        return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration,
+        return {"epoch": epoch, "train": asdict(self.config), "calibration": calibration_dict(calibration),
                 **({"tiling": tiling.to_dict()} if tiling else {}),
                 **({"memory_images": images} if images and None not in images else {}),
                 **({"student_from": str(self.student_from)} if self.student_from else {}), **self.extra_meta}
@@ -366,6 +376,8 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     is built. ``resume`` on a run that already finished its ``train_config.epochs`` (``out_dir/model.safetensors``
     written) trains nothing and writes nothing: it returns the saved model and a summary with
     ``finished`` True. A finished run asked for more epochs continues from its last checkpoint.
+    The summary's ``calibration`` is the JSON object the checkpoint stores (``Calibration.from_dict``
+    reads it; ``Predictor`` takes either).
     """
     # nothing to do, and nothing in out_dir changes
     if resume and finished_run(out_dir, train_config.epochs) is not None:
@@ -395,7 +407,8 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
                                                   and model_config.bank_distance_weight > 0)
     if model_config.bank and has_banks and model_config.n_bank > len(train_set):
         n = len(train_set)
-        print(f"note: --n-bank {model_config.n_bank} > {n} training images: the banks hold all {n}", file=sys.stderr)
+        print(f"note: the banks hold all {n} training images (fewer than n_bank {model_config.n_bank})",
+              file=sys.stderr)
         model_config = dataclasses.replace(model_config, n_bank=n, top_k=min(model_config.top_k, n - 1))
     model = NFERD(model_config, teacher_weights=teacher_weights)
     trainer = Trainer(model, train_set, train_config, out_dir, calibration_set, extra_meta, progress,
@@ -404,8 +417,8 @@ def train(train_set: Dataset, model_config: ModelConfig, train_config: TrainConf
     if resume and student_from is None:
         trainer.resume()
     elif trainer.last_exists() and student_from is None:
-        raise FileExistsError(f"'{Path(out_dir) / LAST}' exists: pass --resume to continue that run, "
-                              "or choose another --out")
+        raise RunExistsError(f"'{Path(out_dir) / LAST}' exists: pass {option('resume')} to continue that run, "
+                             f"or choose another {option('out_dir')}")
     summary = trainer.fit()
     if student_from is not None:
         summary.update(student_from=str(student_from), train_seconds=source_seconds)

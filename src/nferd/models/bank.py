@@ -16,6 +16,10 @@ Both project the recalled teacher features with a learnable 1x1 conv to the chan
 student map they are fused with. During training an image's own bank entry is masked out, so
 the student cannot learn to copy its target. A bank that is not fused (the default model, whose
 bank only scores through :meth:`PatchBank.nearest_distance`) has no projection.
+
+This module is the method. How a bank is searched quickly (in blocks, or through a projection
+then an exact rerank) and how its searched rows are kept between calls live in
+:mod:`nferd.models.search`, each fast search next to the plain one it equals.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .choices import RECALLS
+from .search import StampedCache, nearest_blocked, nearest_reranked, principal_directions, search_blocked
 
 
 @dataclass
@@ -180,10 +185,8 @@ class PatchBank(NormalFeatureBank):
         # Training recalls by image id, in two tensors (thousands of small long-lived tensors
         # fragment the C heap): top (ids x HW x K), idx, done (ids).
         self._memo: tuple[Tensor, Tensor, Tensor] | None = None
-        # The searched rows and their unit keys, stamped with the maps' storage and version
-        # counter: a refill or an in-place edit of ``maps`` is seen, nothing is gathered twice.
-        self._rows: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
-        self._projected: tuple[tuple, Tensor] | None = None  # the keys on the coarse search's directions
+        self._rows: StampedCache[tuple[Tensor, Tensor, Tensor]] = StampedCache()  # gathered once per bank content
+        self._projected: StampedCache[Tensor] = StampedCache()  # projected once per bank and projection
 
     def check_loaded(self) -> None:
         super().check_loaded()
@@ -194,8 +197,8 @@ class PatchBank(NormalFeatureBank):
 
     def reset(self) -> None:
         self._memo = None
-        self._rows = None
-        self._projected = None
+        self._rows.clear()
+        self._projected.clear()
 
     @torch.no_grad()
     def fill(self, maps: Tensor, ids: Tensor) -> None:
@@ -204,27 +207,21 @@ class PatchBank(NormalFeatureBank):
 
     @torch.no_grad()
     def fit_search(self) -> None:
-        """Fit the coarse search's projection to the stored bank: the top principal directions
-        (uncentred, so the keys' common direction is kept) of the searched unit keys."""
-        if self.search_proj is None:
-            return
-        keys = self.searched()[2].double()
-        _, vectors = torch.linalg.eigh(keys.t() @ keys)  # ascending eigenvalues
-        self.search_proj.copy_(vectors[:, -self.search_proj.shape[1]:].flip(1).float())
+        """Fit the coarse search's projection to the stored bank: the top principal directions of
+        the searched unit keys."""
+        if self.search_proj is not None:
+            self.search_proj.copy_(principal_directions(self.searched()[2], self.search_proj.shape[1]))
 
     def searched(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The searched bank rows (P x C), the bank slot (image) of each row, and unit fp32 keys."""
-        stamp = (self.maps.data_ptr(), self.maps._version, self.maps.device)
-        cacheable = not torch.jit.is_tracing()
-        if cacheable and self._rows is not None and self._rows[0] == stamp:
-            return self._rows[1]
+        """The searched bank rows (P x C), the bank slot (image) of each row, and unit fp32 keys;
+        gathered again only when ``maps`` change (a refill or an in-place edit)."""
+        return self._rows.get(self._gather, self.maps)
+
+    def _gather(self) -> tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = self.maps.shape
         rows = self.maps.permute(0, 2, 3, 1).reshape(n * h * w, c)[self.patch_index]
         with torch.autocast(self.maps.device.type, enabled=False):
-            found = (rows, self.patch_index // (h * w), F.normalize(rows.float(), dim=1))
-        if cacheable:
-            self._rows = (stamp, found)
-        return found
+            return rows, self.patch_index // (h * w), F.normalize(rows.float(), dim=1)
 
     def forward(self, query: Tensor, exclude_ids: Tensor | None = None) -> Recall:
         """``query``: the input's teacher map of this bank's stage (B x C x H x W).
@@ -265,15 +262,9 @@ class PatchBank(NormalFeatureBank):
         return (1 - top).view(b, 1, h, w)
 
     def projected_keys(self) -> Tensor:
-        """The searched unit keys on the coarse search's directions (P x D), computed once per
-        fill (like :meth:`searched`) and whenever the projection changes."""
-        stamp = (self.search_proj.data_ptr(), self.search_proj._version, self.maps.data_ptr(), self.maps._version)
-        if not torch.jit.is_tracing() and self._projected is not None and self._projected[0] == stamp:
-            return self._projected[1]
-        keys = self.searched()[2] @ self.search_proj
-        if not torch.jit.is_tracing():
-            self._projected = (stamp, keys)
-        return keys
+        """The searched unit keys on the coarse search's directions (P x D), computed again only
+        when the maps or the projection change."""
+        return self._projected.get(lambda: self.searched()[2] @ self.search_proj, self.search_proj, self.maps)
 
     def _search_per_sample(self, q: Tensor, keys: Tensor, k: int, slot: Tensor,
                            exclude_ids: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -314,96 +305,3 @@ class PatchBank(NormalFeatureBank):
 
 BANKS: dict[str, type[NormalFeatureBank]] = {"patch": PatchBank, "map": MapBank}
 assert tuple(BANKS) == RECALLS
-
-
-SEARCH_BLOCK_BYTES = 8 << 20
-
-
-QUERY_BLOCK, KEY_BLOCK = 64, 4096  # a block of the nearest search: 1 MiB of similarities per image
-
-
-def nearest_blocked(q: Tensor, keys: Tensor) -> Tensor:
-    """Best cosine of every unit query row (B x Q x C) against the unit ``keys`` (P x C), in fixed
-    blocks of queries and keys: a batch never materialises B x Q x P similarities (1 GiB for 16
-    images at WRN50's layer1), the block stays in cache between the product and the maximum, and
-    the same blocks trace into an exported graph with a free batch axis."""
-    rows = []
-    for a in range(0, q.shape[1], QUERY_BLOCK):
-        qa, best = q[:, a:a + QUERY_BLOCK], None
-        for b in range(0, keys.shape[0], KEY_BLOCK):
-            part = (qa @ keys[b:b + KEY_BLOCK].t()).amax(dim=2)
-            best = part if best is None else torch.maximum(best, part)
-        rows.append(best)
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
-
-
-CANDIDATE_GROUPS = 4  # coarse candidates per key block: the best of each of 4 interleaved column groups
-
-
-def nearest_reranked(q: Tensor, keys: Tensor, proj: Tensor, projected_keys: Tensor) -> Tensor:
-    """Nearly :func:`nearest_blocked` at a fraction of its products: a coarse search on the D
-    principal directions (``proj``: C x D, ``projected_keys``: P x D) picks, in every block of
-    ``KEY_BLOCK`` keys, the best candidate of each of ``CANDIDATE_GROUPS`` groups of columns
-    (plain maxima, no sort; a ragged last block adds a group), and the exact cosines of those
-    candidates decide. The result is a true cosine of a searched key, never above the exact
-    search's."""
-    rows = []
-    for a in range(0, q.shape[1], QUERY_BLOCK):
-        qa = q[:, a:a + QUERY_BLOCK]
-        pa, cands = qa @ proj, []
-        for b in range(0, keys.shape[0], KEY_BLOCK):
-            part = pa @ projected_keys[b:b + KEY_BLOCK].t()  # B x Qa x Kb
-            n = part.shape[2]
-            g = CANDIDATE_GROUPS if n >= CANDIDATE_GROUPS else 1
-            width = n // g  # g contiguous groups, and the ragged rest of a last block as one more
-            offsets = b + width * torch.arange(g, device=q.device)
-            cands.append(part[..., :g * width].unflatten(2, (g, width)).max(dim=3).indices + offsets)
-            if n % g:
-                cands.append(part[..., g * width:].max(dim=2, keepdim=True).indices + b + g * width)
-        idx = torch.cat(cands, dim=2)  # B x Qa x candidates
-        found = F.embedding(idx, keys)  # B x Qa x candidates x C: one Gather, no batch size traced into a shape
-        exact = (found * qa.unsqueeze(2)).sum(3)  # B x Qa x candidates: their true cosines
-        rows.append(exact.amax(dim=2))
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
-
-
-def search_blocked(q: Tensor, keys: Tensor, k: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Top-``k`` cosines (values, indices) of each unit row of ``q`` (Q x C) against the unit
-    ``keys`` (P x C), ``mask`` (1 x P, True = excluded) taken out, a block of query rows at a time.
-
-    Each block's similarities (at most ``SEARCH_BLOCK_BYTES``) stay in the core's cache between the
-    matrix product and the top-K, and reuse the heap, where the whole Q x P matrix (64 MiB for
-    WRN50's layer1) would go to DRAM and come back as fresh pages every call.
-    """
-    rows = max(1, SEARCH_BLOCK_BYTES // (4 * keys.shape[0]))
-    tops, idxs = [], []
-    for start in range(0, q.shape[0], rows):
-        sim = q[start:start + rows] @ keys.t()
-        if mask is not None:
-            sim.masked_fill_(mask, float("-inf"))
-        top, idx = topk_rows(sim, k)
-        tops.append(top)
-        idxs.append(idx)
-    return (tops[0], idxs[0]) if len(tops) == 1 else (torch.cat(tops), torch.cat(idxs))
-
-
-def topk_rows(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``sim.topk(k, dim=1)`` (values, indices; largest first), through :func:`top_columns`."""
-    cols = top_columns(sim, k)
-    top, order = sim.gather(1, cols).sort(dim=1, descending=True)
-    return top, cols.gather(1, order)
-
-
-def top_columns(sim: Tensor, c: int, group: int = 16) -> Tensor:
-    """Column indices of the ``c`` largest entries of each row of ``sim`` (any order), found
-    through groups of ``group`` columns: the rows' c best entries lie in groups whose maximum is
-    at least the c-th best, and there are at most c such groups, so the c groups with the largest
-    maxima hold them all. One pass for the maxima and a top-c over P / group columns replace a
-    top-c over all P columns, several times cheaper for a large bank and a small K."""
-    rows, p = sim.shape
-    if p % group or p // group <= c:
-        return sim.topk(c, dim=1).indices
-    width = p // group  # group j: columns j, j + width, j + 2 width, ... (a vectorised max over rows of width)
-    groups = sim.view(rows, group, width).amax(1).topk(c, dim=1).indices  # rows x c
-    members = (groups.unsqueeze(2) + width * torch.arange(group, device=sim.device)).view(rows, c * group)
-    return members.gather(1, sim.gather(1, members).topk(c, dim=1).indices)

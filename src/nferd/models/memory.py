@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import NferdError
 from .coreset import Sampler
 
 QUERY_BLOCK, KEY_BLOCK = 512, 2048  # one block of the search: 4 MiB of products per image, few enough calls
@@ -104,7 +105,7 @@ class MemoryBank(nn.Module):
         the finest chosen stage's grid. ``exclude`` (B image ids): each image's own rows left out,
         so a training image is scored as an unseen one would be (leave-one-out)."""
         if self.size == 0:  # scoring against nothing would pass every part: refuse
-            raise RuntimeError("the memory of normal features is empty: fill it (train the model) before scoring")
+            raise NferdError("the memory of normal features is empty: fill it (train the model) before scoring")
         f = self.features(teacher_maps)
         b, d, h, w = f.shape
         with torch.autocast(f.device.type, enabled=False):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import OptionError, option
 from ..version import __version__
 from .anomaly_map import COMBINES, GaussianBlur, anomaly_map, combine_stages, image_score
 from .bank import BANKS, RECALLS, NormalFeatureBank, Recall
@@ -99,8 +100,8 @@ class ModelConfig:
         search_reduction: the bank distance's nearest-neighbour search first compares keys
             projected on C / ``search_reduction`` principal directions of the bank (at least
             32; teachers with fewer channels search exactly), then the exact cosines of 16
-            candidates per position; 1 searches exactly. The default 4 costs WRN50-2 +5 % over
-            RD4AD instead of +21 % and scores as the exact search.
+            candidates per position; 1 searches exactly. The default 4 is a fraction of the
+            exact search's cost and scores as it does (docs/method.md, Table 8).
         fusion: ``hafm`` (channel and spatial attention in parallel), ``cbam`` (in series),
             ``add``, ``concat``, or ``none`` (RD4AD's student). Default: ``none``, or ``hafm``
             with the map recall.
@@ -173,8 +174,8 @@ class ModelConfig:
         if not (0 < self.memory_mib < float("inf")):
             raise ValueError(f"memory_mib must be a finite number > 0, got {self.memory_mib}")
         if not self.student and not (self.bank and self.distance == "memory" and self.fusion == "none"):
-            raise ValueError("a model without a student scores with the memory alone: it needs --bank on, "
-                             "--distance memory and no fusion")
+            raise OptionError(f"a model without a student scores with the memory alone: it needs {option('bank')} "
+                              f"on, {option('distance')} memory and no {option('fusion')}")
         if self.image_size % 32 or not 64 <= self.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(f"image size must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE}, got {self.image_size}")
         if self.bank and not 1 <= self.top_k <= self.n_bank - 1:
@@ -191,10 +192,11 @@ class ModelConfig:
         if not (0 <= self.bank_distance_weight < float("inf")):
             raise ValueError(f"bank_distance_weight must be a finite number >= 0, got {self.bank_distance_weight}")
         if self.bank_distance_weight > 0 and not (self.bank and self.recall == "patch"):
-            raise ValueError("the bank distance in the map needs the bank with patch recall (--bank on --recall patch)")
+            raise OptionError(f"the bank distance in the map needs the bank with patch recall ({option('bank')} on, "
+                              f"{option('recall')} patch)")
         if not self.bank and self.fusion != "none":
-            raise ValueError(f"fusion '{self.fusion}' needs the bank: use --bank on, "
-                             "or leave --fusion out (or none) for RD4AD")
+            raise OptionError(f"fusion '{self.fusion}' needs the bank: use {option('bank')} on, "
+                              f"or {option('fusion')} none for RD4AD")
         if not self.uses_memory:  # options that do not apply take their defaults, so equal designs compare equal
             self.memory_stages, self.memory_grid, self.memory_mib = (1, 2), 2, 8.0
         self.bank_stages = tuple(sorted({int(i) for i in self.bank_stages}))  # JSON gives a list
@@ -250,7 +252,7 @@ class ModelConfig:
     def preset(cls, name: str, **options: Any) -> ModelConfig:
         """The design ``name`` of ``PRESETS``, with ``options`` (teacher, image size, ...) on top."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
+            raise OptionError(f"unknown model {option('preset')} '{name}'; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **options})
 
 

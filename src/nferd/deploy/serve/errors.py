@@ -1,14 +1,16 @@
 """What goes wrong in the service, by name: a missing web stack, a rejected upload, a non-finite
 model output, a client that has gone."""
 
+from ...errors import MissingDependency, NferdError
+
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"; nobody reads it, logs do
 
 
-class MissingServeDependencies(RuntimeError):
+class MissingServeDependencies(MissingDependency):
     """fastapi / uvicorn / python-multipart are not installed."""
 
 
-class ModelOutputError(RuntimeError):
+class ModelOutputError(NferdError, RuntimeError):
     """The model gave a NaN or infinite anomaly map or score: no decision may rest on it."""
 
 

@@ -7,6 +7,7 @@ import torch
 
 if TYPE_CHECKING:
     from ...data.tiles import Tiling
+    from ...engine.calibration import Calibration
 
 
 class ServedPredictor(Protocol):
@@ -20,7 +21,7 @@ class ServedPredictor(Protocol):
     """
 
     size: int  # the model's input side, in pixels
-    calibration: dict[str, Any] | None  # None: scores without an OK/NOK decision
+    calibration: "Calibration | None"  # None: scores without an OK/NOK decision
 
     def maps(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """[0, 1] images N x 3 x S x S -> (maps N x S x S, scores N)."""

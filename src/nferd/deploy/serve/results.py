@@ -94,7 +94,7 @@ def build_result(predictor: ServedPredictor, dec: Decoded, amap: np.ndarray, sco
                                      "mode": dec.mode},
                            **decided, "defect_area_px": None, "defect_area_fraction": None}
     if cal is not None:
-        area = defect_area(amap, (dec.height, dec.width), cal["pixel_threshold"])
+        area = defect_area(amap, (dec.height, dec.width), cal.pixel_threshold)
         res["defect_area_px"] = area
         res["defect_area_fraction"] = area / (dec.height * dec.width)
     explain = getattr(predictor, "explain", None)
@@ -111,7 +111,7 @@ def build_result(predictor: ServedPredictor, dec: Decoded, amap: np.ndarray, sco
     if want_overlay or want_mask:
         hw = dec.display.shape[:2] if dec.display is not None else overlay_hw(dec.width, dec.height, max_side)
         small = resize_map(amap, hw)
-        small_mask = small > cal["pixel_threshold"] if cal is not None else None
+        small_mask = small > cal.pixel_threshold if cal is not None else None
         res["overlay_size"] = {"width": int(hw[1]), "height": int(hw[0])}
         if want_overlay and dec.display is not None:
             vmin, vmax = display_range(cal, small)

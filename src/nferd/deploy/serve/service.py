@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from ...engine.calibration import calibration_dict
 from ...version import __version__
 from ..monitor import DRIFT_ALPHA, DRIFT_WINDOW, LineMonitor, thumbnail_png
 from .admission import InferenceQueue, MemoryBudget, self_check
@@ -52,9 +53,9 @@ class Service:
     def __init__(self, predictor: ServedPredictor, limits: Limits, metadata: dict[str, Any] | None = None,
                  warmup: bool = True, drift_window: int = DRIFT_WINDOW, drift_alpha: float = DRIFT_ALPHA) -> None:
         if getattr(predictor, "preprocess", False):
-            raise ValueError("this ONNX model was exported with --preprocess (uint8 images of any size); the "
-                             "service feeds float images at the model size: serve a plain `nferd export` or the "
-                             "checkpoint")
+            raise ValueError("this ONNX model was exported with the preprocessing built in (uint8 images of any "
+                             "size); the service feeds float images at the model size: serve a plain `nferd export` "
+                             "or the checkpoint")
         self.predictor, self.limits, self.warmup = predictor, limits, warmup
         self.queue = InferenceQueue(predictor, limits.max_queue)
         self.budget = MemoryBudget(limits.max_image_memory_bytes)
@@ -225,9 +226,9 @@ class Service:
 
     async def get_metadata(self) -> dict[str, Any]:
         """Model, teacher, input size, calibration, nferd version and the service limits."""
-        predictor, limits = self.predictor, self.limits
+        predictor, limits, cal = self.predictor, self.limits, self.predictor.calibration
         return {**self.info, "nferd_version": __version__, "image_size": self.size,
-                "calibration": predictor.calibration, "decision_available": predictor.calibration is not None,
+                "calibration": calibration_dict(cal), "decision_available": cal is not None,
                 "device": str(getattr(predictor, "device", "unknown")),
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_queue": limits.max_queue,
                            "max_batch_files": limits.max_batch_files, "max_pixels": limits.max_pixels,
