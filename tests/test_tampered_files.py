@@ -78,7 +78,7 @@ def test_a_calibration_without_a_threshold_is_refused_when_loaded(tiny_checkpoin
 
 def test_a_huge_image_size_in_a_checkpoint_is_refused_before_any_allocation(tiny_checkpoint, tmp_path) -> None:
     ck = tampered(tiny_checkpoint, tmp_path / "ck", edit_meta=lambda m: m["model"].update(image_size=1048576))
-    with pytest.raises(CheckpointError, match="image size must be a multiple of 32 from 64 to 4096"):
+    with pytest.raises(CheckpointError, match="`image_size` must be a multiple of 32 from 64 to 4096"):
         load_checkpoint(ck)
 
 

@@ -242,11 +242,6 @@ def model_config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
-    if kw.get("bank", True):  # the one cross-option range, named by its options rather than ModelConfig's fields
-        n_bank, top_k = kw.get("n_bank", ModelConfig.n_bank), kw.get("top_k", ModelConfig.top_k)
-        if not 1 <= top_k <= n_bank - 1:
-            raise CLIError(f"argument --top-k: must be an integer from 1 to --n-bank - 1 = {n_bank - 1} (one bank "
-                           f"image is masked out for its own image during training), got {top_k}")
     try:
         return ModelConfig(**kw)
     except ValueError as e:

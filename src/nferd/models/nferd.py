@@ -172,25 +172,28 @@ class ModelConfig:
         if self.memory_grid is not None and self.memory_grid not in (1, 2, 3):
             raise ValueError(f"memory grid must be a teacher stage 1, 2 or 3, got {self.memory_grid}")
         if not (0 < self.memory_mib < float("inf")):
-            raise ValueError(f"memory_mib must be a finite number > 0, got {self.memory_mib}")
+            raise OptionError(f"{option('memory_mib')} must be a finite number > 0, got {self.memory_mib}")
         if not self.student and not (self.bank and self.distance == "memory" and self.fusion == "none"):
             raise OptionError(f"a model without a student scores with the memory alone: it needs {option('bank')} "
                               f"on, {option('distance')} memory and no {option('fusion')}")
         if self.image_size % 32 or not 64 <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ValueError(f"image size must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE}, got {self.image_size}")
+            raise OptionError(f"{option('image_size')} must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE}, "
+                              f"got {self.image_size}")
         if self.bank and not 1 <= self.top_k <= self.n_bank - 1:
-            raise ValueError(f"top_k must be between 1 and n_bank - 1 (one bank map is masked out for its own "
-                             f"image during training); got top_k={self.top_k}, n_bank={self.n_bank}")
+            raise OptionError(f"{option('top_k')} must be from 1 to {option('n_bank')} - 1 = {self.n_bank - 1} (one "
+                              f"bank image is masked out for its own image during training), got {self.top_k}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise OptionError(f"{option('temperature')} must be > 0, got {self.temperature}")
         if self.patch_limit < 1:
-            raise ValueError(f"patch_limit must be >= 1, got {self.patch_limit}")
+            raise OptionError(f"{option('patch_limit')} must be >= 1, got {self.patch_limit}")
         if self.search_reduction < 1:
-            raise ValueError(f"search_reduction must be >= 1 (1 = exact search), got {self.search_reduction}")
+            raise OptionError(f"{option('search_reduction')} must be >= 1 (1 = exact search), "
+                              f"got {self.search_reduction}")
         if self.blur_sigma < 0:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
         if not (0 <= self.bank_distance_weight < float("inf")):
-            raise ValueError(f"bank_distance_weight must be a finite number >= 0, got {self.bank_distance_weight}")
+            raise OptionError(f"{option('bank_distance_weight')} must be a finite number >= 0, "
+                              f"got {self.bank_distance_weight}")
         if self.bank_distance_weight > 0 and not (self.bank and self.recall == "patch"):
             raise OptionError(f"the bank distance in the map needs the bank with patch recall ({option('bank')} on, "
                               f"{option('recall')} patch)")
