@@ -58,6 +58,31 @@ def _raised_texts(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def test_only_typed_errors_name_options() -> None:
+    """An ``option()`` mark is rendered by ``NferdError`` alone: raised in a plain ``ValueError`` it
+    would reach the user as control characters and a bare key."""
+    import importlib
+
+    def typed(cls: object) -> bool:
+        return isinstance(cls, type) and issubclass(cls, NferdError)
+
+    untyped = []
+    for f in SRC.rglob("*.py"):
+        module = None
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            if not any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "option" for n in ast.walk(node.exc)):
+                continue
+            name = ast.unparse(node.exc.func)
+            if module is None:
+                parts = f.relative_to(SRC.parent).with_suffix("").parts
+                module = importlib.import_module(".".join(p for p in parts if p != "__init__"))
+            if not typed(eval(name, vars(module))):
+                untyped.append(f"{f.relative_to(SRC)}:{node.lineno}: {name}")
+    assert not untyped, untyped
+
+
 def test_no_flag_is_spelled_out_below_the_command_line() -> None:
     """Library code names options with ``option()``, so a Python caller never reads ``--n-bank``
     (a whole command to run, in backquotes, may still be suggested)."""

@@ -36,7 +36,7 @@ from ..engine import jsonio, scoring
 from ..engine.calibration import Calibration, NonFiniteError, as_calibration, calibration_dict, decision, display_range
 from ..engine.device import autocast_dtype, inference_copy, micro_batch, place, resolve_device
 from ..engine.safe_io import make_dir, open_append, remove_own_temps, save_image, save_npy, write_dict_csv, write_json
-from ..errors import option
+from ..errors import OptionError, option
 from ..models.nferd import NFERD
 from .explain import cell_box, nearest_normal, side_by_side
 from .visualize import captioned, overlay
@@ -306,8 +306,8 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
                 "inputs": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}
     old = _read_manifest(prog)
     if resume and old is not None and old != manifest:
-        raise ValueError(f"'{out}' holds an interrupted prediction run with another model, input list or map "
-                         f"format ({prog}): pass {option('fresh', 'resume=False')} to discard it, or choose another "
+        raise OptionError(f"'{out}' holds an interrupted prediction run with another model, input list or map "
+                          f"format ({prog}): pass {option('fresh', 'resume=False')} to discard it, or choose another "
                           f"{option('out_dir')}")
     ddp.barrier()  # every rank has read the old manifest before rank 0 replaces it
     if ddp.is_main():
@@ -361,8 +361,8 @@ def predict_to_folder(predictor: BasePredictor, inputs: Iterable[str], out_dir: 
     finished = _read_progress(prog)
     missing = [str(p) for p in paths if str(p) not in finished]
     if missing:
-        raise ValueError(f"{len(missing)} image(s) have no result in {prog} (first: {missing[0]}): with several "
-                         f"nodes, {option('out_dir')} must be on a file system they all share")
+        raise OptionError(f"{len(missing)} image(s) have no result in {prog} (first: {missing[0]}): with several "
+                          f"nodes, {option('out_dir')} must be on a file system they all share")
     rows = [finished[str(p)] for p in paths]
     ddp.barrier()  # every rank has read the rows before rank 0 removes them
     if ddp.is_main():
