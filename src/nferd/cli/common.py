@@ -1,5 +1,4 @@
-"""What several verbs share: the images an invocation names, tiling, the model configuration
-and experiment tracking.
+"""What several verbs share: the images an invocation names, tiling and experiment tracking.
 
 Imports of heavy modules sit inside the functions: a verb loads torch (and what else it needs)
 when it runs, so ``--help``, ``--version`` and option errors answer at once.
@@ -12,8 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from .options import CLIError, model_config_from
-from .wording import message
+from .options import CLIError
 
 
 def data_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -48,17 +46,7 @@ def recorded_data(args: argparse.Namespace) -> None:
 def tiling_for(args: argparse.Namespace, recorded: dict[str, Any] | None, image_size: int):  # type: ignore[no-untyped-def]
     """The tiling to score with: the model's own (``recorded``), or --tile / --tile-overlap."""
     from ..data.tiles import resolve_tiling
-    try:
-        return resolve_tiling(recorded, getattr(args, "tile", None), getattr(args, "tile_overlap", None), image_size)
-    except ValueError as e:
-        raise CLIError(message(e)) from e
-
-
-def model_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    try:
-        return model_config_from(args)
-    except ValueError as e:
-        raise CLIError(message(e)) from e
+    return resolve_tiling(recorded, getattr(args, "tile", None), getattr(args, "tile_overlap", None), image_size)
 
 
 @contextlib.contextmanager
@@ -68,9 +56,5 @@ def tracking(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-de
         yield None
         return
     from ..engine.runs import Tracking
-    from ..engine.tracking import TrackingUnavailable
-    try:
-        with Tracking(args.mlflow_uri, args.mlflow_dir).run(name) as run:
-            yield run
-    except TrackingUnavailable as e:
-        raise CLIError(message(e)) from e
+    with Tracking(args.mlflow_uri, args.mlflow_dir).run(name) as run:
+        yield run

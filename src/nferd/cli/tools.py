@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import data_spec, model_config
-from .options import CLIError
+from .common import data_spec
+from .options import CLIError, model_config_from
 from .wording import message
 
 
@@ -29,7 +29,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import model_info
-    info = model_info(model_config(args), args.teacher_weights or "random")
+    info = model_info(model_config_from(args), args.teacher_weights or "random")
     if args.json:
         print(_dumps(info, indent=2))
     else:

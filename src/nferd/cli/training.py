@@ -7,14 +7,15 @@ when it runs, so ``--help``, ``--version`` and option errors answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..text import count
-from .common import data_spec, model_config, recorded_data, tiling_for, tracking
-from .options import CLIError
+from .common import data_spec, recorded_data, tiling_for, tracking
+from .options import CLIError, model_config_from
 
 if TYPE_CHECKING:
     from ..engine.calibration import Calibration
@@ -25,13 +26,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..engine.train import TrainConfig
     if args.tile:  # the model's input is a tile
         args.image_size = args.tile
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       lr_schedule=args.lr_schedule, precision=args.precision, device=args.device,
-                       checkpoint_every=args.checkpoint_every, holdout=args.holdout,
-                       false_alarm_rate=args.false_alarm_rate, feature_cache_dir=args.feature_cache_dir,
-                       compile=args.compile, tile=args.tile, cross_fit=args.cross_fit, strict_images=args.strict_images,
-                       tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap)
-    train_categories(data_spec(args), model_config(args), tcfg, args.out, teacher_weights=args.teacher_weights,
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if given["tile_overlap"] is None:  # not given (scoring reads None as the model's own): the config's default
+        del given["tile_overlap"]
+    tcfg = TrainConfig(**given)
+    train_categories(data_spec(args), model_config_from(args), tcfg, args.out, teacher_weights=args.teacher_weights,
                      resume=args.resume, test=args.test, sync_bn=args.sync_bn,
                      tracking=Tracking(args.mlflow_uri, args.mlflow_dir) if args.mlflow else None)
     return 0

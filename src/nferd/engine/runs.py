@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ def train_categories(data: DataSpec, model_config: Any, train_config: TrainConfi
             continue
         native = None if train_config.tile else model_config.image_size  # tiles are cut at full resolution
         train_set, cal_set = data.dataset(cat, "train", native), data.validation(cat, native)
-        tcfg = train_config if cal_set is None else _replace(train_config, holdout=0.0)
+        tcfg = train_config if cal_set is None else replace(train_config, holdout=0.0)
         if lead:
             print(f"training {model_config.describe()} ({model_config.teacher} teacher) on {cat or data.root}: "
                   f"{count(len(train_set), 'image')}, {count(tcfg.epochs, 'epoch')}"
@@ -232,11 +232,6 @@ def _report_trained(folder: Path, summary: dict[str, Any]) -> None:
           f"final loss {loss}; {count(summary['n_train'], 'image')} trained on"
           + (f", {count(skipped, 'unreadable image')} skipped" if skipped else "")
           + f"; checkpoint {summary['checkpoint']}")
-
-
-def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    from dataclasses import replace
-    return replace(cfg, **changes)
 
 
 def print_metrics(name: str, m: dict[str, Any]) -> None:
